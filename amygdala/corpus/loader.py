@@ -1,0 +1,305 @@
+"""Read a corpus folder into texts and per-concept positive / negative sets.
+
+Layout (see corpus/README.md): ``manifest.toml``, ``stories/<concept>.txt``,
+``paired/<scenario>/{baseline,<concept>}.txt``, ``direct/<concept>.txt`` and ``direct/_<name>.txt``.
+Everything that can be checked without a model is checked here, so that a bad corpus fails in
+seconds instead of after a model load (lesson 7 of the original system).
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from amygdala import AmygdalaError
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
+
+#: Kinds of text. Positives of a concept are its ``story``, ``paired`` and ``direct`` texts.
+STORY, PAIRED, BASELINE, DIRECT, NEUTRAL = "story", "paired", "baseline", "direct", "neutral"
+
+
+class CorpusError(AmygdalaError):
+    """The corpus cannot be used as it is; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class LintConfig:
+    """Thresholds of ``amygdala corpus check``; overridable in the manifest's ``[lint]`` table."""
+
+    min_positives: int = 3
+    min_settings: int = 2
+    trouble_min_positives: int = 5
+    trouble_min_settings: int = 3
+    trouble_concepts: tuple[str, ...] = ()
+    min_words: int = 60
+    max_words: int = 200
+    direct_min_words: int = 5
+    direct_max_words: int = 100
+    near_duplicate_jaccard: float = 0.5
+
+
+@dataclass(frozen=True)
+class Text:
+    """One paragraph of the corpus."""
+
+    text: str
+    path: Path
+    line: int  # 1-based line where the paragraph starts
+    kind: str
+    concept: str | None  # None for baselines and neutral descriptions
+    setting: str | None
+
+    def where(self, root: Path | None = None) -> str:
+        path = self.path
+        if root is not None:
+            try:
+                path = self.path.relative_to(root)
+            except ValueError:
+                pass
+        return f"{path}:{self.line}"
+
+
+@dataclass
+class Corpus:
+    """A loaded corpus. ``concepts`` keeps manifest order: it is the row order of every readout."""
+
+    root: Path | None
+    concepts: list[str]
+    concept_cluster: dict[str, str]
+    descriptions: dict[str, str]
+    clusters: dict[str, str]
+    texts: list[Text]
+    lint: LintConfig = field(default_factory=LintConfig)
+    paired_dirs: list[Path] = field(default_factory=list)
+
+    def positives(self, concept: str) -> list[Text]:
+        return [t for t in self.texts if t.concept == concept]
+
+    def negatives(self, concept: str) -> list[Text]:
+        """Every other concept's positives, every baseline and every neutral description."""
+        return [t for t in self.texts if t.concept != concept]
+
+    def settings(self, concept: str) -> set[str]:
+        return {t.setting for t in self.positives(concept) if t.setting}
+
+    def unique_texts(self) -> list[str]:
+        """Each distinct text once, in first-seen order (the forward-pass list)."""
+        return list(dict.fromkeys(t.text for t in self.texts))
+
+    def neutral_texts(self) -> list[Text]:
+        return [t for t in self.texts if t.kind in (BASELINE, NEUTRAL)]
+
+    def subset(self, concepts: list[str]) -> "Corpus":
+        """The corpus as if the manifest listed only ``concepts`` (their negatives shrink too)."""
+        unknown = [c for c in concepts if c not in self.concept_cluster]
+        if unknown:
+            raise CorpusError(
+                f"--concepts: {', '.join(unknown)} not in the manifest; "
+                f"nearest: {', '.join(nearest_names(unknown[0], self.concepts))}"
+            )
+        keep = set(concepts)
+        order = [c for c in self.concepts if c in keep]
+        texts = [t for t in self.texts if t.concept is None or t.concept in keep]
+        return replace(self, concepts=order, texts=texts)
+
+    def require_positives(self, min_positives: int) -> None:
+        """Raise when a concept cannot be trained: fewer than ``min_positives`` texts."""
+        short = [(c, len(self.positives(c))) for c in self.concepts]
+        short = [(c, n) for c, n in short if n < min_positives]
+        if short:
+            listed = ", ".join(f"{c} ({n})" for c, n in short[:8])
+            more = f" and {len(short) - 8} more" if len(short) > 8 else ""
+            raise CorpusError(
+                f"{self.root}: {len(short)} concept(s) have fewer than {min_positives} positive "
+                f"texts: {listed}{more}; add texts, lower --min-positives, or pick --concepts"
+            )
+
+
+def nearest_names(name: str, names: list[str], n: int = 3) -> list[str]:
+    import difflib
+
+    return difflib.get_close_matches(name, names, n=n, cutoff=0.0)
+
+
+def read_text_file(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CorpusError(
+            f"{path}: not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); "
+            "re-save the file as UTF-8"
+        ) from None
+
+
+def parse_paragraphs(path: Path) -> list[tuple[int, str, dict[str, str]]]:
+    """Paragraphs of a text file as (start line, text, tags). ``# key: value`` lines are tags."""
+    out: list[tuple[int, str, dict[str, str]]] = []
+    lines: list[str] = []
+    tags: dict[str, str] = {}
+    start = 0
+
+    def flush() -> None:
+        if lines or tags:
+            out.append((start, " ".join(lines), dict(tags)))
+        lines.clear()
+        tags.clear()
+
+    for no, raw in enumerate(read_text_file(path).splitlines(), 1):
+        line = raw.strip()
+        if not line:
+            flush()
+            continue
+        if not lines and not tags:
+            start = no
+        if line.startswith("#"):
+            key, sep, value = line.lstrip("#").partition(":")
+            if sep:
+                tags[key.strip().lower()] = value.strip()
+            continue
+        lines.append(line)
+    flush()
+    return out
+
+
+def _read_manifest(path: Path) -> tuple[dict, LintConfig]:
+    if not path.is_file():
+        raise CorpusError(f"{path}: missing; every corpus needs a manifest.toml listing its concepts")
+    try:
+        data = tomllib.loads(read_text_file(path))
+    except tomllib.TOMLDecodeError as e:
+        raise CorpusError(f"{path}: not valid TOML ({e}); fix the syntax") from None
+    concepts = data.get("concepts")
+    if not isinstance(concepts, dict) or not concepts:
+        raise CorpusError(f"{path}: no [concepts.<name>] tables; list at least one concept")
+    clusters = data.get("clusters", {})
+    for name, entry in concepts.items():
+        if not NAME_RE.match(name):
+            raise CorpusError(f"{path}: concept name {name!r} is not lower_snake_case; rename it")
+        if not isinstance(entry, dict) or not isinstance(entry.get("cluster"), str):
+            raise CorpusError(f"{path}: [concepts.{name}] needs cluster = \"<cluster name>\"")
+        if clusters and entry["cluster"] not in clusters:
+            raise CorpusError(
+                f"{path}: [concepts.{name}] cluster {entry['cluster']!r} has no "
+                f"[clusters.{entry['cluster']}] table; add it or fix the name"
+            )
+    lint_table = data.get("lint", {})
+    known = set(LintConfig.__dataclass_fields__)
+    bad = sorted(set(lint_table) - known)
+    if bad:
+        raise CorpusError(f"{path}: unknown [lint] key(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
+    if "trouble_concepts" in lint_table:
+        lint_table = {**lint_table, "trouble_concepts": tuple(lint_table["trouble_concepts"])}
+    return data, LintConfig(**lint_table)
+
+
+def _texts_from_file(
+    path: Path, kind: str, concept: str | None, setting: str | None
+) -> list[Text]:
+    paragraphs = parse_paragraphs(path)
+    if not paragraphs:
+        warnings.warn(f"{path}: empty file, skipped", stacklevel=3)
+        return []
+    texts = []
+    for line, text, tags in paragraphs:
+        if not text:
+            continue
+        texts.append(Text(text, path, line, kind, concept, tags.get("setting", setting)))
+    return texts
+
+
+def load_corpus(
+    root: str | Path | None,
+    *,
+    direct_dir: str | Path | None = None,
+    include_direct: bool = True,
+    problems: list[CorpusError] | None = None,
+) -> Corpus:
+    """Load and validate a corpus folder.
+
+    ``include_direct`` takes the corpus's own ``direct/`` folder; ``direct_dir`` adds another
+    folder of direct descriptions (``_``-prefixed files there are negatives for every concept).
+    With ``root=None`` the corpus is the direct folder alone and its concepts are its file names.
+    When ``problems`` is a list, a bad file (unknown concept, not UTF-8) is recorded there and
+    skipped instead of raising, so the lint can report every problem in one run.
+    """
+    if root is None and direct_dir is None:
+        raise CorpusError("no corpus given; pass --corpus DIR and/or --direct-dir DIR")
+    root_path = Path(root) if root is not None else None
+    if root_path is not None:
+        if not root_path.is_dir():
+            raise CorpusError(f"{root_path}: corpus folder does not exist; pass --corpus DIR")
+        manifest, lint = _read_manifest(root_path / "manifest.toml")
+    else:
+        manifest, lint = {"concepts": {}, "clusters": {}}, LintConfig()
+
+    concept_entries: dict = dict(manifest["concepts"])
+    direct_dirs: list[Path] = []
+    if root_path is not None and include_direct and (root_path / "direct").is_dir():
+        direct_dirs.append(root_path / "direct")
+    if direct_dir is not None:
+        d = Path(direct_dir)
+        if not d.is_dir():
+            raise CorpusError(f"{d}: --direct-dir folder does not exist")
+        direct_dirs.append(d)
+        if root_path is None:
+            names = sorted(p.stem for p in d.glob("*.txt") if not p.stem.startswith("_"))
+            if not names:
+                raise CorpusError(f"{d}: no <concept>.txt files; add direct descriptions")
+            concept_entries = {n: {"cluster": "unclustered", "description": ""} for n in names}
+
+    concepts = list(concept_entries)
+    known = set(concepts)
+    texts: list[Text] = []
+
+    def add(path: Path, kind: str, setting: str | None) -> None:
+        concept = None
+        if kind in (STORY, PAIRED, DIRECT):
+            concept = path.stem
+            if concept not in known:
+                near = ", ".join(nearest_names(concept, concepts))
+                err = CorpusError(
+                    f"{path}: no concept {concept!r} in the manifest (nearest: {near}); "
+                    "add it to manifest.toml or rename the file"
+                )
+                if problems is None:
+                    raise err
+                problems.append(err)
+                return
+        try:
+            texts.extend(_texts_from_file(path, kind, concept, setting))
+        except CorpusError as err:
+            if problems is None:
+                raise
+            problems.append(err)
+
+    paired_dirs: list[Path] = []
+    if root_path is not None:
+        for path in sorted((root_path / "stories").glob("*.txt")):
+            add(path, STORY, None)
+        for scenario in sorted(p for p in (root_path / "paired").glob("*") if p.is_dir()):
+            paired_dirs.append(scenario)
+            for path in sorted(scenario.glob("*.txt")):
+                add(path, BASELINE if path.stem == "baseline" else PAIRED, scenario.name)
+    for d in direct_dirs:
+        for path in sorted(d.glob("*.txt")):
+            add(path, NEUTRAL if path.stem.startswith("_") else DIRECT, "direct")
+
+    if not texts:
+        where = root_path if root_path is not None else direct_dir
+        raise CorpusError(f"{where}: corpus has no texts; add stories/<concept>.txt files")
+
+    return Corpus(
+        root=root_path,
+        concepts=concepts,
+        concept_cluster={c: concept_entries[c]["cluster"] for c in concepts},
+        descriptions={c: concept_entries[c].get("description", "") for c in concepts},
+        clusters={k: v.get("description", "") for k, v in manifest.get("clusters", {}).items()},
+        texts=texts,
+        lint=lint,
+        paired_dirs=paired_dirs,
+    )

@@ -1,0 +1,131 @@
+"""The CLI end to end on a tiny model: planted-direction recovery, read, generate, bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import tiny
+from amygdala.cli.main import main
+from amygdala.readout import Readout
+
+DIRECTION_SEED = 7
+
+
+@pytest.fixture()
+def planted(tmp_path):
+    """A tiny Llama whose embeddings of alpha's words carry a known direction, and a corpus."""
+    model, tok = tiny.make_model("llama", hidden=64, layers=4)
+    d = tiny.random_unit(64, DIRECTION_SEED)
+    tiny.plant(model, tok, tiny.CONCEPT_WORDS["alpha"], d, scale=1.0)
+    path = tmp_path / "model"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path, tiny.write_corpus(tmp_path / "corpus"), d
+
+
+def test_train_recovers_planted_direction(planted, tmp_path, caplog):
+    model, corpus, d = planted
+    out = tmp_path / "out"
+    assert main(["train", "--corpus", str(corpus), "--model", str(model), "--layers", "1,2",
+                 "--method", "diffmean", "--out", str(out), "--quiet"]) == 0
+    assert "target layers 1 (33%), 2 (67%)" in caplog.text
+    r = Readout.load(out)
+    assert r.concepts == ["alpha", "beta", "gamma"] and r.layers == [1, 2] and r.has_stats
+    for l in r.layers:
+        assert torch.dot(r.vectors[l][0], d) > 0.95
+        torch.testing.assert_close(r.vectors[l].norm(dim=1), torch.ones(3))
+    info = json.loads((out / "readout.json").read_text())
+    assert info["model"] == {"name": "model", "num_layers": 4} and info["corpus"]["sha256"]
+
+
+def test_relative_layers_and_read_json(planted, tmp_path, capsys):
+    model, corpus, _ = planted
+    out = tmp_path / "out"
+    assert main(["train", "--corpus", str(corpus), "--model", str(model), "--layers", "0.5", "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["read", "--readout", str(out), "--model", str(model), "--json", "w1 w2 al3 al4"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["zscore"] and [t["token"] for t in data["tokens"]] == ["w1", "w2", "al3", "al4"]
+    assert data["tokens"][-1]["layers"]["2"][0][0] == "alpha"  # layer round(0.5 * 3) = 2
+
+
+def test_generate_with_steering_changes_output(planted, tmp_path, capsys):
+    model, corpus, _ = planted
+    out = tmp_path / "out"
+    main(["train", "--corpus", str(corpus), "--model", str(model), "--layers", "1,2", "--out", str(out), "--quiet"])
+    capsys.readouterr()
+    base = ["generate", "--readout", str(out), "--model", str(model), "--raw", "--max-new-tokens", "8", "w1 w2"]
+    main(base)
+    plain = capsys.readouterr().out
+    main(base + ["--steer", "alpha=0"])
+    assert capsys.readouterr().out == plain
+    main(base + ["--steer", "alpha=30", "--steer", "beta=-10", "--show-readout"])
+    steered = capsys.readouterr().out
+    assert steered.splitlines()[0] != plain.splitlines()[0]
+    assert "L1:" in steered and "z-scores" in steered
+
+
+def test_corpus_check_exit_codes(synthetic_corpus, tmp_path, capsys):
+    assert main(["corpus", "check", str(synthetic_corpus)]) == 0
+    (synthetic_corpus / "stories" / "omega.txt").write_text("# setting: x\nw1 w2 w3 w4 w5 w6\n")
+    assert main(["corpus", "check", str(synthetic_corpus)]) == 1
+    out = capsys.readouterr().out
+    assert "omega.txt: no concept 'omega' in the manifest" in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--layers", "9"], "layer 9 out of range; this model has layers 0-3"),
+        (["--min-positives", "20"], "fewer than 20 positive texts"),
+        (["--concepts", "alpah"], "not in the manifest; nearest: alpha"),
+        (["--method", "nope"], "choose one of diffmean"),
+    ],
+)
+def test_train_bad_input_fails_before_model_load(planted, tmp_path, capsys, args, message):
+    model, corpus, _ = planted
+    (model / "model.safetensors").unlink()  # loading would fail: validation must come first
+    rc = main(["train", "--corpus", str(corpus), "--model", str(model), "--out", str(tmp_path / "o"), "--quiet", *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_corpus_is_one_line(tmp_path, capsys):
+    assert main(["train", "--corpus", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "corpus folder does not exist" in capsys.readouterr().err
+
+
+def test_unknown_steer_concept_lists_nearest(planted, tmp_path, capsys):
+    model, corpus, _ = planted
+    out = tmp_path / "out"
+    main(["train", "--corpus", str(corpus), "--model", str(model), "--layers", "1", "--out", str(out), "--quiet"])
+    capsys.readouterr()
+    assert main(["generate", "--readout", str(out), "--model", str(model), "--steer", "alhpa=3", "w1"]) == 2
+    assert "unknown concept 'alhpa'; nearest: alpha" in capsys.readouterr().err
+    assert main(["generate", "--readout", str(out), "--model", str(model), "--steer", "alpha=lots", "w1"]) == 2
+    assert "is not a number" in capsys.readouterr().err
+
+
+def test_readout_that_does_not_fit_model(planted, tmp_path, capsys):
+    model, _, _ = planted
+    Readout(["a"], [1], {1: torch.ones(1, 32)}).save(tmp_path / "r")
+    assert main(["read", "--readout", str(tmp_path / "r"), "--model", str(model), "w1"]) == 2
+    assert "readout hidden size 32 does not fit model (hidden size 64)" in capsys.readouterr().err
+    Readout(["a"], [12], {12: torch.ones(1, 64)}).save(tmp_path / "r2")
+    assert main(["read", "--readout", str(tmp_path / "r2"), "--model", str(model), "w1"]) == 2
+    assert "layers [12] do not exist in model (4 layers" in capsys.readouterr().err
+
+
+def test_interrupted_train_leaves_no_output(planted, tmp_path, monkeypatch):
+    model, corpus, _ = planted
+    import amygdala.readout.format as fmt
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fmt, "save_file", crash)
+    assert main(["train", "--corpus", str(corpus), "--model", str(model), "--layers", "1", "--out", str(tmp_path / "o"), "--quiet"]) == 130
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o-*"))

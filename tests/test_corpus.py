@@ -1,0 +1,126 @@
+"""Corpus loading (positive/negative rules, bad input) and every lint rule on a small bad corpus."""
+
+from pathlib import Path
+
+import pytest
+
+import tiny
+from amygdala.corpus import CorpusError, load_corpus
+from amygdala.corpus.check import check_corpus, concept_word_pattern
+
+BUNDLED = Path(__file__).resolve().parents[1] / "corpus"
+
+
+def test_positive_and_negative_sets(synthetic_corpus):
+    (synthetic_corpus / "direct").mkdir()
+    (synthetic_corpus / "direct" / "alpha.txt").write_text("I feel alpha. al1 al2\n")
+    (synthetic_corpus / "direct" / "_baseline.txt").write_text("w1 w2 w3\n\nw4 w5 w6\n")
+    c = load_corpus(synthetic_corpus)
+    assert c.concepts == ["alpha", "beta", "gamma"]
+    pos = c.positives("alpha")
+    assert len(pos) == 9 and {t.kind for t in pos} == {"story", "direct"}
+    neg = c.negatives("alpha")
+    assert {t.kind for t in neg} == {"story", "baseline", "neutral"}
+    assert not {t.text for t in pos} & {t.text for t in neg}
+    assert len(neg) == 8 + 8 + 6 + 2
+    assert len(load_corpus(synthetic_corpus, include_direct=False).positives("alpha")) == 8
+    sub = c.subset(["beta"])
+    assert sub.concepts == ["beta"] and all(t.concept in (None, "beta") for t in sub.texts)
+
+
+def test_settings_come_from_tags_and_scenarios(synthetic_corpus):
+    (synthetic_corpus / "paired" / "room" / "alpha.txt").write_text("al1 w1 w2 al2\n")
+    c = load_corpus(synthetic_corpus)
+    assert c.settings("alpha") == {"place 0", "place 1", "place 2", "room"}
+
+
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        (lambda r: __import__("shutil").rmtree(r), "does not exist"),
+        (lambda r: (r / "manifest.toml").unlink(), "manifest.toml: missing"),
+        (lambda r: (r / "manifest.toml").write_text("[concepts\n"), "not valid TOML"),
+        (lambda r: (r / "stories" / "omega.txt").write_text("# setting: x\nw1 w2\n"), "no concept 'omega'"),
+        (lambda r: (r / "stories" / "alpha.txt").write_bytes(b"caf\xe9 w1\n"), "not UTF-8"),
+        (lambda r: (r / "manifest.toml").write_text('[concepts.Bad-Name]\ncluster = "x"\n'), "lower_snake_case"),
+    ],
+)
+def test_bad_corpus_is_one_clear_error(synthetic_corpus, damage, match):
+    damage(synthetic_corpus)
+    with pytest.raises(CorpusError, match=match):
+        load_corpus(synthetic_corpus)
+
+
+def test_empty_story_file_warns_and_is_skipped(synthetic_corpus):
+    (synthetic_corpus / "stories" / "gamma.txt").write_text("\n\n")
+    with pytest.warns(UserWarning, match="empty file"):
+        c = load_corpus(synthetic_corpus)
+    assert c.positives("gamma") == []
+    with pytest.raises(CorpusError, match=r"gamma \(0\)"):
+        c.require_positives(3)
+
+
+def test_concept_word_pattern_catches_forms_not_strangers():
+    assert concept_word_pattern("terrified").search("a terrifying sound")
+    assert concept_word_pattern("calm").search("she spoke calmly")
+    assert concept_word_pattern("happy").search("pure happiness")
+    assert concept_word_pattern("at_ease").search("he was at ease")
+    assert concept_word_pattern("grief_stricken").search("the grief came")
+    assert not concept_word_pattern("mad").search("she made tea")
+    assert not concept_word_pattern("content").search("the continent")
+
+
+def bad_corpus(root: Path) -> Path:
+    """A corpus with one instance of every lint problem."""
+    words = " ".join(f"w{i}" for i in range(70))
+    (root / "stories").mkdir(parents=True)
+    (root / "paired" / "hall").mkdir(parents=True)
+    (root / "manifest.toml").write_text(
+        '[lint]\ntrouble_concepts = ["brave"]\n[clusters.k]\ndescription = ""\n'
+        + "".join(f'[concepts.{c}]\ncluster = "k"\n' for c in ("calm", "brave", "lonely", "angry"))
+    )
+    story = lambda tag, text: f"# setting: {tag}\n{text}"
+    (root / "stories" / "calm.txt").write_text("\n\n".join([
+        story("a", "she breathed out calmly " + words),          # names its concept
+        story("b", "short text"),                               # too short
+        f"no tag here {words} x1",                              # missing setting tag
+    ]))
+    (root / "stories" / "brave.txt").write_text("\n\n".join([
+        story("a", "unique text about a lion " + words), story("a", "another unique text about a river " + words.replace("w1 ", "v1 ")),
+        story("a", "third text about hills " + words.replace("w5 ", "v5 ")),
+    ]))  # trouble concept: 3 texts in 1 setting
+    (root / "stories" / "lonely.txt").write_text(story("c", "identical text " + words) + "\n\n" + story("d", "identical text " + words))
+    (root / "stories" / "angry.txt").write_text(story("e", "identical text " + words))  # exact duplicate across concepts
+    (root / "stories" / "ghost.txt").write_text(story("f", words))  # not in the manifest
+    (root / "paired" / "hall" / "calm.txt").write_text("in the hall " + words)  # no baseline
+    return root
+
+
+def test_every_lint_rule_fires(tmp_path):
+    problems, _, _ = check_corpus(bad_corpus(tmp_path / "bad"))
+    text = "\n".join(map(str, problems))
+    for expected in [
+        "no concept 'ghost'",
+        "names its own concept ('calmly'",
+        "2 words, outside 60-200",
+        "story has no setting tag",
+        "trouble concept brave has 3 story/paired texts, needs 5",
+        "trouble concept brave has 1 setting(s), needs 3",
+        "exact duplicate of stories/angry.txt:1",
+        "near-duplicate of",
+        "scenario has no baseline.txt",
+        "angry has 1 story/paired texts, needs 3",
+    ]:
+        assert expected in text, f"missing lint problem: {expected}\n{text}"
+    assert all(": " in line and "; " in line for line in text.splitlines())
+
+
+def test_lint_is_clean_on_synthetic_corpus(synthetic_corpus):
+    problems, warned, corpus = check_corpus(synthetic_corpus)
+    assert problems == [] and corpus is not None
+
+
+def test_bundled_corpus_passes_the_lint():
+    problems, _, corpus = check_corpus(BUNDLED)
+    assert problems == [], "\n".join(map(str, problems[:20]))
+    assert len(corpus.concepts) >= 199

