@@ -16,8 +16,9 @@ import torch
 from amygdala import AmygdalaError
 from amygdala.activations import Activations, collect
 from amygdala.corpus import Corpus
-from amygdala.methods import METHODS, compute_vectors, concept_sets
+from amygdala.methods import METHODS, TokenSubspaces, check_params, concept_sets, fit
 from amygdala.models import load_model, model_info, parse_layers, relative_depth, resolve_model
+from amygdala.models.layers import projection_sites
 from amygdala.readout import Readout
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,9 @@ class TrainConfig:
     device: str | None = None
     dtype: str = "float32"
     progress: bool = True
+    #: Also pool the attention output and MLP down projections' inputs in the same forward
+    #: (``activations.sites``), for the quality report (``train --quality-report``).
+    quality_sites: bool = False
 
 
 @dataclass
@@ -45,6 +49,8 @@ class TrainResult:
     activations: Activations
     model: object
     tokenizer: object
+    #: Per-method by-products, per name and layer, e.g. ``subspace_eigenvalues`` [n_concepts, 20].
+    extras: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
 
 
 def corpus_sha256(corpus: Corpus) -> str:
@@ -59,6 +65,7 @@ def plan(corpus: Corpus, config: TrainConfig) -> tuple[Path, list[int], int]:
     """Validate everything cheap; return (model path, layers, num_layers). Prints layer depths."""
     if config.method not in METHODS:
         raise AmygdalaError(f"--method {config.method!r}; choose one of {', '.join(METHODS)}")
+    check_params(config.method, config.method_params)
     corpus.require_positives(config.min_positives)
     path = resolve_model(config.model)
     info = model_info(path)
@@ -99,13 +106,27 @@ def train(corpus: Corpus, config: TrainConfig, out: str | Path | None = None, lo
         if row in neutral_rows:
             neutral_tokens[layer].append(matrix[1 if start == 0 else 0 :].float().cpu())
 
+    # Per-token methods (subspace) accumulate each text's token rowspace in the same forward,
+    # on the model's device, so no text runs twice and no token matrix is kept.
+    params = check_params(config.method, config.method_params)
+    tokens = None
+    if METHODS[config.method].needs_tokens:
+        tokens = TokenSubspaces(layers, info.hidden_size, next(model.parameters()).device)
+
+    def on_tokens(row: int, layer: int, matrix: torch.Tensor, start: int) -> None:
+        keep_neutral(row, layer, matrix, start)
+        if tokens is not None:
+            tokens.add(row, layer, matrix, start)
+
     acts = collect(
         model, tokenizer, unique, layers,
         batch_size=config.batch_size, chat_template=config.chat_template,
-        on_tokens=keep_neutral, progress=config.progress,
+        on_tokens=on_tokens, progress=config.progress,
+        sites=projection_sites(model, layers) if config.quality_sites else None,
     )
     sets = concept_sets(corpus, acts)
-    vectors = compute_vectors(config.method, acts, sets, **config.method_params)
+    fitted = fit(config.method, acts, sets, tokens=tokens, **params)
+    vectors = fitted.vectors
     mean, std = neutral_statistics(vectors, neutral_tokens)
     readout = Readout(
         concepts=list(corpus.concepts),
@@ -118,7 +139,7 @@ def train(corpus: Corpus, config: TrainConfig, out: str | Path | None = None, lo
             "model": {"name": info.name, "num_layers": num_layers},
             "pooling": "last_content_token",
             "method": config.method,
-            "method_params": config.method_params,
+            "method_params": params,
             "chat_template": config.chat_template,
             "corpus": {"path": str(corpus.root) if corpus.root else None, "sha256": corpus_sha256(corpus)},
             "clusters": [corpus.concept_cluster[c] for c in corpus.concepts],
@@ -126,4 +147,4 @@ def train(corpus: Corpus, config: TrainConfig, out: str | Path | None = None, lo
     )
     if out is not None:
         readout.save(out)
-    return TrainResult(readout, acts, model, tokenizer)
+    return TrainResult(readout, acts, model, tokenizer, fitted.extras)

@@ -7,6 +7,7 @@ one token and a test can plant a direction in chosen words' embeddings.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -21,6 +22,9 @@ SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 COMMON = [f"w{i}" for i in range(120)] + ["user", "assistant", "say", "something.", "Say", "."]
 CONCEPT_WORDS = {c: [f"{c[:2]}{i}" for i in range(10)] for c in ("alpha", "beta", "gamma", "delta")}
 SCENE_WORDS = [f"sc{i}" for i in range(10)]
+#: Words for tests that need a large vocabulary (``make_model(extra_words=LEXICON)``): with
+#: hundreds of words per concept no word repeats often, so word identity is isotropic noise.
+LEXICON = [f"x{i}" for i in range(1200)]
 
 ARCHS = {
     "llama": dict(model_type="llama"),
@@ -32,8 +36,8 @@ ARCHS = {
 }
 
 
-def make_tokenizer(path: Path | None = None) -> PreTrainedTokenizerFast:
-    words = COMMON + [w for ws in CONCEPT_WORDS.values() for w in ws] + SCENE_WORDS
+def make_tokenizer(path: Path | None = None, extra_words: Sequence[str] = ()) -> PreTrainedTokenizerFast:
+    words = COMMON + [w for ws in CONCEPT_WORDS.values() for w in ws] + SCENE_WORDS + list(extra_words)
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     trainer = trainers.WordLevelTrainer(special_tokens=SPECIALS)
@@ -69,10 +73,10 @@ def make_config(arch: str, vocab_size: int, *, hidden: int = 64, layers: int = 4
     )
 
 
-def make_model(arch: str = "llama", path: Path | None = None, *, seed: int = 0, **cfg):
+def make_model(arch: str = "llama", path: Path | None = None, *, seed: int = 0, extra_words: Sequence[str] = (), **cfg):
     """(model, tokenizer); saved to ``path`` (a loadable model folder) when given."""
     torch.manual_seed(seed)
-    tok = make_tokenizer()
+    tok = make_tokenizer(extra_words=extra_words)
     config = make_config(arch, len(tok), **cfg)
     model = AutoModelForCausalLM.from_config(config).eval()
     if path is not None:
@@ -95,18 +99,31 @@ def random_unit(hidden: int, seed: int) -> torch.Tensor:
     return v / v.norm()
 
 
-def sentence(rng: random.Random, concept: str | None, n: int = 9, scene: bool = False) -> str:
-    """Common words with the concept's words mixed in and one of them last (where pooling reads)."""
-    words = [rng.choice(COMMON[:120]) for _ in range(n)]
+def sentence(
+    rng: random.Random,
+    concept: str | None,
+    n: int = 9,
+    scene: bool = False,
+    lexicon: dict[str, list[str]] | None = None,
+    filler: Sequence[str] | None = None,
+) -> str:
+    """Filler words with the concept's words mixed in and one of them last (where pooling reads).
+
+    ``lexicon`` maps concepts to their words (default CONCEPT_WORDS); ``filler`` defaults to
+    the first 120 COMMON words.
+    """
+    lexicon = CONCEPT_WORDS if lexicon is None else lexicon
+    filler = COMMON[:120] if filler is None else filler
+    words = [rng.choice(filler) for _ in range(n)]
     if scene:
         for i in rng.sample(range(n), 3):
             words[i] = rng.choice(SCENE_WORDS)
     if concept is not None:
         for i in rng.sample(range(n - 1), 2):
-            words[i] = rng.choice(CONCEPT_WORDS[concept])
-        words.append(rng.choice(CONCEPT_WORDS[concept]))
+            words[i] = rng.choice(lexicon[concept])
+        words.append(rng.choice(lexicon[concept]))
     else:
-        words.append(rng.choice(COMMON[:120]))
+        words.append(rng.choice(filler))
     return " ".join(words)
 
 
@@ -118,8 +135,16 @@ def write_corpus(
     baselines: int = 6,
     seed: int = 0,
     scene_concepts=(),
+    scene_baselines: int = 0,
+    lexicon: dict[str, list[str]] | None = None,
+    filler: Sequence[str] | None = None,
 ) -> Path:
-    """A synthetic corpus folder; ``scene_concepts`` positives also carry scene words."""
+    """A synthetic corpus folder; ``scene_concepts`` positives also carry scene words.
+
+    ``scene_baselines`` more baselines end in a scene word, so a scene planted in those words
+    reaches the pooled (last-token) activation of that many negatives. ``lexicon`` and
+    ``filler`` are passed to :func:`sentence`.
+    """
     rng = random.Random(seed)
     (root / "stories").mkdir(parents=True)
     (root / "paired" / "room").mkdir(parents=True)
@@ -129,10 +154,13 @@ def write_corpus(
     (root / "manifest.toml").write_text("\n".join(lines))
     for c in concepts:
         paras = [
-            f"# setting: place {i % 3}\n{sentence(rng, c, scene=c in scene_concepts)}"
+            f"# setting: place {i % 3}\n{sentence(rng, c, scene=c in scene_concepts, lexicon=lexicon, filler=filler)}"
             for i in range(per_concept)
         ]
         (root / "stories" / f"{c}.txt").write_text("\n\n".join(paras) + "\n")
-    base = [sentence(rng, None, scene=bool(scene_concepts) and i % 2 == 0) for i in range(baselines)]
+    base = [
+        sentence(rng, None, scene=bool(scene_concepts) and i % 2 == 0, filler=filler) for i in range(baselines)
+    ]
+    base += [f"{sentence(rng, None, filler=filler)} {rng.choice(SCENE_WORDS)}" for _ in range(scene_baselines)]
     (root / "paired" / "room" / "baseline.txt").write_text("\n\n".join(base) + "\n")
     return root

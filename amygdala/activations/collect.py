@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -52,7 +52,11 @@ class Encoded:
 
 @dataclass
 class Activations:
-    """Pooled activations of unique texts: ``pooled[layer]`` is [n_texts, hidden], fp32, CPU."""
+    """Pooled activations of unique texts: ``pooled[layer]`` is [n_texts, hidden], fp32, CPU.
+
+    ``sites[name]`` is [n_texts, in_features]: the pooled *input* of each extra module passed to
+    :func:`collect` as ``sites``.
+    """
 
     texts: list[str]
     layers: list[int]
@@ -60,6 +64,7 @@ class Activations:
     n_tokens: list[int]
     seconds: float = 0.0
     forwards: int = 0
+    sites: dict[str, torch.Tensor] = field(default_factory=dict)
     row: dict[str, int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -123,12 +128,18 @@ def collect(
     max_length: int | None = 1024,
     on_tokens: TokenCallback | None = None,
     progress: bool = True,
+    sites: Mapping[str, nn.Module] | None = None,
 ) -> Activations:
     """Pooled (last content token) block-output activations of each unique text at ``layers``.
 
     ``on_tokens(row, layer, matrix, start)`` receives each text's per-token activations (content
     tokens only) as they are computed, so per-token methods can accumulate without every
     matrix staying in memory.
+
+    ``sites`` names extra modules whose *input* is pooled at the same token in the same forward
+    (an attention output projection's input holds the heads side by side, an MLP down
+    projection's input the neurons), so diagnostics need no second pass. They must run before
+    the deepest hooked block returns, e.g. sit inside a hooked block.
     """
     if padding_side not in ("left", "right"):
         raise ValueError("padding_side must be 'left' or 'right'")
@@ -150,14 +161,28 @@ def collect(
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
 
     current: dict[str, object] = {}
+    site_pooled: dict[str, torch.Tensor] = {}
+
+    def read(h: torch.Tensor) -> torch.Tensor:
+        """[batch, positions, width] at each text's read position: [batch, width], fp32, CPU."""
+        batch, offsets = current["batch"], current["offsets"]
+        rows = torch.tensor([offsets[j] + encoded[i].read_index for j, i in enumerate(batch)], device=h.device)
+        return h[torch.arange(len(batch), device=h.device), rows].float().cpu()
+
+    def make_site_hook(name: str):
+        def hook(_module, inputs):
+            x = read(inputs[0])
+            if name not in site_pooled:
+                site_pooled[name] = torch.empty(len(unique), x.shape[-1], dtype=torch.float32)
+            site_pooled[name][current["batch"]] = x
+        return hook
 
     def make_hook(layer: int):
         def hook(_module, _inputs, output):
             h = block_output(output)
             batch = current["batch"]
             offsets = current["offsets"]
-            rows = torch.tensor([offsets[j] + encoded[i].read_index for j, i in enumerate(batch)], device=h.device)
-            pooled[layer][batch] = h[torch.arange(len(batch), device=h.device), rows].float().cpu()
+            pooled[layer][batch] = read(h)
             if on_tokens is not None:
                 for j, i in enumerate(batch):
                     e = encoded[i]
@@ -167,6 +192,7 @@ def collect(
         return hook
 
     handles = [blocks[l].register_forward_hook(make_hook(l)) for l in layers]
+    handles += [m.register_forward_pre_hook(make_site_hook(n)) for n, m in (sites or {}).items()]
     total_tokens = sum(len(e.ids) for e in encoded)
     bar = tqdm(total=total_tokens, unit="tok", desc="forward", disable=not progress, smoothing=0.1)
     t0 = time.perf_counter()
@@ -202,6 +228,9 @@ def collect(
         for h in handles:
             h.remove()
         bar.close()
+    missing = sorted(set(sites or {}) - set(site_pooled))
+    if missing and unique:
+        raise ValueError(f"sites {', '.join(missing)} never ran before the forward stopped after layer {layers[-1]}")
     return Activations(
         texts=unique,
         layers=list(layers),
@@ -209,4 +238,5 @@ def collect(
         n_tokens=[e.end - e.start for e in encoded],
         seconds=time.perf_counter() - t0,
         forwards=forwards,
+        sites=site_pooled,
     )

@@ -40,6 +40,21 @@ def _parse_steer(items: list[str]) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------- train
+def _method_params(args: argparse.Namespace) -> dict[str, str | int]:
+    """--method-param NAME=VALUE items and --subspace-eigen-k (train() checks names and types)."""
+    params: dict[str, str | int] = {}
+    for item in args.method_param:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise AmygdalaError(f"--method-param {item!r}: expected NAME=VALUE, e.g. C=0.1")
+        params[name.strip()] = value.strip()
+    if args.subspace_eigen_k is not None:
+        if args.method != "subspace":
+            raise AmygdalaError(f"--subspace-eigen-k applies to --method subspace, not {args.method}")
+        params["eigen_k"] = args.subspace_eigen_k
+    return params
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from amygdala.corpus import load_corpus
     from amygdala.extract import TrainConfig, train
@@ -52,14 +67,63 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.concepts:
         corpus = corpus.subset([c.strip() for c in args.concepts.split(",") if c.strip()])
     config = TrainConfig(
-        model=args.model, layers=args.layers, method=args.method, min_positives=args.min_positives,
+        model=args.model, layers=args.layers, method=args.method, method_params=_method_params(args),
+        min_positives=args.min_positives,
         chat_template=args.chat_template, batch_size=args.batch_size, device=args.device,
         dtype=args.dtype, progress=not args.quiet,
     )
+    quality = _quality_config(args) if args.quality_report else None  # bad thresholds fail first
+    config.quality_sites = quality is not None
     result = train(corpus, config, args.out)
     r = result.readout
     print(f"wrote {args.out}/readout.safetensors + readout.json: {len(r.concepts)} concepts x layers {r.layers}, "
           f"{len(result.activations.texts)} unique texts in {result.activations.seconds:.1f} s")
+    if quality is not None:
+        from amygdala.quality.run import from_training, write
+
+        report = from_training(result, corpus, quality)
+        _print_quality(report, write(report, quality, args.out))
+    return 0
+
+
+# --------------------------------------------------------------------------- quality
+def _quality_flags(p: argparse.ArgumentParser) -> None:
+    from amygdala.quality.config import CLI_FIELDS, QualityConfig
+
+    g = p.add_argument_group("quality report thresholds (defaults: the original system's)")
+    for name, text in CLI_FIELDS.items():
+        default = getattr(QualityConfig, name)
+        g.add_argument(f"--{name.replace('_', '-')}", type=float, default=default, help=f"{text} (default {default})")
+
+
+def _quality_config(args: argparse.Namespace):
+    from amygdala.quality.config import CLI_FIELDS, QualityConfig
+
+    return QualityConfig(**{name: getattr(args, name) for name in CLI_FIELDS})
+
+
+def _print_quality(report: dict, paths) -> None:
+    from amygdala.quality.report import triage_table
+
+    print(triage_table(report))
+    print(f"wrote {paths[0]} + {paths[1].name}")
+
+
+def cmd_quality(args: argparse.Namespace) -> int:
+    from amygdala.corpus import load_corpus
+    from amygdala.quality.run import JSON_NAME, HTML_NAME, run_quality
+
+    config = _quality_config(args)
+    corpus = load_corpus(
+        args.corpus or (BUNDLED_CORPUS if args.direct_dir is None else None),
+        direct_dir=args.direct_dir,
+        include_direct=not args.no_direct,
+    )
+    report = run_quality(
+        args.readout, corpus, args.out, model=args.model, device=args.device, cfg=config,
+        batch_size=args.batch_size, progress=not args.quiet,
+    )
+    _print_quality(report, (args.out / JSON_NAME, args.out / HTML_NAME))
     return 0
 
 
@@ -88,6 +152,8 @@ def read_text(model, tokenizer, readout, text: str, top: int = 3) -> list[dict]:
         rows.append({
             "position": pos,
             "token": tokenizer.decode([tid]),
+            # Position 0 is the attention sink: its residual norm is an outlier at every layer.
+            "attention_sink": pos == 0,
             "layers": {str(l): _top(scores[0, pos, j], readout.concepts, top) for j, l in enumerate(readout.layers)},
         })
     return rows
@@ -95,6 +161,9 @@ def read_text(model, tokenizer, readout, text: str, top: int = 3) -> list[dict]:
 
 def _print_rows(rows: list[dict], unit: str) -> None:
     for r in rows:
+        if r.get("attention_sink"):
+            print(f"{r['position']:>4} {r['token']!r:<16} (attention sink: no comparable score at position 0)")
+            continue
         cells = "  ".join(
             f"L{l}: " + ", ".join(f"{c} {v:+.1f}" for c, v in top) for l, top in r["layers"].items()
         )
@@ -175,6 +244,25 @@ def cmd_corpus_check(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+# --------------------------------------------------------------------------- checkpoint sync|diagnose
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    """sync: replay an interrupted sync, or write --from's tensors as changed blocks; diagnose: report."""
+    from amygdala.train import checkpoint
+
+    if args.checkpoint_command == "sync":
+        served = checkpoint.load_tensors(args.source) if args.source else {}
+        if served:
+            print(checkpoint.sync(args.model_dir, served).summary())
+        else:
+            replayed = checkpoint.recover(args.model_dir)
+            print("nothing pending" if replayed is None else f"replayed an interrupted sync: {replayed} block(s)")
+        return 0
+    served = checkpoint.load_tensors(args.against) if args.against else None
+    diagnosis = checkpoint.diagnose(args.model_dir, served)
+    print("\n".join(diagnosis.lines()))
+    return 0 if diagnosis.clean else 1
+
+
 # --------------------------------------------------------------------------- demo
 DEMO_SENTENCE = "My hands were shaking as I opened the envelope, and then I laughed out loud: I got in."
 
@@ -203,7 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
     _corpus_arg(p)
     _model_arg(p)
     p.add_argument("--layers", default="0.5,0.66", help="indices (10,15,20) or relative depths (0.5,0.66)")
-    p.add_argument("--method", default="diffmean", help="extraction method (default diffmean)")
+    p.add_argument("--method", default="diffmean",
+                   help="diffmean (default), mean, pca, logistic, logistic_l1, linear, subspace (docs/methods.md)")
+    p.add_argument("--method-param", action="append", default=[], metavar="NAME=VALUE",
+                   help="a method parameter, e.g. C=0.1 for logistic / logistic_l1 (repeatable)")
+    p.add_argument("--subspace-eigen-k", type=int, default=None,
+                   help="subspace: how many top eigenvectors to weight together (default 5)")
     p.add_argument("--out", type=Path, required=True, help="output folder for readout.safetensors + readout.json")
     p.add_argument("--concepts", default=None, help="comma-separated subset of the manifest's concepts")
     p.add_argument("--min-positives", type=int, default=3, help="fail when a concept has fewer positive texts")
@@ -213,7 +306,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="dtype of stored vectors")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quality-report", action="store_true",
+                   help="also write OUT/quality.json + OUT/report.html from the same forward pass")
+    _quality_flags(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("quality", help="quality.json + report.html: clean, fragmented, redundant, wrong-cluster concepts")
+    p.add_argument("--readout", type=Path, required=True, help="readout folder (from amygdala train)")
+    _corpus_arg(p)
+    _model_arg(p)
+    p.add_argument("--out", type=Path, required=True, help="output folder for quality.json + report.html")
+    p.add_argument("--direct-dir", type=Path, default=None, help="the --direct-dir the readout was trained with")
+    p.add_argument("--no-direct", action="store_true", help="the readout was trained with --no-direct")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _quality_flags(p)
+    p.set_defaults(func=cmd_quality)
 
     p = sub.add_parser("read", help="per-token concept scores of a text")
     p.add_argument("text")
@@ -240,6 +348,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("dir", type=Path, nargs="?", default=BUNDLED_CORPUS)
     c.add_argument("--quiet", action="store_true", help="no summary")
     c.set_defaults(func=cmd_corpus_check)
+
+    p = sub.add_parser("checkpoint", help="the model folder as a checkpoint: block-level sync, diagnosis")
+    ksub = p.add_subparsers(dest="checkpoint_command", required=True)
+    k = ksub.add_parser("sync", help="finish an interrupted sync; with --from, write those tensors' changed blocks")
+    k.add_argument("--model-dir", type=Path, required=True)
+    k.add_argument("--from", dest="source", type=Path, default=None, help="safetensors file or folder (served or checkpoint names)")
+    k.set_defaults(func=cmd_checkpoint)
+    k = ksub.add_parser("diagnose", help="pending journal, leftovers, and what differs from --against (exit 1 unless clean)")
+    k.add_argument("--model-dir", type=Path, required=True)
+    k.add_argument("--against", type=Path, default=None, help="safetensors file or folder to compare with")
+    k.set_defaults(func=cmd_checkpoint)
+
+    from amygdala.serve import cli as serve_cli
+
+    serve_cli.add_parser(sub)
 
     p = sub.add_parser("demo", help="train on the bundled corpus with the default model and read a sentence")
     p.add_argument("--out", type=Path, default=Path("out/demo"))

@@ -1,16 +1,19 @@
-"""The method registry and what every method shares: concept sets, normalisation."""
+"""The method registry and what every method shares: concept sets, parameters, normalisation."""
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from amygdala import AmygdalaError
 from amygdala.activations import Activations
 from amygdala.corpus import Corpus
+from amygdala.methods.aggregators import linear, logistic, logistic_l1, mean, pca
 from amygdala.methods.diffmean import diffmean
+from amygdala.methods.subspace import TokenSubspaces, subspace
 
 
 @dataclass(frozen=True)
@@ -45,22 +48,106 @@ def unit(v: torch.Tensor, what: str = "vector") -> torch.Tensor:
     return v / norms.clamp_min(1e-12)
 
 
-#: A pooled method: (pooled [n_texts, hidden], positives, negatives, params) -> [hidden].
+#: A pooled method: (positives' rows [n_pos, hidden], negatives' rows [n_neg, hidden], **params) -> [hidden].
 PooledMethod = Callable[..., torch.Tensor]
 
-METHODS: dict[str, PooledMethod] = {"diffmean": diffmean}
+#: One layer of a method: (pooled [n_texts, hidden], positives, negatives, layer, **params)
+#: -> (directions [n_concepts, hidden], extras {name: [n_concepts, ...]}), directions not normalised.
+LayerFit = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def per_concept(fn: PooledMethod) -> LayerFit:
+    """A layer fit that runs a pooled method once per concept on its rows."""
+
+    def fit(pooled, positives, negatives, layer, **params):
+        return torch.stack([fn(pooled[p], pooled[n], **params) for p, n in zip(positives, negatives)]), {}
+
+    return fit
+
+
+@dataclass(frozen=True)
+class Method:
+    """A ``--method``: how it fits a layer, the parameters a user may set, what input it needs.
+
+    Every parameter is a positive number of the declared type (``--method-param NAME=VALUE``).
+    ``needs_tokens`` methods read per-token bases (:class:`TokenSubspaces`) as well as pooled rows.
+    """
+
+    fit: LayerFit
+    params: dict[str, type] = field(default_factory=dict)
+    needs_tokens: bool = False
+
+
+_LOGISTIC = {"C": float, "max_iter": int}
+
+METHODS: dict[str, Method] = {
+    "diffmean": Method(per_concept(diffmean)),
+    "mean": Method(per_concept(mean)),
+    "pca": Method(per_concept(pca)),
+    "logistic": Method(per_concept(logistic), _LOGISTIC),
+    "logistic_l1": Method(per_concept(logistic_l1), _LOGISTIC),
+    "linear": Method(per_concept(linear)),
+    "subspace": Method(subspace, {"eigen_k": int}, needs_tokens=True),
+}
+
+
+def check_params(method: str, params: dict) -> dict:
+    """``params`` converted to the method's declared types; AmygdalaError naming a bad one.
+
+    Values may be strings (from the command line). Runs before any model loads.
+    """
+    if method not in METHODS:
+        raise AmygdalaError(f"--method {method!r}; choose one of {', '.join(METHODS)}")
+    known = METHODS[method].params
+    out = {}
+    for name, value in params.items():
+        if name not in known:
+            accepted = ", ".join(known) or "none"
+            raise AmygdalaError(f"--method-param {name}: {method} does not take it (accepts: {accepted})")
+        kind = known[name]
+        try:
+            converted = kind(value)
+            if kind is int and converted != float(value):
+                raise ValueError
+        except (TypeError, ValueError):
+            converted = None
+        if converted is None or converted <= 0:
+            raise AmygdalaError(f"--method {method}: parameter {name}={value!r} must be a positive {kind.__name__}")
+        out[name] = converted
+    return out
+
+
+@dataclass
+class Fit:
+    """What a method produced: ``vectors[layer]`` [n_concepts, hidden] unit rows, and extras
+    (per name, per layer) such as ``subspace_eigenvalues`` for the quality report."""
+
+    vectors: dict[int, torch.Tensor]
+    extras: dict[str, dict[int, torch.Tensor]]
+
+
+def fit(
+    method: str, acts: Activations, sets: ConceptSets, *, tokens: TokenSubspaces | None = None, **params
+) -> Fit:
+    """Fit ``method`` at every layer of ``acts``. ``tokens`` is passed to methods that need it."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    spec = METHODS[method]
+    params = check_params(method, params)
+    if spec.needs_tokens:
+        params["tokens"] = tokens
+    vectors: dict[int, torch.Tensor] = {}
+    extras: dict[str, dict[int, torch.Tensor]] = {}
+    for layer in acts.layers:
+        raw, more = spec.fit(acts.pooled[layer], sets.positives, sets.negatives, layer, **params)
+        vectors[layer] = unit(raw.float(), f"{method} vector")
+        for name, value in more.items():
+            extras.setdefault(name, {})[layer] = value
+    return Fit(vectors, extras)
 
 
 def compute_vectors(
     method: str, acts: Activations, sets: ConceptSets, **params
 ) -> dict[int, torch.Tensor]:
-    """``{layer: [n_concepts, hidden]}`` unit vectors by ``method``."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    fn = METHODS[method]
-    out = {}
-    for layer in acts.layers:
-        x = acts.pooled[layer]
-        rows = [fn(x[p], x[n], **params) for p, n in zip(sets.positives, sets.negatives)]
-        out[layer] = unit(torch.stack(rows), f"{method} vector")
-    return out
+    """``{layer: [n_concepts, hidden]}`` unit vectors by ``method`` (see :func:`fit`)."""
+    return fit(method, acts, sets, **params).vectors

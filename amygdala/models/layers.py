@@ -45,6 +45,68 @@ def block_output(output) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+#: Paths, inside a decoder block, to the attention output projection (its input is the heads
+#: side by side): Llama/Mistral/Qwen/Gemma, Phi, GPT-2, GPT-J, GPT-NeoX.
+ATTN_OUT_PATHS = ("self_attn.o_proj", "self_attn.dense", "attn.c_proj", "attn.out_proj", "attention.dense")
+#: Paths to the MLP down projection (its input is the neurons): Llama-likes, GPT-2, NeoX, Phi, LFM2.
+MLP_DOWN_PATHS = ("mlp.down_proj", "mlp.c_proj", "mlp.dense_4h_to_h", "mlp.fc2", "feed_forward.w2")
+
+
+def _projection(block: nn.Module, paths: tuple[str, ...]) -> nn.Module | None:
+    for path in paths:
+        module = _get(block, path)
+        if isinstance(module, nn.Module) and getattr(module, "weight", None) is not None:
+            return module
+    return None
+
+
+def attention_out_proj(block: nn.Module) -> nn.Module | None:
+    """The block's attention output projection; None for a layer without standard attention
+    (a hybrid model's Mamba or GatedDeltaNet layer), which per-head diagnostics must skip."""
+    return _projection(block, ATTN_OUT_PATHS)
+
+
+def mlp_down_proj(block: nn.Module) -> nn.Module | None:
+    """The block's MLP down projection; None for a mixture of experts (no single one)."""
+    return _projection(block, MLP_DOWN_PATHS)
+
+
+def missing_reason(block: nn.Module, what: str) -> str:
+    """Why ``what`` was not found in ``block``, naming what the block holds instead."""
+    parts = ", ".join(f"{n} ({type(m).__name__})" for n, m in block.named_children() if "norm" not in n)
+    return f"no standard {what} in {type(block).__name__}: it holds {parts}"
+
+
+def projection_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as [out_features, in_features], fp32 on the CPU (GPT-2's Conv1D stores it
+    transposed); the CPU copy is where concept vectors live (lesson 8: one device)."""
+    from transformers.pytorch_utils import Conv1D
+
+    w = module.weight.detach()
+    return (w.T if isinstance(module, Conv1D) else w).float().cpu()
+
+
+def num_attention_heads(model: nn.Module) -> int:
+    config = model.config.get_text_config()
+    n = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+    if not n:
+        raise AmygdalaError(f"{type(config).__name__} has no num_attention_heads; per-head diagnostics need it")
+    return int(n)
+
+
+def projection_sites(model: nn.Module, layers: list[int]) -> dict[str, nn.Module]:
+    """``attn.<l>`` (attention output projection) and ``mlp.<l>`` (MLP down projection) of each
+    layer that has them: the extra inputs the quality report pools in the training forward."""
+    blocks = find_layers(model)
+    sites = {}
+    for l in layers:
+        for kind, find in (("attn", attention_out_proj), ("mlp", mlp_down_proj)):
+            module = find(blocks[l])
+            if module is not None:
+                sites[f"{kind}.{l}"] = module
+    return sites
+
+
 def parse_layers(spec: str | list, num_layers: int) -> list[int]:
     """``"10,15,20"`` (indices, negative from the end) or ``"0.5,0.66"`` (relative depths).
 

@@ -1,0 +1,12 @@
+"""The quality report: which concepts are clean, fragmented, redundant or in the wrong cluster.
+
+- :mod:`amygdala.quality.config`: :class:`QualityConfig`, the thresholds (no torch import, so
+  the CLI parser can read its defaults cheaply; hence nothing is re-exported here).
+- :mod:`amygdala.quality.metrics`: each metric as a function of tensors.
+- :mod:`amygdala.quality.report`: :func:`~amygdala.quality.report.compute` (the quality.json
+  document, schema in docs/quality.md) and the printed triage table.
+- :mod:`amygdala.quality.run`: inputs from a model run (``amygdala quality``) or from a training
+  run in the same process (``amygdala train --quality-report``), and writing the two files.
+- :mod:`amygdala.quality.plots` / :mod:`amygdala.quality.html`: report.html.
+- :mod:`amygdala.quality.heldout`: leave-one-story-out accuracy.
+"""

@@ -1,0 +1,169 @@
+"""Filling the report's inputs from a model run, and writing quality.json + report.html.
+
+Two entry points, one forward pass each:
+- :func:`from_training` reuses a :class:`~amygdala.extract.TrainResult` whose forward already
+  pooled the attention and MLP projection inputs (``TrainConfig(quality_sites=True)``), so
+  ``amygdala train --quality-report`` runs the model once.
+- :func:`run_quality` is ``amygdala quality``: it validates the readout, corpus and model
+  before loading the model, then runs one forward with the same captures (and, for a subspace
+  readout, the per-token bases whose eigenvalues the report plots).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from amygdala import AmygdalaError
+from amygdala.activations import Activations, collect
+from amygdala.corpus import Corpus
+from amygdala.methods import METHODS, TokenSubspaces, check_params, concept_sets, fit
+from amygdala.models import load_model, model_info, resolve_model
+from amygdala.models.layers import (
+    attention_out_proj,
+    find_layers,
+    missing_reason,
+    mlp_down_proj,
+    num_attention_heads,
+    projection_sites,
+    projection_weight,
+)
+from amygdala.quality.report import QualityConfig, QualityInputs, compute, to_json
+from amygdala.readout import Readout
+
+log = logging.getLogger(__name__)
+
+EIGENVALUES = "subspace_eigenvalues"  # the name methods.fit gives them in its extras
+JSON_NAME, HTML_NAME = "quality.json", "report.html"
+
+
+def text_names(corpus: Corpus, acts: Activations) -> list[str]:
+    """Where each pooled row comes from (``stories/calm.txt:7``; the first place for a text
+    that appears twice), so outlying texts can be opened and rewritten."""
+    names = [""] * len(acts.texts)
+    for t in reversed(corpus.texts):
+        if t.text in acts.row:
+            names[acts.row[t.text]] = t.where(corpus.root)
+    return names
+
+
+def quality_inputs(
+    readout: Readout, corpus: Corpus, acts: Activations, model, eigvals: dict[int, torch.Tensor] | None = None
+) -> QualityInputs:
+    """The report's inputs: the readout's vectors, the run's pooled rows and site captures, the
+    down-projection weights (copied to the CPU, where the vectors are), and what was skipped."""
+    if list(corpus.concepts) != list(readout.concepts):
+        raise AmygdalaError("the corpus's concepts differ from the readout's; pass the corpus it was trained on")
+    blocks = find_layers(model)
+    heads, neurons, down, skipped = {}, {}, {}, []
+    n_heads = num_attention_heads(model)
+    for l in readout.layers:
+        if attention_out_proj(blocks[l]) is None:
+            skipped.append({"layer": l, "metric": "per_head", "reason": missing_reason(blocks[l], "attention")})
+        elif f"attn.{l}" in acts.sites:
+            heads[l] = acts.sites[f"attn.{l}"]
+        mlp = mlp_down_proj(blocks[l])
+        if mlp is None:
+            skipped.append({"layer": l, "metric": "neuron_alignment", "reason": missing_reason(blocks[l], "MLP down projection")})
+        elif f"mlp.{l}" in acts.sites:
+            neurons[l] = acts.sites[f"mlp.{l}"]
+            down[l] = projection_weight(mlp)
+    clusters = readout.meta.get("clusters") or [corpus.concept_cluster[c] for c in corpus.concepts]
+    return QualityInputs(
+        concepts=list(readout.concepts),
+        clusters=list(clusters),
+        layers=list(readout.layers),
+        vectors={l: readout.vectors[l].float() for l in readout.layers},
+        pooled={l: acts.pooled[l] for l in readout.layers},
+        sets=concept_sets(corpus, acts),
+        text_names=text_names(corpus, acts),
+        heads=heads,
+        n_heads=n_heads,
+        neurons=neurons,
+        down=down,
+        eigvals=dict(eigvals or {}),
+        skipped=skipped,
+        meta={
+            "method": readout.meta.get("method"),
+            "model": (readout.meta.get("model") or {}).get("name"),
+            "corpus": str(corpus.root) if corpus.root else None,
+        },
+    )
+
+
+def write(report: dict, cfg: QualityConfig, out: str | Path) -> tuple[Path, Path]:
+    """quality.json and report.html into folder ``out``."""
+    from amygdala.quality.html import render
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    jpath, hpath = out / JSON_NAME, out / HTML_NAME
+    jpath.write_text(json.dumps(to_json(report), indent=1) + "\n")
+    hpath.write_text(render(report, cfg))
+    return jpath, hpath
+
+
+def from_training(result, corpus: Corpus, cfg: QualityConfig = QualityConfig()) -> dict:
+    """The report of a training run in this process, from its activations: no forward runs."""
+    inputs = quality_inputs(result.readout, corpus, result.activations, result.model, result.extras.get(EIGENVALUES))
+    return compute(inputs, cfg)
+
+
+def corpus_for(readout: Readout, corpus: Corpus) -> Corpus:
+    """``corpus`` reduced to the readout's concepts (a readout trained with --concepts); warns
+    when its texts are not the ones the readout was trained on."""
+    from amygdala.extract import corpus_sha256
+
+    missing = [c for c in readout.concepts if c not in corpus.concept_cluster]
+    if missing:
+        raise AmygdalaError(
+            f"{corpus.root}: no concept {', '.join(missing[:5])} of the readout in this corpus's manifest; "
+            "pass the corpus the readout was trained on (--corpus)"
+        )
+    if list(corpus.concepts) != list(readout.concepts):
+        corpus = corpus.subset(list(readout.concepts))
+    trained = (readout.meta.get("corpus") or {}).get("sha256")
+    if trained and trained != corpus_sha256(corpus):
+        log.warning("the corpus differs from the one this readout was trained on: metrics describe these texts")
+    return corpus
+
+
+def run_quality(
+    readout_path: str | Path,
+    corpus: Corpus,
+    out: str | Path,
+    *,
+    model: str | None = "default",
+    device: str | None = None,
+    cfg: QualityConfig = QualityConfig(),
+    batch_size: int = 16,
+    progress: bool = True,
+) -> dict:
+    """``amygdala quality``: everything checked before the model loads, then one forward."""
+    readout = Readout.load(readout_path)
+    corpus = corpus_for(readout, corpus)
+    info = model_info(resolve_model(model))
+    readout.check_model(info.num_layers, info.hidden_size, info.name)
+    method = readout.meta.get("method")
+    params = check_params(method, readout.meta.get("method_params") or {}) if method in METHODS else {}
+    Path(out).mkdir(parents=True, exist_ok=True)
+
+    loaded_model, tokenizer, _ = load_model(info.path, device)
+    tokens = None
+    if method in METHODS and METHODS[method].needs_tokens:
+        tokens = TokenSubspaces(readout.layers, info.hidden_size, next(loaded_model.parameters()).device)
+    acts = collect(
+        loaded_model, tokenizer, corpus.unique_texts(), readout.layers,
+        batch_size=batch_size, chat_template=bool(readout.meta.get("chat_template")),
+        on_tokens=tokens.add if tokens is not None else None, progress=progress,
+        sites=projection_sites(loaded_model, readout.layers),
+    )
+    eigvals = None
+    if tokens is not None:
+        eigvals = fit(method, acts, concept_sets(corpus, acts), tokens=tokens, **params).extras.get(EIGENVALUES)
+    report = compute(quality_inputs(readout, corpus, acts, loaded_model, eigvals), cfg)
+    write(report, cfg, out)
+    return report

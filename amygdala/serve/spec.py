@@ -1,0 +1,199 @@
+"""A request's ``readout`` and ``steer`` fields: parsed and checked in the API server.
+
+Everything is checked here, before the request reaches the engine, so a bad request is a 400
+that names the field (and, for an unknown concept, the nearest valid names) and never disturbs
+the batch. The worker receives the checked spec as plain JSON in ``SamplingParams.extra_args``
+(:meth:`RequestSpec.wire`) and only turns it into tensors.
+
+Request fields (top level, or the same keys inside ``vllm_xargs``, where ``steer`` is the list
+as a JSON string because vLLM only allows scalars and flat lists there)::
+
+    "readout": true | false | "raw" | "zscore"       (default: true when a readout is loaded)
+    "steer": [{"concept": "calm", "strength": 4.0, "layers": [15, 20]},
+              {"vector": [...hidden floats...], "strength": -2.0}]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+
+from amygdala import AmygdalaError
+from amygdala.readout import Readout, ReadoutError
+
+FIELDS = ("readout", "steer")
+_ON = {"true", "1", "on", "yes", "raw"}
+_OFF = {"false", "0", "off", "no", "none"}
+_ITEM_KEYS = {"concept", "vector", "strength", "layers"}
+
+
+class SpecError(AmygdalaError):
+    """A bad ``readout`` / ``steer`` field; ``param`` is the JSON path of the field at fault."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    num_layers: int
+    hidden_size: int
+
+
+@dataclass(frozen=True)
+class SteerItem:
+    """One steering term: a unit direction (a concept's vector, or ``vector`` normalised) times
+    ``strength``, added to the residual stream after each of ``layers``."""
+
+    strength: float
+    layers: tuple[int, ...]
+    concept: str | None = None
+    vector: tuple[float, ...] | None = None
+
+    def wire(self) -> dict:
+        out: dict = {"strength": self.strength, "layers": list(self.layers)}
+        if self.concept is not None:
+            out["concept"] = self.concept
+        else:
+            out["vector"] = list(self.vector or ())
+        return out
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """What one request asks of the plugin: readout mode (None = off) and steering terms."""
+
+    readout: str | None = None
+    steer: tuple[SteerItem, ...] = ()
+
+    @property
+    def active(self) -> bool:
+        return self.readout is not None or bool(self.steer)
+
+    def wire(self, tag: str | None) -> dict:
+        """The JSON the worker gets; ``tag`` names the request's score rows (None: no readout)."""
+        return {"tag": tag if self.readout else None, "steer": [s.wire() for s in self.steer]}
+
+    def cache_salt(self, user_salt: str | None) -> str | None:
+        """The prefix-cache salt: the user's own unless steered, else keyed by the steering.
+
+        vLLM hashes the salt into every KV block of the request, so steered KV is reused only by
+        requests with the same salt and the same steering, whose KV is the same.
+        """
+        if not self.steer:
+            return user_salt
+        payload = json.dumps([user_salt, [s.wire() for s in self.steer]], sort_keys=True)
+        return "amygdala-" + hashlib.sha256(payload.encode()).hexdigest()[:40]
+
+
+def parse(
+    fields: dict, xargs: dict | None, readout: Readout | None, shape: ModelShape
+) -> RequestSpec:
+    """The spec of a request from its extra top-level ``fields`` and its ``vllm_xargs``.
+
+    Top-level fields win over the same keys in ``vllm_xargs``.
+    """
+    merged = {k: v for k, v in (xargs or {}).items() if k in FIELDS}
+    merged.update({k: v for k, v in fields.items() if k in FIELDS})
+    mode = _parse_readout(merged, readout)
+    steer = _parse_steer(merged.get("steer"), readout, shape)
+    return RequestSpec(mode, steer)
+
+
+def _parse_readout(fields: dict, readout: Readout | None) -> str | None:
+    if "readout" not in fields:
+        return "raw" if readout is not None else None
+    value = fields["readout"]
+    key = str(value).strip().lower()
+    if key in _OFF:
+        return None
+    if key in _ON:
+        mode = "raw"
+    elif key in ("zscore", "z"):
+        mode = "zscore"
+    else:
+        raise SpecError("readout", f"expected true, false, 'raw' or 'zscore', got {value!r}")
+    if readout is None:
+        raise SpecError("readout", "this server has no readout file loaded (start it with AMYGDALA_READOUT)")
+    if mode == "zscore" and not readout.has_stats:
+        raise SpecError("readout", "'zscore' needs the readout file's neutral-text statistics, which it lacks")
+    return mode
+
+
+def _parse_steer(value, readout: Readout | None, shape: ModelShape) -> tuple[SteerItem, ...]:
+    if value is None or value == [] or value == "":
+        return ()
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise SpecError("steer", f"not valid JSON ({e.msg}); give a list of steering objects") from None
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        raise SpecError("steer", f"expected a list of {{concept|vector, strength, layers}} objects, got {type(value).__name__}")
+    if readout is None:
+        raise SpecError("steer", "this server has no readout file loaded (start it with AMYGDALA_READOUT)")
+    return tuple(_parse_item(i, item, readout, shape) for i, item in enumerate(value))
+
+
+def _parse_item(i: int, item, readout: Readout, shape: ModelShape) -> SteerItem:
+    where = f"steer[{i}]"
+    if not isinstance(item, dict):
+        raise SpecError(where, f"expected an object with concept or vector, strength and layers, got {item!r}")
+    unknown = sorted(set(item) - _ITEM_KEYS)
+    if unknown:
+        raise SpecError(where, f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_ITEM_KEYS))}")
+    strength = item.get("strength")
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
+        raise SpecError(f"{where}.strength", f"must be a finite number, got {strength!r}")
+    has_concept, has_vector = "concept" in item, "vector" in item
+    if has_concept == has_vector:
+        raise SpecError(where, "give exactly one of concept (a name) or vector (hidden-size floats)")
+    concept = vector = None
+    if has_concept:
+        concept = item["concept"]
+        if not isinstance(concept, str):
+            raise SpecError(f"{where}.concept", f"must be a concept name, got {concept!r}")
+        try:
+            readout.concept_index(concept)
+        except ReadoutError as e:
+            raise SpecError(f"{where}.concept", str(e)) from None
+    else:
+        vector = _parse_vector(f"{where}.vector", item["vector"], shape.hidden_size)
+    layers = _parse_layers(f"{where}.layers", item.get("layers"), readout, shape, needs_readout_layer=has_concept)
+    return SteerItem(float(strength), layers, concept, vector)
+
+
+def _parse_vector(where: str, value, hidden: int) -> tuple[float, ...]:
+    if not isinstance(value, list) or not all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in value
+    ):
+        raise SpecError(where, f"must be a list of {hidden} finite numbers")
+    if len(value) != hidden:
+        raise SpecError(where, f"has {len(value)} numbers; this model's hidden size is {hidden}")
+    if not any(value):
+        raise SpecError(where, "is all zeros; it has no direction")
+    return tuple(float(x) for x in value)
+
+
+def _parse_layers(where: str, value, readout: Readout, shape: ModelShape, *, needs_readout_layer: bool) -> tuple[int, ...]:
+    if value is None:
+        return tuple(readout.layers)
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(l, int) and not isinstance(l, bool) for l in value):
+        raise SpecError(where, f"must be a non-empty list of layer indices, got {value!r}")
+    n = shape.num_layers
+    out = []
+    for l in value:
+        idx = l + n if l < 0 else l
+        if not 0 <= idx < n:
+            raise SpecError(where, f"layer {l} out of range; this model has layers 0-{n - 1}")
+        if needs_readout_layer and idx not in readout.vectors:
+            raise SpecError(where, f"layer {l}: concept vectors exist only at the readout's layers {readout.layers}")
+        out.append(idx)
+    return tuple(sorted(set(out)))

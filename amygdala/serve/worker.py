@@ -1,0 +1,265 @@
+"""The worker side: forward hooks on vLLM's decoder layers, per-request steering and scores.
+
+vLLM runs one forward pass over a flat batch of tokens from many requests. The model runner
+knows the boundaries: before each forward (:func:`begin_step`, called from the runner's
+``_model_forward``) we read, from the same persistent buffers vLLM builds its attention
+metadata from, the batch order ``input_batch.req_ids``, the token offsets
+``query_start_loc`` and ``num_computed_tokens``. From those:
+
+- steering: each token row gets its own request's delta (a gather from a small per-step
+  table, row 0 = zeros), added to the residual stream after the chosen layers;
+- readout: the row sampled from is the last of each request's rows in this step; the token
+  sampled from it is generated token ``k = position + 1 - prompt_len`` (``k < 0`` for a
+  partial prefill chunk, which samples nothing, so it is skipped).
+
+vLLM's Llama-style decoder layers return ``(hidden_states, residual)`` and fuse the residual
+add into the next layer's RMSNorm, so the block output in the transformers sense is
+``hidden_states + residual``; steering is added to ``residual``, which the next norm (or the
+final norm) adds in. Layers that return a single tensor are handled as block outputs directly.
+
+Hooks need eager mode: a compiled graph or CUDA graph would freeze the per-step data.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from amygdala.models.layers import find_layers
+from amygdala.readout import Readout, ReadoutError, Steering
+from amygdala.serve.channel import Sender
+from amygdala.serve.config import CHANNEL_ENV, WIRE_KEY
+
+log = logging.getLogger("vllm.amygdala")  # under vLLM's logger: its format and level
+
+
+@dataclass
+class _Request:
+    """A request's parsed wire spec, cached for its lifetime in the worker."""
+
+    tag: str | None
+    deltas: dict[int, torch.Tensor]
+
+
+@dataclass
+class _Plan:
+    """This forward step's steering and readout work."""
+
+    num_tokens: int
+    steer_idx: torch.Tensor | None = None  # [num_tokens] row of the per-layer table, 0 = none
+    steer_tables: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [1 + n, hidden]
+    read_rows: torch.Tensor | None = None  # [m] token rows whose scores are wanted
+    read_keys: list[tuple[str, str, int]] = field(default_factory=list)  # (tag, req_id, k)
+    scores: torch.Tensor | None = None  # [m, n_layers, n_concepts] float32
+
+
+class WorkerState:
+    """Hooks and per-step state on one model runner; created once the model is loaded."""
+
+    def __init__(self, runner, readout: Readout, rank: int):
+        vllm_config = runner.vllm_config
+        model_config = runner.model_config
+        check_supported(vllm_config)
+        self.readout = readout
+        self.layers = find_layers(runner.get_model())
+        readout.check_model(len(self.layers), model_config.get_hidden_size(), str(model_config.model))
+        self.device = runner.device
+        self.dtype = model_config.dtype
+        self.zero = torch.zeros(model_config.get_hidden_size(), device=self.device, dtype=self.dtype)
+        self.read_pos = {l: i for i, l in enumerate(readout.layers)}
+        self.vt = {l: readout.vectors[l].to(self.device, torch.float32).T.contiguous() for l in readout.layers}
+        self.requests: dict[str, _Request | None] = {}
+        self.plan: _Plan | None = None
+        address = os.environ.get(CHANNEL_ENV)
+        self.sender = Sender(address) if address and rank == 0 else None
+        for i, layer in enumerate(self.layers):
+            layer.register_forward_hook(self._make_hook(i))
+        log.info("amygdala: readout hooks on %d layers; reading layers %s", len(self.layers), readout.layers)
+
+    # ------------------------------------------------------------------ per step
+    def begin_step(self, runner) -> None:
+        self.plan = None
+        batch = runner.input_batch
+        num_reqs = batch.num_reqs
+        if num_reqs == 0:
+            return
+        req_ids = batch.req_ids[:num_reqs]
+        qsl = runner.query_start_loc.np[: num_reqs + 1]
+        computed = batch.num_computed_tokens_cpu[:num_reqs]
+        if len(self.requests) > len(runner.requests):
+            self.requests = {r: v for r, v in self.requests.items() if r in runner.requests}
+        steered: list[tuple[int, _Request]] = []
+        reads: list[tuple[int, tuple[str, str, int]]] = []
+        for i, rid in enumerate(req_ids):
+            state = runner.requests[rid]
+            req = self._request(rid, state.sampling_params)
+            if req is None:
+                continue
+            if req.deltas:
+                steered.append((i, req))
+            if req.tag is not None:
+                k = int(computed[i] + qsl[i + 1] - qsl[i]) - state.num_prompt_tokens
+                if k >= 0:
+                    reads.append((int(qsl[i + 1]) - 1, (req.tag, rid, k)))
+        if not steered and not reads:
+            return
+        plan = _Plan(num_tokens=int(qsl[num_reqs]))
+        if steered:
+            idx = np.zeros(plan.num_tokens, dtype=np.int64)
+            for row, (i, _) in enumerate(steered, start=1):
+                idx[qsl[i] : qsl[i + 1]] = row
+            plan.steer_idx = torch.from_numpy(idx).to(self.device)
+            layers = sorted({l for _, req in steered for l in req.deltas})
+            for l in layers:
+                plan.steer_tables[l] = torch.stack([self.zero] + [req.deltas.get(l, self.zero) for _, req in steered])
+        if reads:
+            plan.read_rows = torch.tensor([r for r, _ in reads], device=self.device)
+            plan.read_keys = [key for _, key in reads]
+            plan.scores = torch.empty(len(reads), len(self.read_pos), len(self.readout.concepts), device=self.device)
+        self.plan = plan
+
+    def end_step(self, send: bool = True) -> None:
+        plan, self.plan = self.plan, None
+        if not send or plan is None or plan.scores is None or self.sender is None:
+            return
+        tags, rids, ks = (list(x) for x in zip(*plan.read_keys))
+        self.sender.send(tags, rids, ks, plan.scores.cpu().numpy())
+
+    # ------------------------------------------------------------------ hooks
+    def _make_hook(self, layer: int):
+        def hook(_module, _inputs, output):
+            plan = self.plan
+            if plan is None:
+                return None
+            table = plan.steer_tables.get(layer)
+            reading = plan.scores is not None and layer in self.read_pos
+            if table is None and not reading:
+                return None
+            fused = isinstance(output, tuple) and len(output) == 2 and output[1] is not None
+            hidden, residual = (output[0], output[1]) if fused else (output, None)
+            if table is not None:
+                delta = table[_pad(plan.steer_idx, hidden.shape[0])]
+                if fused:
+                    residual = residual + delta
+                else:
+                    hidden = hidden + delta
+            if reading:
+                rows = plan.read_rows
+                block = hidden[rows] + residual[rows] if fused else hidden[rows]
+                plan.scores[:, self.read_pos[layer]] = block.float() @ self.vt[layer]
+            if table is None:
+                return None
+            return (hidden, residual) if fused else hidden
+
+        return hook
+
+    def _request(self, rid: str, params) -> _Request | None:
+        if rid in self.requests:
+            return self.requests[rid]
+        wire = (getattr(params, "extra_args", None) or {}).get(WIRE_KEY)
+        req = None
+        if isinstance(wire, dict):
+            try:
+                req = _Request(wire.get("tag"), self._deltas(wire.get("steer") or []))
+            except (ReadoutError, KeyError, TypeError, ValueError):
+                # The API server checked the spec; a failure here is a bug, not bad input.
+                log.exception("amygdala: ignoring the steering of request %s", rid)
+                req = _Request(wire.get("tag"), {})
+        self.requests[rid] = req
+        return req
+
+    def _deltas(self, items: list[dict]) -> dict[int, torch.Tensor]:
+        steering = Steering()
+        for item in items:
+            if "concept" in item:
+                part = Steering.from_concepts(self.readout, {item["concept"]: float(item["strength"])}, list(item["layers"]))
+            else:
+                vector = torch.tensor(item["vector"], dtype=torch.float32)
+                part = Steering.from_vector(vector, float(item["strength"]), list(item["layers"]))
+            steering = steering + part
+        return {l: d.to(self.device, self.dtype) for l, d in steering.deltas.items()}
+
+
+def _pad(idx: torch.Tensor, rows: int) -> torch.Tensor:
+    """Token rows beyond the scheduled ones (vLLM pads batches for CUDA graphs) get row 0."""
+    if idx.shape[0] >= rows:
+        return idx[:rows]
+    return torch.cat([idx, idx.new_zeros(rows - idx.shape[0])])
+
+
+def check_supported(vllm_config) -> None:
+    from vllm.config import CompilationMode
+
+    cc = vllm_config.compilation_config
+    graphs = getattr(cc, "cudagraph_mode", None)
+    if cc.mode != CompilationMode.NONE or (graphs is not None and graphs.name != "NONE"):
+        raise ReadoutError(
+            "amygdala's readout and steering hook the decoder layers and need eager mode: "
+            "start vLLM with --enforce-eager"
+        )
+    if vllm_config.speculative_config is not None:
+        raise ReadoutError("amygdala's readout does not support speculative decoding; drop --speculative-config")
+    if vllm_config.parallel_config.pipeline_parallel_size > 1:
+        raise ReadoutError("amygdala's readout does not support pipeline parallelism; use tensor parallelism")
+
+
+def install(worker) -> None:
+    """Attach the hooks to ``worker``'s freshly loaded model (called after ``load_model``)."""
+    from amygdala.serve.config import load_readout
+
+    readout = load_readout()
+    if readout is not None:
+        worker.model_runner._amygdala = WorkerState(worker.model_runner, readout, worker.rank)
+
+
+#: Attribute that marks the readout's wrappers (``__wrapped__`` links a chain of wrappers).
+MARK = "_amygdala_readout"
+
+
+def mark(wrapper, original):
+    wrapper.__wrapped__ = original
+    setattr(wrapper, MARK, True)
+    return wrapper
+
+
+def is_ours(fn) -> bool:
+    """Whether one of the readout's wrappers is anywhere in ``fn``'s chain of wrappers."""
+    while fn is not None:
+        if getattr(fn, MARK, False):
+            return True
+        fn = getattr(fn, "__wrapped__", None)
+    return False
+
+
+def model_forward_wrapper(original):
+    """Wrap ``GPUModelRunner._model_forward`` so each real forward has its step plan."""
+
+    def _model_forward(self, *args, **kwargs):
+        state: WorkerState | None = getattr(self, "_amygdala", None)
+        if state is None:
+            return original(self, *args, **kwargs)
+        state.begin_step(self)
+        done = False
+        try:
+            out = original(self, *args, **kwargs)
+            done = True
+            return out
+        finally:
+            state.end_step(send=done)
+
+    return mark(_model_forward, original)
+
+
+def load_model_wrapper(original):
+    """Wrap ``Worker.load_model`` to install the hooks once the weights are in."""
+
+    def load_model(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        install(self)
+        return result
+
+    return mark(load_model, original)

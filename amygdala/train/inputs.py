@@ -1,0 +1,161 @@
+"""What a training job takes, checked field by field: samples of token IDs and a job config.
+
+Why plain functions over JSON-like values: the HTTP route (``POST /train``) and Python callers
+share them, and a bad request must fail before anything touches the weights, with one error
+that names the field (``samples[3].continuation_ids[5]``) and what to do. The route maps
+:class:`TrainInputError` to a 400 with ``field`` as the parameter.
+
+No tokenizer here: the client owns tokenization and sends token IDs. The loss is taken on the
+continuation only; ``context_ids`` condition it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from amygdala import AmygdalaError
+
+OBJECTIVES = ("sft", "orpo", "dpo")
+SAMPLE_KEYS = ("context_ids", "continuation_ids", "rejected_ids")
+
+
+class TrainInputError(AmygdalaError):
+    """A bad field of a training request; ``field`` is its path, e.g. ``samples[0].context_ids``."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One example: the continuation (preferred) and, for orpo/dpo, the rejected one after a context."""
+
+    context_ids: tuple[int, ...]
+    continuation_ids: tuple[int, ...]
+    rejected_ids: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """A job's settings. ``steps`` optimizer updates, each over all samples (gradients of
+    ``micro_batch`` samples per forward accumulate into one update)."""
+
+    objective: str = "sft"
+    learning_rate: float = 1e-5
+    steps: int = 1
+    beta: float = 0.1  # DPO: strength of the preference relative to the reference
+    orpo_lambda: float = 0.1  # ORPO: weight of the odds-ratio term next to the SFT term
+    micro_batch: int = 8
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the model allows: IDs below ``vocab_size``, at most ``max_length`` tokens per sequence."""
+
+    vocab_size: int
+    max_length: int
+    max_samples: int = 4096
+    max_steps: int = 10_000
+
+    @classmethod
+    def from_config(cls, config) -> Limits:
+        """From a transformers config (its text part for multimodal wrappers)."""
+        text = getattr(config, "get_text_config", lambda: config)()
+        length = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+        if length is None:
+            raise AmygdalaError(f"{type(config).__name__}: no max_position_embeddings; cannot bound sample length")
+        return cls(vocab_size=int(text.vocab_size), max_length=int(length))
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return (isinstance(x, (int, float)) and not isinstance(x, bool)) and math.isfinite(x)
+
+
+def _ids(value: Any, field: str, limits: Limits, *, allow_empty: bool = False) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise TrainInputError(field, f"expected a list of token IDs (integers), got {type(value).__name__}")
+    if not value and not allow_empty:
+        raise TrainInputError(field, "empty; give at least one token ID")
+    for i, t in enumerate(value):
+        if not _is_int(t):
+            raise TrainInputError(f"{field}[{i}]", f"{t!r} is not an integer token ID")
+        if not 0 <= t < limits.vocab_size:
+            raise TrainInputError(f"{field}[{i}]", f"{t} is outside the vocabulary (0..{limits.vocab_size - 1})")
+    return tuple(value)
+
+
+def parse_sample(raw: Any, index: int, limits: Limits, objective: str) -> Sample:
+    where = f"samples[{index}]"
+    if not isinstance(raw, dict):
+        raise TrainInputError(where, f"expected an object with {', '.join(SAMPLE_KEYS)}, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(SAMPLE_KEYS))
+    if unknown:
+        raise TrainInputError(f"{where}.{unknown[0]}", f"unknown field; a sample has {', '.join(SAMPLE_KEYS)}")
+    for key in SAMPLE_KEYS[:2]:
+        if key not in raw:
+            raise TrainInputError(f"{where}.{key}", "missing")
+    context = _ids(raw["context_ids"], f"{where}.context_ids", limits)
+    continuation = _ids(raw["continuation_ids"], f"{where}.continuation_ids", limits)
+    rejected = None
+    if objective in ("orpo", "dpo"):
+        if raw.get("rejected_ids") is None:
+            raise TrainInputError(f"{where}.rejected_ids", f"missing; objective {objective} compares the continuation with a rejected one")
+        rejected = _ids(raw["rejected_ids"], f"{where}.rejected_ids", limits)
+    elif raw.get("rejected_ids") is not None:
+        raise TrainInputError(f"{where}.rejected_ids", "only objectives orpo and dpo use it; drop it or choose one of them")
+    for key, ids in (("continuation_ids", continuation), ("rejected_ids", rejected)):
+        if ids is not None and len(context) + len(ids) > limits.max_length:
+            raise TrainInputError(
+                f"{where}.{key}",
+                f"context + {key.removesuffix('_ids')} is {len(context) + len(ids)} tokens, over the model's "
+                f"{limits.max_length}; shorten the context",
+            )
+    return Sample(context, continuation, rejected)
+
+
+def parse_config(raw: Any, limits: Limits) -> JobConfig:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise TrainInputError("config", f"expected an object, got {type(raw).__name__}")
+    known = {f.name for f in fields(JobConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise TrainInputError(f"config.{unknown[0]}", f"unknown setting; known: {', '.join(sorted(known))}")
+    cfg = JobConfig(**raw)
+    if cfg.objective not in OBJECTIVES:
+        raise TrainInputError("config.objective", f"{cfg.objective!r} is not one of {', '.join(OBJECTIVES)}")
+    if not (_is_number(cfg.learning_rate) and 0 < cfg.learning_rate <= 1):
+        raise TrainInputError("config.learning_rate", f"{cfg.learning_rate!r} must be a number in (0, 1]; 1e-5 is a usual start")
+    if not (_is_int(cfg.steps) and 1 <= cfg.steps <= limits.max_steps):
+        raise TrainInputError("config.steps", f"{cfg.steps!r} must be an integer in 1..{limits.max_steps}")
+    if not (_is_number(cfg.beta) and cfg.beta > 0):
+        raise TrainInputError("config.beta", f"{cfg.beta!r} must be a positive number")
+    if not (_is_number(cfg.orpo_lambda) and cfg.orpo_lambda >= 0):
+        raise TrainInputError("config.orpo_lambda", f"{cfg.orpo_lambda!r} must be a number >= 0")
+    if not (_is_int(cfg.micro_batch) and cfg.micro_batch >= 1):
+        raise TrainInputError("config.micro_batch", f"{cfg.micro_batch!r} must be an integer >= 1")
+    return replace(cfg, learning_rate=float(cfg.learning_rate), beta=float(cfg.beta), orpo_lambda=float(cfg.orpo_lambda))
+
+
+def parse_request(raw: Any, limits: Limits) -> tuple[list[Sample], JobConfig]:
+    """``{"samples": [...], "config": {...}}`` -> checked samples and config, or one TrainInputError."""
+    if not isinstance(raw, dict):
+        raise TrainInputError("body", f"expected an object with samples and config, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - {"samples", "config"})
+    if unknown:
+        raise TrainInputError(unknown[0], "unknown field; a training request has samples and config")
+    config = parse_config(raw.get("config"), limits)
+    samples = raw.get("samples")
+    if not isinstance(samples, list) or not samples:
+        raise TrainInputError("samples", "expected a non-empty list of samples")
+    if len(samples) > limits.max_samples:
+        raise TrainInputError("samples", f"{len(samples)} samples, over the limit of {limits.max_samples}; split the job")
+    return [parse_sample(s, i, limits, config.objective) for i, s in enumerate(samples)], config

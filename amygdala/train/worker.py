@@ -1,0 +1,459 @@
+"""The training worker: a process beside the server that trains the served weights in place.
+
+Why a process of its own: a job is seconds to minutes of forward and backward passes; run in
+the API server it would stall every request's event loop (the original system's bug), run in
+vLLM's worker it would stall the forward passes. Here it runs on its own cores while vLLM keeps
+serving from the same memory: the worker's transformers model is built on *views* of the
+served tensors (:func:`amygdala.train.views.view_model`), which the holder moved to shared
+memory (CPU) or exports as CUDA IPC handles, so every optimizer step lands in the weights the
+next request reads (HOGWILD: no pause, no copy).
+
+Pieces, all in this module so the process has one entry point (``python -m amygdala.train.worker``):
+
+- :func:`spawn` (called in the holder, i.e. vLLM's worker process): moves the tensors to shared
+  memory in place, starts the process, hands it the handles and waits until it is ready, so a
+  worker that cannot start (a folder another worker holds, an optimizer state saved for other
+  settings) stops the server at start with its one-line error.
+- :class:`TrainingService`: the queue. One job at a time on one thread; a sync runs on the same
+  thread, so no job ever writes while a sync snapshots the weights. ``POST /checkpoint`` syncs
+  after the running job, before queued ones; otherwise a sync runs ``sync_delay`` seconds after
+  the last job (a new job restarts the delay). After every job that changed weights it asks the
+  API server to reset vLLM's prefix cache (KV computed with the old weights must not serve
+  new requests), and only then reports the job done.
+- :func:`serve`: a ZeroMQ ROUTER on a local ``ipc://`` socket answering the API server
+  (``submit``, ``status``, ``checkpoint``; JSON messages), on its own thread, so status is
+  answered while a job trains. It exits when the holder process is gone.
+
+The folder is locked (``flock`` on ``.amygdala-train.lock``) for the worker's life: one writer
+per checkpoint folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import pickle
+import queue
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from amygdala import AmygdalaError
+from amygdala.train.inputs import JobConfig, Sample, TrainInputError
+from amygdala.train.trainer import Trainer, TrainJobError
+
+log = logging.getLogger("amygdala.train.worker")
+
+LOCK_FILE = ".amygdala-train.lock"
+#: Finished jobs kept for ``GET /train/status``.
+KEEP_FINISHED = 20
+#: Seconds the worker waits for the API server to confirm a prefix-cache reset.
+RESET_TIMEOUT_S = 60.0
+
+
+class WorkerError(AmygdalaError):
+    """The training worker could not start, or its folder is held by another one."""
+
+
+# --------------------------------------------------------------------------- the folder lock
+@contextlib.contextmanager
+def folder_lock(model_dir: str | os.PathLike) -> Iterator[None]:
+    """Hold the folder's training lock (non-blocking): one writer per checkpoint folder.
+
+    The lock dies with its process, so a worker killed mid-sync never leaves it stale.
+    """
+    path = Path(model_dir) / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise WorkerError(
+                f"{model_dir}: another training worker (pid {holder}) holds this model folder; stop that "
+                "server first, or serve a copy of the folder"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+# --------------------------------------------------------------------------- the queue
+@dataclass
+class Job:
+    id: str
+    samples: list[Sample]
+    config: JobConfig
+    submitted_at: float
+    state: str = "queued"  # queued | running | done | failed
+    started_at: float | None = None
+    finished_at: float | None = None
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    error: str | None = None
+    prefix_cache_reset: bool | None = None
+
+    def describe(self) -> dict:
+        out = {
+            "id": self.id, "state": self.state, "objective": self.config.objective, "samples": len(self.samples),
+            "steps": self.config.steps, "learning_rate": self.config.learning_rate, "submitted_at": self.submitted_at,
+        }
+        if self.state != "queued":
+            out.update(step=self.step, losses=list(self.losses), started_at=self.started_at)
+        if self.finished_at is not None:
+            out.update(finished_at=self.finished_at, seconds=round(self.finished_at - (self.started_at or self.finished_at), 3),
+                       prefix_cache_reset=self.prefix_cache_reset)
+        if self.error is not None:
+            out["error"] = self.error
+        return out
+
+
+#: ``reset_cache()`` -> (done, why not). Resets the server's prefix cache after a job.
+CacheReset = Callable[[], "tuple[bool, str | None]"]
+
+
+class TrainingService:
+    """Jobs one at a time, syncs between them, and a status any thread may read.
+
+    :meth:`submit`, :meth:`checkpoint` and :meth:`status` are called from the request thread;
+    :meth:`run` is the one thread that touches the weights and the optimizer. The request
+    thread never reads the optimizer: the job thread refreshes a status snapshot after every
+    step, job and sync.
+    """
+
+    def __init__(self, trainer: Trainer, *, sync_delay: float = 600.0, reset_cache: CacheReset | None = None):
+        self.trainer = trainer
+        self.sync_delay = float(sync_delay)
+        self.reset_cache = reset_cache
+        self._cond = threading.Condition()
+        self._queue: deque[Job] = deque()
+        self._current: Job | None = None
+        self._finished: deque[Job] = deque(maxlen=KEEP_FINISHED)
+        self._waiters: list[Callable[[dict], None]] = []  # POST /checkpoint callers awaiting a sync
+        self._syncing = False
+        self._dirty = False  # weights changed since the last sync
+        self._sync_due: float | None = None  # time.monotonic() of the automatic sync
+        self._snapshot = trainer.status()
+
+    # ------------------------------------------------------------------ request thread
+    def submit(self, request: object) -> dict:
+        """Queue a ``/train`` request; raises TrainInputError (the field) before queueing anything."""
+        samples, config = self.trainer.parse(request)
+        job = Job(f"job-{uuid.uuid4().hex[:12]}", samples, config, time.time())
+        with self._cond:
+            ahead = len(self._queue) + (self._current is not None)
+            self._queue.append(job)
+            self._cond.notify_all()
+        return {"job_id": job.id, "state": "queued", "ahead": ahead}
+
+    def checkpoint(self, done: Callable[[dict], None]) -> None:
+        """Sync after the running job (before queued ones); ``done(result)`` is called on the job thread."""
+        with self._cond:
+            self._waiters.append(done)
+            self._cond.notify_all()
+
+    def status(self) -> dict:
+        with self._cond:
+            state = "syncing" if self._syncing else "training" if self._current is not None else "idle"
+            due = None if self._sync_due is None else max(0.0, self._sync_due - time.monotonic())
+            return {
+                **self._snapshot,
+                "state": state,
+                "current": self._current.describe() if self._current is not None else None,
+                "queue": [j.describe() for j in self._queue],
+                "finished": [j.describe() for j in reversed(self._finished)],
+                "sync": {"delay_s": self.sync_delay, "unsynced_changes": self._dirty,
+                         "due_in_s": None if due is None else round(due, 1), "requested": len(self._waiters)},
+            }
+
+    # ------------------------------------------------------------------ the job thread
+    def run(self, stop: threading.Event) -> None:
+        """Take work until ``stop`` is set: checkpoint requests, then jobs, then a due sync."""
+        while not stop.is_set():
+            with self._cond:
+                waiters, job, auto = self._next()
+                if not waiters and job is None and not auto:
+                    timeout = 0.5 if self._sync_due is None else min(0.5, max(0.0, self._sync_due - time.monotonic()))
+                    self._cond.wait(timeout)
+                    continue
+            if job is not None:
+                self._run_job(job)
+            else:
+                self._sync(waiters)
+
+    def _next(self) -> tuple[list, Job | None, bool]:
+        if self._waiters:
+            waiters, self._waiters = self._waiters, []
+            self._syncing = True
+            return waiters, None, False
+        if self._queue:
+            job = self._queue.popleft()
+            job.state, job.started_at = "running", time.time()
+            self._current = job
+            return [], job, False
+        if self._dirty and self._sync_due is not None and time.monotonic() >= self._sync_due:
+            self._syncing = True
+            return [], None, True
+        return [], None, False
+
+    def _run_job(self, job: Job) -> None:
+        def on_step(step: int, loss: float) -> None:
+            snapshot = self.trainer.status()
+            with self._cond:
+                job.step, self._snapshot = step, snapshot
+                job.losses.append(loss)
+
+        try:
+            self.trainer.run(job.samples, job.config, on_step=on_step)
+            state, error = "done", None
+        except TrainJobError as e:
+            state, error = "failed", str(e)
+        except Exception as e:  # a bug or an exhausted machine: report it, keep serving
+            log.exception("training job %s failed", job.id)
+            state, error = "failed", (f"{type(e).__name__}: {e}; steps 1..{job.step} were applied, "
+                                      f"step {job.step + 1} may be partly applied")
+        if job.step > 0 and self.reset_cache is not None:
+            job.prefix_cache_reset, why = self.reset_cache()
+            if not job.prefix_cache_reset:
+                log.warning("job %s: the prefix cache was not reset (%s); cached KV from the old weights "
+                            "may serve requests until it is evicted", job.id, why)
+        snapshot = self.trainer.status()
+        with self._cond:
+            job.state, job.error, job.finished_at = state, error, time.time()
+            self._snapshot = snapshot
+            if job.step > 0:
+                self._dirty = True
+                self._sync_due = time.monotonic() + self.sync_delay
+            self._current = None
+            self._finished.append(job)
+        losses = f", loss {job.losses[0]:.4g} -> {job.losses[-1]:.4g}" if job.losses else ""
+        log.info("job %s %s: %d of %d steps in %.2f s%s", job.id, state, job.step, job.config.steps,
+                 job.finished_at - job.started_at, losses)
+
+    def _sync(self, waiters: list[Callable[[dict], None]]) -> None:
+        try:
+            report = self.trainer.sync()
+            result = {"ok": True, "sync": {
+                "tensors_changed": len(report.tensors_changed), "blocks": report.blocks,
+                "bytes_written": report.bytes_written, "journal_bytes": report.journal_bytes,
+                "sidecars": report.sidecars, "seconds": round(report.seconds, 3),
+                "steps": self.trainer.counters["steps"]}}
+            log.info("checkpoint sync: %s", report.summary())
+        except Exception as e:  # the folder is unchanged or recoverable (crash-safe); say why, retry later
+            log.exception("checkpoint sync failed")
+            report, result = None, {"ok": False, "error": {"message": f"checkpoint sync failed: {type(e).__name__}: {e}"}}
+        snapshot = self.trainer.status()
+        with self._cond:
+            self._syncing, self._snapshot = False, snapshot
+            if report is not None:
+                self._dirty, self._sync_due = False, None
+            elif self._dirty:
+                self._sync_due = time.monotonic() + self.sync_delay
+        for done in waiters:
+            done(result)
+
+
+# --------------------------------------------------------------------------- ZeroMQ
+def handle(service: TrainingService, message: dict, defer: Callable[[dict], None]) -> dict | None:
+    """One request from the API server -> its reply (None: ``defer`` will be called with it)."""
+    op = message.get("op") if isinstance(message, dict) else None
+    if op == "status":
+        return {"ok": True, "status": service.status()}
+    if op == "submit":
+        try:
+            return {"ok": True, "job": service.submit(message.get("request"))}
+        except TrainInputError as e:
+            return {"ok": False, "error": {"message": str(e), "field": e.field}}
+    if op == "checkpoint":
+        service.checkpoint(defer)
+        return None
+    return {"ok": False, "error": {"message": f"unknown op {op!r}"}}
+
+
+def serve(service: TrainingService, address: str, *, parent_pid: int | None = None, stop: threading.Event | None = None) -> None:
+    """Answer requests on ``address`` (a ROUTER: one REQ socket per API request) until the holder
+    process ``parent_pid`` is gone (then exit the process at once: a sync cut here is replayed
+    by the next start) or ``stop`` is set."""
+    import zmq
+
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind(address)
+    deferred: queue.SimpleQueue[tuple[bytes, dict]] = queue.SimpleQueue()
+    try:
+        while stop is None or not stop.is_set():
+            if parent_pid is not None and os.getppid() != parent_pid:
+                log.info("the server process is gone; the training worker exits")
+                os._exit(0)
+            if sock.poll(50):
+                ident, _, body = sock.recv_multipart()
+                try:
+                    message = json.loads(body)
+                except json.JSONDecodeError:
+                    message = None
+                try:
+                    reply = handle(service, message, lambda r, ident=ident: deferred.put((ident, r)))
+                except Exception as e:  # a bug: answer it rather than leave the API server waiting
+                    log.exception("training request failed")
+                    reply = {"ok": False, "error": {"message": f"{type(e).__name__}: {e}"}}
+                if reply is not None:
+                    sock.send_multipart([ident, b"", json.dumps(reply).encode()])
+            while not deferred.empty():
+                ident, reply = deferred.get()
+                sock.send_multipart([ident, b"", json.dumps(reply).encode()])
+    finally:
+        sock.close(0)
+
+
+class CacheResetter:
+    """Asks the API server (a ROUTER at ``address``) to reset vLLM's prefix cache; waits for the answer."""
+
+    def __init__(self, address: str, timeout: float = RESET_TIMEOUT_S):
+        self.address, self.timeout = address, timeout
+
+    def __call__(self) -> tuple[bool, str | None]:
+        import zmq
+
+        sock = zmq.Context.instance().socket(zmq.REQ)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.connect(self.address)
+            sock.send(json.dumps({"op": "reset_prefix_cache"}).encode())
+            if not sock.poll(int(self.timeout * 1000)):
+                return False, f"the API server did not answer within {self.timeout:.0f} s"
+            reply = json.loads(sock.recv())
+            return bool(reply.get("ok")), reply.get("error")
+        finally:
+            sock.close(0)
+
+
+# --------------------------------------------------------------------------- the process
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What the worker process needs besides the tensors."""
+
+    model_dir: str
+    control: str  # ipc:// address it binds for the API server
+    events: str | None = None  # ipc:// address of the API server's prefix-cache resets
+    optimizer: str = "apollo-mini"
+    sync_delay: float = 600.0
+    threads: int = 0  # torch threads; 0: torch's default
+
+
+def spawn(served: Mapping[str, torch.Tensor], spec: WorkerSpec, *, timeout: float = 300.0) -> subprocess.Popen:
+    """Start a training worker on views of ``served`` (the holder's tensors, e.g. vLLM's parameters).
+
+    CPU tensors are moved to shared memory *in place* first (``share_memory_()`` swaps each
+    storage's memory; every tensor on that storage, vLLM's included, follows), with torch's
+    ``file_system`` strategy so the worker opens them by name. CUDA tensors go as IPC handles;
+    the holder must keep them alive. Returns once the worker is ready; raises WorkerError with
+    the worker's own message when it cannot start.
+    """
+    import torch.multiprocessing as tmp
+
+    from amygdala.train.views import export_handles
+
+    need = sum(t.numel() * t.element_size() for t in served.values() if t.device.type == "cpu" and not t.is_shared())
+    if need and os.path.isdir("/dev/shm"):  # a full tmpfs would not fail here but SIGBUS later, mid-serving
+        fs = os.statvfs("/dev/shm")
+        if fs.f_bavail * fs.f_frsize < need:
+            raise WorkerError(f"/dev/shm: {fs.f_bavail * fs.f_frsize / 2**20:.0f} MiB free, but the served weights need "
+                              f"{need / 2**20:.0f} MiB of shared memory; give it more (e.g. docker run --shm-size)")
+    tmp.set_sharing_strategy("file_system")
+    for t in served.values():
+        if t.device.type == "cpu" and not t.is_shared():
+            t.share_memory_()
+    payload = pickle.dumps({"spec": asdict(spec), "handles": export_handles(served), "parent_pid": os.getpid()})
+    ready_r, ready_w = os.pipe()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "amygdala.train.worker", str(ready_w)],
+                                stdin=subprocess.PIPE, pass_fds=(ready_w,))
+    finally:
+        os.close(ready_w)
+    with os.fdopen(ready_r, "rb") as ready:
+        try:
+            proc.stdin.write(payload)
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass  # it died before reading: its exit code says so below
+        answer, deadline = b"", time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if select.select([ready], [], [], 0.5)[0]:
+                chunk = os.read(ready.fileno(), 65536)
+                if not chunk:
+                    break
+                answer += chunk
+            elif proc.poll() is not None:
+                break
+        else:
+            proc.kill()
+            raise WorkerError(f"the training worker was not ready after {timeout:.0f} s")
+    try:
+        message = json.loads(answer) if answer else {"ok": False, "error": f"exited with code {proc.wait()}"}
+    except json.JSONDecodeError:
+        message = {"ok": False, "error": answer.decode(errors="replace")}
+    if not message.get("ok"):
+        proc.wait()
+        raise WorkerError(f"the training worker did not start: {message.get('error')}")
+    return proc
+
+
+def _start(payload: dict, stack: contextlib.ExitStack) -> tuple[TrainingService, WorkerSpec]:
+    from transformers import AutoConfig
+
+    from amygdala.train.apollo import OptimizerSettings
+    from amygdala.train.views import import_handles, view_model
+
+    spec = WorkerSpec(**payload["spec"])
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    stack.enter_context(folder_lock(spec.model_dir))
+    served = import_handles(payload["handles"])
+    model = view_model(AutoConfig.from_pretrained(spec.model_dir), served)
+    trainer = Trainer(model, Path(spec.model_dir), settings=OptimizerSettings(spec.optimizer), served=served)
+    reset = CacheResetter(spec.events) if spec.events else None
+    return TrainingService(trainer, sync_delay=spec.sync_delay, reset_cache=reset), spec
+
+
+def main(argv: list[str]) -> int:
+    """The process: read the payload from stdin, build the trainer, answer on the control socket."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s [amygdala train] %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the server; this process follows it
+    ready = os.fdopen(int(argv[0]), "w")
+    payload = pickle.loads(sys.stdin.buffer.read())
+    with contextlib.ExitStack() as stack:
+        try:
+            service, spec = _start(payload, stack)
+        except Exception as e:  # reported to the holder, which stops the server with it
+            ready.write(json.dumps({"ok": False, "error": f"{type(e).__name__}: {e}" if not isinstance(e, AmygdalaError) else str(e)}))
+            ready.close()
+            return 1
+        status = service.status()
+        ready.write(json.dumps({"ok": True, "steps": status["steps"]}))
+        ready.close()
+        log.info("training worker ready: %d trainable tensors, %s, step %d, sync %.0f s after the last job",
+                 status["optimizer"]["trainable_tensors"], spec.optimizer, status["steps"], spec.sync_delay)
+        stop = threading.Event()
+        threading.Thread(target=service.run, args=(stop,), name="amygdala-train-jobs", daemon=True).start()
+        serve(service, spec.control, parent_pid=payload["parent_pid"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

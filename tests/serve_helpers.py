@@ -1,0 +1,183 @@
+"""Helpers for the vLLM plugin tests: a tiny Llama that vLLM's CPU build accepts, its readout file,
+and a vLLM OpenAI server run as a subprocess (the way users run it).
+
+vLLM's CPU attention refuses head_dim 16, so the model has hidden 128 and 2 heads of 64. The
+tokenizer is tests/tiny.py's word-level one (trained in-process), so prompts are space-separated
+words from ``tiny.COMMON`` and every word is one token.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import tiny
+from amygdala.readout import Readout
+
+CONCEPTS = ["calm", "angry", "joyful", "afraid", "curious"]
+LAYERS = [1, 2]
+NUM_LAYERS = 4
+HIDDEN = 128
+
+
+def make_tiny_model(path: Path, *, seed: int = 0) -> Path:
+    """A random fp32 Llama (hidden 128, 4 layers, head_dim 64) with tiny.py's tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    tok = tiny.make_tokenizer()
+    config = tiny.make_config("llama", len(tok), hidden=HIDDEN, layers=NUM_LAYERS, heads=2)
+    config.max_position_embeddings = 1024
+    # Peaked logits keep greedy decoding far from near-ties between vLLM and transformers.
+    config.initializer_range = 0.2
+    config.dtype = "float32"
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def make_readout(path: Path, *, hidden: int = HIDDEN, seed: int = 1, stats: bool = True) -> Path:
+    """Random unit concept vectors at LAYERS, with neutral-text statistics for z-scores."""
+    g = torch.Generator().manual_seed(seed)
+    vectors = {l: torch.nn.functional.normalize(torch.randn(len(CONCEPTS), hidden, generator=g), dim=1) for l in LAYERS}
+    mean = {l: torch.randn(len(CONCEPTS), generator=g) for l in LAYERS} if stats else None
+    std = {l: torch.rand(len(CONCEPTS), generator=g) + 0.5 for l in LAYERS} if stats else None
+    meta = {"model": {"name": "tiny-llama", "num_layers": NUM_LAYERS}, "method": "random"}
+    Readout(list(CONCEPTS), list(LAYERS), vectors, mean, std, meta=meta).save(path)
+    return path
+
+
+def prompt_words(n: int, seed: int = 0) -> str:
+    """``n`` words of the tiny vocabulary (n tokens, plus the BOS the tokenizer adds)."""
+    import random
+
+    rng = random.Random(seed)
+    return " ".join(rng.choice(tiny.COMMON[:120]) for _ in range(n))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_env(readout: Path | None, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL=os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"), TOKENIZERS_PARALLELISM="false")
+    env.pop("AMYGDALA_READOUT", None)
+    env.pop("VLLM_READOUT_VECTORS", None)
+    if readout is not None:
+        env["AMYGDALA_READOUT"] = str(readout)
+        env["VLLM_PLUGINS"] = "amygdala"
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Server:
+    """A running OpenAI-compatible vLLM server; ``url`` ends in /v1."""
+
+    proc: subprocess.Popen
+    port: int
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def post(self, path: str, body: dict, timeout: float = 120) -> tuple[int, dict]:
+        req = urllib.request.Request(
+            self.url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    def get(self, path: str, timeout: float = 30) -> tuple[int, dict]:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    def stream(self, path: str, body: dict, timeout: float = 120) -> list[dict]:
+        """POST with stream=true; the parsed JSON of every SSE data line before [DONE]."""
+        req = urllib.request.Request(
+            self.url + path,
+            data=json.dumps({**body, "stream": True}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        chunks = []
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            for raw in r:
+                line = raw.decode().strip()
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    chunks.append(json.loads(line[6:]))
+        return chunks
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def start_server(
+    model: Path,
+    log: Path,
+    *,
+    readout: Path | None = None,
+    args: list[str] = (),
+    env: dict[str, str] | None = None,
+    wait: bool = True,
+    timeout: float = 240,
+) -> Server:
+    """Start vLLM's OpenAI-compatible server (what ``vllm serve`` runs) as a user would."""
+    port = free_port()
+    cmd = [
+        # -P: no working directory on sys.path (a stale amygdala.egg-info in a source checkout
+        # would hide the installed entry points).
+        sys.executable, "-P", "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", str(model),
+        "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
+        "--max-model-len", "1024", "--max-num-seqs", "16", *args,
+    ]
+    out = open(log, "w")
+    proc = subprocess.Popen(cmd, env=env or server_env(readout), stdout=out, stderr=subprocess.STDOUT)
+    server = Server(proc, port, log)
+    if wait:
+        wait_ready(server, timeout)
+    return server
+
+
+def wait_ready(server: Server, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"vLLM server exited with {server.proc.returncode}:\n{server.log.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, OSError):
+            pass
+        time.sleep(0.5)
+    server.stop()
+    raise RuntimeError(f"vLLM server not ready after {timeout} s:\n{server.log.read_text()[-4000:]}")

@@ -1,0 +1,583 @@
+"""The vLLM plugin on the real CPU build of vLLM: readout, steering, prefix cache, bad input.
+
+One tiny random Llama (hidden 128, head_dim 64) and its random readout; three server processes
+per module: the server under test (readout loaded, prefix caching and cached-token counts on),
+a plain vLLM server without the plugin (the reference for "no steering at all"), and one whose
+readout does not fit the model (it must refuse to start). References for the scores come from
+amygdala's transformers readout (:func:`amygdala.readout.attach`) on the same tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import serve_helpers as sh
+from amygdala.readout import Readout, Steering, attach
+from amygdala.serve.respond import Formatter, rewrite_json, rewrite_stream
+from amygdala.serve.rows import Exchange, RowStore
+from amygdala.serve.spec import ModelShape, RequestSpec, SpecError, SteerItem, parse
+
+#: Tests that start vLLM; the others (request parsing, response rewriting) run anywhere.
+vllm = pytest.mark.vllm
+
+ATOL = 2e-3  # scores are ~10-40 in size; fp32 vLLM vs transformers differ by ~1e-5 relative
+RTOL = 1e-4
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    model = sh.make_tiny_model(root / "model")
+    readout = sh.make_readout(root / "readout")
+    bad = sh.make_readout(root / "bad-readout", hidden=64)
+    return root, model, readout, bad
+
+
+@pytest.fixture(scope="module")
+def servers(files):
+    """(server with the plugin, plain vLLM server); both started at once to save time."""
+    pytest.importorskip("vllm")
+    root, model, readout, _ = files
+    plain = sh.start_server(model, root / "plain.log", env=sh.server_env(None, VLLM_PLUGINS=""), wait=False)
+    main = sh.start_server(
+        model, root / "main.log", readout=readout, wait=False,
+        args=["--enable-prefix-caching", "--enable-prompt-tokens-details"],
+    )
+    try:
+        sh.wait_ready(plain, 300)
+        sh.wait_ready(main, 300)
+        yield main, plain
+    finally:
+        main.stop()
+        plain.stop()
+
+
+@pytest.fixture(scope="module")
+def server(servers):
+    return servers[0]
+
+
+@pytest.fixture(scope="module")
+def hf(files):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(files[1], dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def readout(files) -> Readout:
+    return Readout.load(files[2])
+
+
+def body(files, prompt, **kw) -> dict:
+    return {"model": str(files[1]), "prompt": prompt, "temperature": 0, "max_tokens": 8, **kw}
+
+
+def chat_body(files, content, **kw) -> dict:
+    return {"model": str(files[1]), "messages": [{"role": "user", "content": content}], "temperature": 0, "max_tokens": 6, **kw}
+
+
+def reference(hf, readout, ids: list[int], steering: Steering | None = None):
+    """amygdala's transformers readout over ``ids``: scores [T, L, C] and logits [T, vocab]."""
+    with attach(hf, readout, steering=steering) as session, torch.no_grad():
+        logits = hf(torch.tensor([ids])).logits[0]
+    return session.scores()[0], logits
+
+
+def assert_parity(hf, readout, prompt_ids, gen_ids, rows, steering=None, greedy=True):
+    """vLLM's row k = the transformers block output at the position that sampled token k."""
+    scores, logits = reference(hf, readout, list(prompt_ids) + list(gen_ids), steering)
+    p = len(prompt_ids)
+    assert len(rows) == len(gen_ids)
+    got = torch.tensor(rows)
+    want = scores[p - 1 : p - 1 + len(gen_ids)]
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+    if greedy:  # and vLLM's greedy tokens are transformers' (steered) argmax
+        assert logits[p - 1 : p - 1 + len(gen_ids)].argmax(-1).tolist() == list(gen_ids)
+
+
+# --------------------------------------------------------------------------- manifest, shapes
+@vllm
+def test_manifest(server, readout):
+    code, m = server.get("/readout/manifest")
+    assert code == 200
+    assert m["concepts"] == readout.concepts and m["layers"] == readout.layers and m["hidden_size"] == 128
+    torch.testing.assert_close(torch.tensor(m["std"]), torch.stack([readout.std[l] for l in readout.layers]))
+
+
+@vllm
+def test_manifest_404_without_readout(servers):
+    _, plain = servers
+    code, _ = plain.get("/readout/manifest")
+    assert code == 404
+
+
+@vllm
+def test_completion_readout_shape_and_parity(server, files, hf, readout):
+    code, r = server.post("/completions", body(files, sh.prompt_words(12), max_tokens=10, return_token_ids=True))
+    assert code == 200, r
+    choice = r["choices"][0]
+    rows = choice["readout"]
+    assert len(rows) == r["usage"]["completion_tokens"] == 10
+    assert all(len(row) == 2 and all(len(layer) == 5 for layer in row) for row in rows)
+    assert_parity(hf, readout, choice["prompt_token_ids"], choice["token_ids"], rows)
+
+
+@vllm
+def test_steered_parity_with_transformers_steering(server, files, hf, readout):
+    steer = [{"concept": "calm", "strength": 6.0}, {"concept": "angry", "strength": -3.0, "layers": [2]}]
+    code, r = server.post("/completions", body(files, sh.prompt_words(12, seed=3), steer=steer, return_token_ids=True))
+    assert code == 200, r
+    c = r["choices"][0]
+    steering = Steering.from_concepts(readout, {"calm": 6.0}) + Steering.from_concepts(readout, {"angry": -3.0}, [2])
+    assert_parity(hf, readout, c["prompt_token_ids"], c["token_ids"], c["readout"], steering)
+
+
+@vllm
+def test_raw_vector_steering_parity(server, files, hf, readout):
+    g = torch.Generator().manual_seed(5)
+    v = torch.randn(128, generator=g)
+    steer = [{"vector": v.tolist(), "strength": 8.0, "layers": [0, 3]}]
+    code, r = server.post("/completions", body(files, sh.prompt_words(10, seed=4), steer=steer, return_token_ids=True))
+    assert code == 200, r
+    c = r["choices"][0]
+    assert_parity(hf, readout, c["prompt_token_ids"], c["token_ids"], c["readout"], Steering.from_vector(v, 8.0, [0, 3]))
+
+
+@vllm
+def test_several_prompts_and_n_choices_keep_their_own_rows(server, files, hf, readout):
+    """Rows must find their choice: completions number choices prompt * n + choice."""
+    prompts = [sh.prompt_words(9, seed=20), sh.prompt_words(14, seed=21)]
+    code, r = server.post(
+        "/completions",
+        body(files, prompts, n=2, temperature=1.0, seed=7, max_tokens=6, return_token_ids=True),
+    )
+    assert code == 200, r
+    assert sorted(c["index"] for c in r["choices"]) == [0, 1, 2, 3]
+    for c in r["choices"]:
+        assert_parity(hf, readout, c["prompt_token_ids"], c["token_ids"], c["readout"], greedy=False)
+    assert r["choices"][0]["token_ids"] != r["choices"][1]["token_ids"]
+
+
+# --------------------------------------------------------------------------- streaming, modes
+def streamed_rows(chunks: list[dict]) -> list:
+    """Every token's rows from a stream, in order; a chunk of several tokens lists them all."""
+    rows = []
+    for c in chunks:
+        for ch in c["choices"]:
+            if "readout" in ch:
+                many = ch.get("readout_tokens", [ch["readout"]])
+                assert ch["readout"] == many[-1] and len(ch["readout"]) == 2
+                rows += many
+    return rows
+
+
+@vllm
+def test_stream_chunks_carry_their_token_rows(server, files):
+    b = body(files, sh.prompt_words(12, seed=1), max_tokens=8)
+    _, full = server.post("/completions", b)
+    chunks = server.stream("/completions", b)
+    assert all("readout" in c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["text"])
+    torch.testing.assert_close(torch.tensor(streamed_rows(chunks)), torch.tensor(full["choices"][0]["readout"]))
+    # The token ids the plugin asks vLLM for are not shown unless the client asked for them.
+    assert all(c["choices"][0].get("token_ids") is None for c in chunks if c["choices"])
+
+
+@vllm
+def test_stream_interval_chunks_list_every_token(server, files):
+    b = body(files, sh.prompt_words(12, seed=1), max_tokens=9)
+    _, full = server.post("/completions", b)
+    chunks = server.stream("/completions", {**b, "stream_interval": 3})
+    assert any(len(ch.get("readout_tokens", ())) == 3 for c in chunks for ch in c["choices"])
+    torch.testing.assert_close(torch.tensor(streamed_rows(chunks)), torch.tensor(full["choices"][0]["readout"]))
+
+
+@vllm
+def test_stream_with_echo(server, files):
+    b = body(files, sh.prompt_words(6, seed=2), max_tokens=5, echo=True)
+    _, full = server.post("/completions", b)
+    chunks = server.stream("/completions", b)
+    rows = streamed_rows(chunks)
+    assert "".join(ch["text"] for c in chunks for ch in c["choices"]) == full["choices"][0]["text"]
+    torch.testing.assert_close(torch.tensor(rows), torch.tensor(full["choices"][0]["readout"]))
+
+
+@vllm
+def test_readout_off_and_zscore(server, files, readout):
+    b = body(files, sh.prompt_words(12, seed=1), max_tokens=4)
+    _, raw = server.post("/completions", b)
+    code, off = server.post("/completions", {**b, "readout": False})
+    assert code == 200 and "readout" not in off["choices"][0]
+    assert off["choices"][0]["text"] == raw["choices"][0]["text"]
+    _, z = server.post("/completions", {**b, "readout": "zscore"})
+    mean = torch.stack([readout.mean[l] for l in readout.layers])
+    std = torch.stack([readout.std[l] for l in readout.layers])
+    want = (torch.tensor(raw["choices"][0]["readout"]) - mean) / std
+    torch.testing.assert_close(torch.tensor(z["choices"][0]["readout"]), want, atol=1e-4, rtol=1e-4)
+    chunks = server.stream("/completions", {**b, "readout": False})
+    assert not any("readout" in ch for c in chunks for ch in c["choices"])
+
+
+@vllm
+def test_chat_completions(server, files, hf, readout):
+    b = chat_body(files, "w1 w2 w3 w4", return_token_ids=True)
+    code, r = server.post("/chat/completions", b)
+    assert code == 200, r
+    c = r["choices"][0]
+    assert len(c["readout"]) == r["usage"]["completion_tokens"]
+    assert_parity(hf, readout, r["prompt_token_ids"], c["token_ids"], c["readout"])
+    chunks = server.stream("/chat/completions", {**b, "return_token_ids": False})
+    assert "readout" not in chunks[0]["choices"][0]  # the role chunk carries no token
+    torch.testing.assert_close(torch.tensor(streamed_rows(chunks)), torch.tensor(c["readout"]))
+    assert all(x.get("prompt_token_ids") is None for x in chunks)
+
+
+@vllm
+def test_openai_client_reads_streamed_readout(server, files):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url, api_key="unused")
+    stream = client.completions.create(
+        model=str(files[1]), prompt=sh.prompt_words(8, seed=9), max_tokens=5, temperature=0, stream=True
+    )
+    rows = []
+    for chunk in stream:
+        if chunk.choices and getattr(chunk.choices[0], "readout", None) is not None:
+            rows += getattr(chunk.choices[0], "readout_tokens", None) or [chunk.choices[0].readout]
+    assert len(rows) == 5 and all(len(r) == 2 and len(r[0]) == 5 for r in rows)
+    stream = client.chat.completions.create(
+        model=str(files[1]), messages=[{"role": "user", "content": "w5 w6"}], max_tokens=4,
+        temperature=0, stream=True, extra_body={"readout": "zscore", "steer": [{"concept": "joyful", "strength": 2.0}]},
+    )
+    rows = []
+    for chunk in stream:
+        if chunk.choices and getattr(chunk.choices[0], "readout", None) is not None:
+            rows += getattr(chunk.choices[0], "readout_tokens", None) or [chunk.choices[0].readout]
+    assert len(rows) == 4
+
+
+# --------------------------------------------------------------------------- steering isolation
+def _tokens(server, files, prompt, **kw) -> list[int]:
+    code, r = server.post("/completions", body(files, prompt, max_tokens=24, return_token_ids=True, **kw))
+    assert code == 200, r
+    return r["choices"][0]["token_ids"]
+
+
+@vllm
+def test_steering_is_per_request_within_a_batch(servers, files):
+    server, plain = servers
+    p_steer, p_plain, p_other = (sh.prompt_words(30, seed=s) for s in (40, 41, 42))
+    steer = [{"concept": "afraid", "strength": 30.0}]
+    alone_plain = _tokens(plain, files, p_plain)
+    alone_other = _tokens(plain, files, p_other)
+    unsteered_steer_prompt = _tokens(plain, files, p_steer)
+    steered_alone = _tokens(server, files, p_steer, steer=steer)
+    # Three requests in flight together: one steered, two not.
+    for _ in range(2):
+        with cf.ThreadPoolExecutor(3) as ex:
+            a = ex.submit(_tokens, server, files, p_steer, steer=steer)
+            b = ex.submit(_tokens, server, files, p_plain)
+            c = ex.submit(_tokens, server, files, p_other, readout=False)
+            a, b, c = a.result(), b.result(), c.result()
+        assert b == alone_plain and c == alone_other
+        assert a == steered_alone and a != unsteered_steer_prompt
+
+
+@vllm
+def test_steering_in_vllm_xargs(server, files):
+    prompt = sh.prompt_words(10, seed=50)
+    steer = [{"concept": "curious", "strength": 12.0}]
+    top = server.post("/completions", body(files, prompt, steer=steer, readout="zscore"))[1]["choices"][0]
+    xargs = {"steer": json.dumps(steer), "readout": "zscore", "other": 1}
+    via = server.post("/completions", body(files, prompt, vllm_xargs=xargs))[1]["choices"][0]
+    plain = server.post("/completions", body(files, prompt))[1]["choices"][0]
+    assert via["text"] == top["text"] != plain["text"]
+    torch.testing.assert_close(torch.tensor(via["readout"]), torch.tensor(top["readout"]))
+
+
+# --------------------------------------------------------------------------- prefix cache guard
+def _cached(r) -> int:
+    return (r["usage"].get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+
+
+@vllm
+def test_steered_kv_never_serves_unsteered_requests(server, files):
+    """Fails without the guard (checked by switching it off): the unsteered request reuses the
+    steered request's first KV block (CPU block size 128, so 128 of its 131 prompt tokens) and
+    continues from KV the steering changed, and its text differs from the reference."""
+    prompt = sh.prompt_words(130, seed=61)  # unique to this test: nothing of it is cached yet
+    steer = [{"concept": "angry", "strength": 60.0}]
+    b = body(files, prompt, max_tokens=12, readout=False)
+    reference = server.post("/completions", {**b, "cache_salt": "reference-only"})[1]
+    steered = server.post("/completions", {**b, "steer": steer})[1]
+    after = server.post("/completions", b)[1]
+    assert steered["choices"][0]["text"] != reference["choices"][0]["text"]
+    assert after["choices"][0]["text"] == reference["choices"][0]["text"]
+    assert _cached(after) == 0
+    # The cache is keyed by the steering, not switched off: the same steering reuses its blocks.
+    again = server.post("/completions", {**b, "steer": steer})[1]
+    assert _cached(again) >= 128 and again["choices"][0]["text"] == steered["choices"][0]["text"]
+
+
+# --------------------------------------------------------------------------- bad input
+BAD = [
+    ({"steer": [{"concept": "calmm", "strength": 2}]}, "steer[0].concept", ["'calmm'", "calm"]),
+    ({"steer": [{"concept": "calm", "strength": "lots"}]}, "steer[0].strength", ["'lots'"]),
+    ({"steer": [{"concept": "calm", "strength": 1, "layers": [9]}]}, "steer[0].layers", ["0-3"]),
+    ({"steer": [{"concept": "calm", "strength": 1, "layers": [0]}]}, "steer[0].layers", ["[1, 2]"]),
+    ({"steer": [{"vector": [1.0, 2.0], "strength": 1}]}, "steer[0].vector", ["128"]),
+    ({"steer": [{"strength": 1}]}, "steer[0]", ["exactly one"]),
+    ({"steer": "[{not json"}, "steer", ["JSON"]),
+    ({"readout": "loud"}, "readout", ["'loud'"]),
+    ({"vllm_xargs": {"steer": json.dumps([{"concept": "angri", "strength": 1}])}}, "steer[0].concept", ["angry"]),
+]
+
+
+@vllm
+def test_bad_input_is_a_400_that_names_the_field_and_disturbs_nothing(server, files):
+    long_body = body(files, sh.prompt_words(20, seed=70), max_tokens=120)
+    _, expected = server.post("/completions", long_body)
+    with cf.ThreadPoolExecutor(1) as ex:
+        running = ex.submit(server.stream, "/completions", long_body)
+        time.sleep(0.05)
+        for extra, param, words in BAD:
+            code, r = server.post("/completions", body(files, "w1 w2", **extra))
+            assert code == 400, (extra, r)
+            assert r["error"]["param"] == param, r
+            for w in words:
+                assert w in r["error"]["message"], (w, r)
+        code, r = server.post("/chat/completions", chat_body(files, "w1", steer=[{"concept": "joyfull", "strength": 1}]))
+        assert code == 400 and "joyful" in r["error"]["message"]
+        chunks = running.result()
+    text = "".join(ch["text"] for c in chunks for ch in c["choices"])
+    assert text == expected["choices"][0]["text"]
+    torch.testing.assert_close(torch.tensor(streamed_rows(chunks)), torch.tensor(expected["choices"][0]["readout"]))
+
+
+@vllm
+def test_plain_server_is_untouched(servers, files):
+    """Without the plugin enabled, readout/steer fields are ignored like any unknown field."""
+    _, plain = servers
+    code, r = plain.post("/completions", body(files, "w1 w2 w3", steer=[{"concept": "nope", "strength": "x"}]))
+    assert code == 200 and "readout" not in r["choices"][0]
+
+
+@vllm
+def test_hidden_size_mismatch_stops_the_server_at_start(files):
+    pytest.importorskip("vllm")
+    root, model, _, bad = files
+    server = sh.start_server(model, root / "bad.log", readout=bad, wait=False)
+    try:
+        rc = server.proc.wait(180)
+    finally:
+        server.stop()
+    log = (root / "bad.log").read_text()
+    assert rc != 0
+    assert "readout hidden size 64 does not fit" in log and "hidden size 128" in log, log[-3000:]
+
+
+# --------------------------------------------------------------------------- amygdala serve
+@vllm
+def test_cli_checks_before_starting_vllm(files, tmp_path, capsys):
+    import argparse
+
+    pytest.importorskip("vllm")
+    from amygdala import AmygdalaError
+    from amygdala.serve import cli
+
+    root, model, readout, bad = files
+    parser = argparse.ArgumentParser()
+    cli.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["serve", "--model", str(model), "--readout", str(bad)])
+    with pytest.raises(AmygdalaError, match="readout hidden size 64 does not fit"):
+        args.func(args)
+    args = parser.parse_args(["serve", "--model", str(model), "--readout", str(readout), "--dry-run", "--", "--max-num-seqs", "4"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "VLLM_PLUGINS=amygdala" in out and "--enforce-eager" in out and out.rstrip().endswith("--max-num-seqs 4")
+    assert "--host 127.0.0.1" in out
+
+
+# --------------------------------------------------------------------------- the default model
+@vllm
+@pytest.mark.slow
+def test_default_model_parity(tmp_path):
+    """SmolLM2-135M-Instruct through `amygdala serve`: readout equals transformers' readout."""
+    pytest.importorskip("vllm")
+    import subprocess
+    import sys
+
+    from amygdala.models.resolve import model_info, resolve_model
+    from amygdala.readout import attach as attach_hf
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model("default")
+    info = model_info(path)
+    g = torch.Generator().manual_seed(0)
+    layers = [info.num_layers // 2, info.num_layers - 2]
+    vectors = {l: torch.nn.functional.normalize(torch.randn(3, info.hidden_size, generator=g), dim=1) for l in layers}
+    readout = Readout(["calm", "angry", "joyful"], layers, vectors)
+    readout.save(tmp_path / "ro")
+    port = sh.free_port()
+    log = open(tmp_path / "server.log", "w")
+    env = sh.server_env(None)
+    # `amygdala serve ...`, through the subcommand's own parser (main.py wires it the same way).
+    launch = (
+        "import argparse, sys; from amygdala.serve import cli; p = argparse.ArgumentParser(); "
+        "cli.add_parser(p.add_subparsers()); a = p.parse_args(['serve'] + sys.argv[1:]); sys.exit(a.func(a))"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", launch, "--model", "default", "--readout", str(tmp_path / "ro"), "--port", str(port),
+         "--", "--dtype", "float32", "--max-model-len", "512"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
+    )
+    server = sh.Server(proc, port, tmp_path / "server.log")
+    try:
+        sh.wait_ready(server, 420)
+        code, r = server.post("/completions", {"model": "default", "prompt": "I just heard the news and I feel", "max_tokens": 12, "temperature": 0, "return_token_ids": True})
+        assert code == 200, r
+        c = r["choices"][0]
+    finally:
+        server.stop()
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = c["prompt_token_ids"] + c["token_ids"]
+    with attach_hf(hf, readout) as s, torch.no_grad():
+        logits = hf(torch.tensor([ids])).logits[0]
+    p = len(c["prompt_token_ids"])
+    want = s.scores()[0, p - 1 : p - 1 + len(c["token_ids"])]
+    scale = want.abs().max()
+    torch.testing.assert_close(torch.tensor(c["readout"]), want, atol=1e-3 * float(scale), rtol=1e-3)
+    assert logits[p - 1 : -1].argmax(-1).tolist() == c["token_ids"]
+
+
+# --------------------------------------------------------------------------- without vLLM
+SHAPE = ModelShape(num_layers=4, hidden_size=8)
+
+
+def small_readout(stats: bool = True) -> Readout:
+    g = torch.Generator().manual_seed(0)
+    vectors = {l: torch.nn.functional.normalize(torch.randn(3, 8, generator=g), dim=1) for l in (1, 2)}
+    mean = {l: torch.randn(3, generator=g) for l in (1, 2)} if stats else None
+    std = {l: torch.rand(3, generator=g) + 0.5 for l in (1, 2)} if stats else None
+    return Readout(["calm", "angry", "joyful"], [1, 2], vectors, mean, std)
+
+
+def test_spec_defaults_modes_and_precedence():
+    r = small_readout()
+    assert parse({}, None, r, SHAPE) == RequestSpec("raw")
+    assert parse({}, None, None, SHAPE) == RequestSpec(None)
+    assert parse({"readout": False}, None, r, SHAPE).readout is None
+    assert parse({"readout": None}, None, r, SHAPE).readout is None
+    assert parse({"readout": "zscore"}, None, r, SHAPE).readout == "zscore"
+    assert parse({}, {"readout": "false", "other": 1}, r, SHAPE).readout is None
+    assert parse({"readout": True}, {"readout": "false"}, r, SHAPE).readout == "raw"
+    spec = parse({"steer": {"concept": "calm", "strength": 2, "layers": [-2]}}, None, r, SHAPE)
+    assert spec.steer == (SteerItem(2.0, (2,), "calm"),)
+    spec = parse({}, {"steer": json.dumps([{"vector": [1] * 8, "strength": -1.5}])}, r, SHAPE)
+    assert spec.steer[0].vector == (1.0,) * 8 and spec.steer[0].layers == (1, 2)
+    assert spec.wire("t") == {"tag": "t", "steer": [{"strength": -1.5, "layers": [1, 2], "vector": [1.0] * 8}]}
+    assert RequestSpec(None, spec.steer).wire("t")["tag"] is None
+
+
+@pytest.mark.parametrize(
+    "fields, stats, loaded, param, words",
+    [
+        ({"readout": "zscore"}, False, True, "readout", ["statistics"]),
+        ({"readout": True}, True, False, "readout", ["AMYGDALA_READOUT"]),
+        ({"steer": [{"concept": "calm", "strength": 1}]}, True, False, "steer", ["AMYGDALA_READOUT"]),
+        ({"steer": [{"concept": "calm", "strength": True}]}, True, True, "steer[0].strength", ["True"]),
+        ({"steer": [{"concept": "calm", "strength": float("nan")}]}, True, True, "steer[0].strength", ["nan"]),
+        ({"steer": [{"concept": "calm", "strength": 1, "scale": 2}]}, True, True, "steer[0]", ["scale"]),
+        ({"steer": [{"vector": [0] * 8, "strength": 1}]}, True, True, "steer[0].vector", ["zeros"]),
+        ({"steer": [{"concept": "calm", "strength": 1, "layers": []}]}, True, True, "steer[0].layers", ["non-empty"]),
+        ({"steer": [{"concept": "anrgy", "strength": 1}]}, True, True, "steer[0].concept", ["angry"]),
+        ({"steer": 5}, True, True, "steer", ["list"]),
+    ],
+)
+def test_spec_errors_name_the_field(fields, stats, loaded, param, words):
+    with pytest.raises(SpecError) as e:
+        parse(fields, None, small_readout(stats) if loaded else None, SHAPE)
+    assert e.value.param == param
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_cache_salt_is_keyed_by_steering():
+    r = small_readout()
+    a = parse({"steer": [{"concept": "calm", "strength": 2}]}, None, r, SHAPE)
+    b = parse({"steer": [{"concept": "calm", "strength": 3}]}, None, r, SHAPE)
+    plain = parse({}, None, r, SHAPE)
+    assert plain.cache_salt(None) is None and plain.cache_salt("mine") == "mine"
+    assert a.cache_salt(None) == a.cache_salt(None) != b.cache_salt(None)
+    assert len({a.cache_salt(None), a.cache_salt("u1"), a.cache_salt("u2")}) == 3
+    for salt in (a.cache_salt(None), a.cache_salt("x" * 128)):  # vLLM's rules for cache_salt
+        assert 0 < len(salt) <= 128 and not set(salt) & set("@/\\\x00")
+
+
+def test_row_store_waits_and_maps_choices():
+    async def scenario():
+        store = RowStore(timeout=0.2)
+        store.open("t")
+        waiting = asyncio.ensure_future(store.take("t", 1, 2, 0, 2))
+        await asyncio.sleep(0.01)
+        store.deliver("t", "0_req-ab12", 0, np.zeros((2, 3), np.float32))
+        store.deliver("t", "1_req-ab12", 0, np.ones((2, 3), np.float32))
+        store.deliver("t", "1_req-ab12", 1, np.full((2, 3), 2, np.float32))
+        store.deliver("closed", "x", 0, np.zeros((2, 3), np.float32))  # dropped
+        rows = await waiting
+        assert [float(r[0, 0]) for r in rows] == [1.0, 2.0]
+        t0 = asyncio.get_running_loop().time()
+        assert await store.take("t", 0, 2, 1, 2) == [None]  # never sent: times out once
+        assert await store.take("t", 0, 2, 2, 3) == [None]  # then answers at once
+        assert asyncio.get_running_loop().time() - t0 < 0.5
+        store.close("t")
+
+    asyncio.run(scenario())
+
+
+def test_stream_rewrite_puts_each_tokens_rows_in_its_chunk():
+    r = small_readout()
+    fmt = Formatter(r)
+    rows = [np.full((2, 3), float(i), np.float32) for i in range(3)]
+    ex = Exchange(RequestSpec("raw"), n=1)
+    ex.pending[(0, 0)] = list(rows)
+    events = [
+        {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}], "prompt_token_ids": [1, 2]},
+        {"choices": [{"index": 0, "delta": {"content": "a"}, "token_ids": [5]}]},
+        {"choices": [{"index": 0, "delta": {"content": "bc"}, "token_ids": [6, 7]}]},
+        {"choices": [], "usage": {"completion_tokens": 3}},
+    ]
+
+    async def body():
+        for e in events:
+            yield f"data: {json.dumps(e)}\n\n"
+        yield ": keep-alive\n\n"
+        yield "data: [DONE]\n\n"
+
+    async def collect():
+        return [x async for x in rewrite_stream(body(), ex, fmt, chat=True, forced_ids=True)]
+
+    out = asyncio.run(collect())
+    assert out[-2:] == [": keep-alive\n\n", "data: [DONE]\n\n"]
+    chunks = [json.loads(x[len("data: "):]) for x in out[:4]]
+    assert chunks[0]["prompt_token_ids"] is None and "readout" not in chunks[0]["choices"][0]
+    assert chunks[1]["choices"][0]["readout"] == rows[0].tolist() and chunks[1]["choices"][0]["token_ids"] is None
+    assert chunks[2]["choices"][0]["readout"] == rows[2].tolist()
+    assert chunks[2]["choices"][0]["readout_tokens"] == [rows[1].tolist(), rows[2].tolist()]
+    assert ex.pending[(0, 0)] == []
+    # Non-streaming, z-scored: every token of each choice (completions: index = prompt * n + choice).
+    ex = Exchange(RequestSpec("zscore"), n=2)
+    ex.pending[(1, 1)] = list(rows[:2])
+    payload = rewrite_json({"choices": [{"index": 3}]}, ex, fmt, chat=False)
+    mean = torch.stack([r.mean[l] for l in r.layers])
+    std = torch.stack([r.std[l] for l in r.layers])
+    want = (torch.tensor(np.stack(rows[:2])) - mean) / std
+    torch.testing.assert_close(torch.tensor(payload["choices"][0]["readout"]), want)
