@@ -113,10 +113,11 @@ def top_eigenpairs(
     """The ``m`` largest (algebraic) eigenpairs of a symmetric n x n operator: ([m], [n, m]).
 
     Rayleigh-Ritz on a growing orthonormal basis: it starts from the columns of ``start``
-    (topped up with random ones to at least ``m + oversample``) and each step adds the residuals of the top ``m + oversample`` Ritz pairs (a
-    block Krylov step aimed at the wanted pairs), until every wanted pair has residual norm
-    <= ``tol`` times the largest Ritz value's magnitude. At the latest it stops when the basis
-    spans the space, where the answer is exact, so it never returns an unconverged result.
+    (topped up with random ones to at least ``m + oversample``) and each step adds the
+    residuals of the top ``m + oversample`` Ritz pairs (a block Krylov step aimed at the wanted
+    pairs), until every wanted pair has residual norm <= ``tol`` times the largest Ritz value's
+    magnitude. At the latest it stops when the basis spans the space, where the answer is
+    exact, so it never returns an unconverged result.
     A dense ``eigh`` per concept would cost O(hidden^3) each; this needs ``apply`` on a few
     hundred columns and eigendecompositions of the small projected matrix.
     """

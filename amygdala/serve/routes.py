@@ -12,7 +12,8 @@ load tracking, keep-alive and all) and only:
 4. add ``readout`` to the response or to every streamed chunk.
 
 ``GET /v1/readout/manifest`` describes the loaded readout (404 when there is none). vLLM only
-loads endpoint plugins named in ``VLLM_PLUGINS``.
+loads endpoint plugins named in ``VLLM_PLUGINS``. With ``AMYGDALA_API_KEY`` set, the training
+routes (:mod:`amygdala.serve.training`) are attached here too.
 """
 
 import logging

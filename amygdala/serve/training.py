@@ -33,10 +33,12 @@ the worker's control socket and the API server's prefix-cache socket.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import hmac
 import json
 import logging
 import os
+import shutil
 import tempfile
 from http import HTTPStatus
 from pathlib import Path
@@ -98,6 +100,7 @@ def addresses() -> tuple[str, str]:
     """(worker control, API server events), created and exported on first use."""
     if not (os.environ.get(CONTROL_ENV) and os.environ.get(EVENTS_ENV)):
         folder = Path(tempfile.mkdtemp(prefix="amygdala-train-"))  # 0700: other users cannot connect
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)  # this process outlives its children
         os.environ[CONTROL_ENV] = f"ipc://{folder / 'worker.sock'}"
         os.environ[EVENTS_ENV] = f"ipc://{folder / 'server.sock'}"
     return os.environ[CONTROL_ENV], os.environ[EVENTS_ENV]
