@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -22,3 +23,27 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 @pytest.fixture()
 def synthetic_corpus(tmp_path) -> Path:
     return tiny.write_corpus(tmp_path / "corpus")
+
+
+@pytest.fixture()
+def planted(tmp_path):
+    """A tiny Llama whose embeddings of alpha's words carry a known direction, and a corpus.
+
+    Returns (model folder, corpus folder, the planted unit direction).
+    """
+    model, tok = tiny.make_model("llama", hidden=64, layers=4)
+    d = tiny.random_unit(64, 7)
+    tiny.plant(model, tok, tiny.CONCEPT_WORDS["alpha"], d, scale=1.0)
+    path = tmp_path / "model"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path, tiny.write_corpus(tmp_path / "corpus"), d
+
+
+@pytest.fixture()
+def one_thread():
+    """Tiny matrices: one thread is faster, and immune to a busy machine's thread contention."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -261,16 +261,6 @@ def test_check_params(method, params, message):
 
 
 # --------------------------------------------------------------------------- through the CLI
-@pytest.fixture()
-def planted(tmp_path):
-    """A tiny Llama whose embeddings of alpha's words carry a known direction, and a corpus."""
-    model, tok = tiny.make_model("llama", hidden=64, layers=4)
-    d = tiny.random_unit(64, 7)
-    tiny.plant(model, tok, tiny.CONCEPT_WORDS["alpha"], d, scale=1.0)
-    path = tmp_path / "model"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path, tiny.write_corpus(tmp_path / "corpus"), d
 
 
 def test_train_subspace_end_to_end(planted, tmp_path):

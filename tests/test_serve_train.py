@@ -39,15 +39,6 @@ def request(steps: int = 15, lr: float = 1e-2, context=CONTEXT, continuation=CON
             "config": {"objective": "sft", "learning_rate": lr, "steps": steps}}
 
 
-@pytest.fixture()
-def one_thread():
-    """Tiny matrices: one thread is faster, and immune to a busy machine's thread contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _serve(folder):
     """What vLLM holds: merged tensors (its layout), and a model on views of them."""
     config = AutoConfig.from_pretrained(folder)

@@ -24,13 +24,7 @@ from amygdala.train.inputs import JobConfig, Sample
 from amygdala.train.trainer import run_job
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster, and immune to a busy machine's thread contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hand_apollo(w, grads, *, rank, alpha, tensor, gap, seed, lr, wd, b1=0.9, b2=0.999, eps=1e-6, gamma=1.01):

@@ -14,13 +14,7 @@ from amygdala.train.trainer import TrainJobError, run_job
 LIMITS = Limits(vocab_size=100, max_length=16)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster, and immune to a busy machine's thread contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model():

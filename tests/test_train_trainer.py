@@ -20,13 +20,7 @@ REQUEST = {"samples": [{"context_ids": CONTEXT, "continuation_ids": CONTINUATION
            "config": {"objective": "sft", "learning_rate": 1e-2, "steps": 15}}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster, and immune to a busy machine's thread contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _greedy(model, n=6):
