@@ -46,6 +46,7 @@ from pathlib import Path
 from fastapi import Request
 
 from amygdala import AmygdalaError
+from amygdala.serve.worker import is_ours, mark
 
 log = logging.getLogger("vllm.amygdala")  # under vLLM's logger: its format and level
 
@@ -158,14 +159,15 @@ def check_engine_config(vllm_config) -> None:
         log.warning("amygdala: %s: replayed an interrupted checkpoint sync (%d blocks)", folder, replayed)
 
 
+TRAINING_MARK = "_amygdala_training"
+
+
 def _marked(fn) -> bool:
-    return getattr(fn, "_amygdala_training", False)
+    return is_ours(fn, TRAINING_MARK)
 
 
 def _mark(wrapper, original):
-    wrapper.__wrapped__ = original  # the readout plugin's wrappers test for it: never wrap twice
-    wrapper._amygdala_training = True
-    return wrapper
+    return mark(wrapper, original, TRAINING_MARK)
 
 
 def _keep_plain_weights() -> None:

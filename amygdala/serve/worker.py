@@ -220,16 +220,21 @@ def install(worker) -> None:
 MARK = "_amygdala_readout"
 
 
-def mark(wrapper, original):
+def mark(wrapper, original, tag: str = MARK):
+    """Record ``original`` under ``wrapper`` and tag it, so :func:`is_ours` finds it later."""
     wrapper.__wrapped__ = original
-    setattr(wrapper, MARK, True)
+    setattr(wrapper, tag, True)
     return wrapper
 
 
-def is_ours(fn) -> bool:
-    """Whether one of the readout's wrappers is anywhere in ``fn``'s chain of wrappers."""
+def is_ours(fn, tag: str = MARK) -> bool:
+    """Whether a wrapper tagged ``tag`` is anywhere in ``fn``'s chain of wrappers.
+
+    Plugins can load more than once per process, and the readout and training wrappers stack in
+    either order: each kind wraps once, whatever else is in the chain.
+    """
     while fn is not None:
-        if getattr(fn, MARK, False):
+        if getattr(fn, tag, False):
             return True
         fn = getattr(fn, "__wrapped__", None)
     return False
