@@ -6,9 +6,12 @@ The public API is small; the CLI (`amygdala <job>`) is a thin layer over it:
 - :func:`amygdala.models.load_model` resolves a model (``"default"`` is SmolLM2-135M-Instruct).
 - :func:`amygdala.activations.collect` runs one forward per unique text and pools activations.
 - :func:`amygdala.methods.compute_vectors` turns activations into unit concept vectors.
+- :func:`amygdala.pipeline.build` is the whole pipeline behind ``amygdala build``.
 - :class:`amygdala.readout.Readout` is the readout file (``readout.safetensors`` + ``readout.json``).
 - :func:`amygdala.readout.attach` reads out and steers a transformers model, ``generate()`` included.
-- :func:`amygdala.extract.train` is the whole pipeline behind ``amygdala train``.
+- :mod:`amygdala.finetune` fine-tunes the served model online (``/train`` on ``amygdala serve``).
+
+Words: concept vectors are *built* (``amygdala build``); the model is *fine-tuned* (``/train``).
 """
 
 __version__ = "0.1.0"

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import torch
 
+from amygdala.corpus import bundled_corpus
 from amygdala.activations import encode
 from amygdala.corpus import load_corpus
-from amygdala.extract import TrainConfig, train
+from amygdala.pipeline import BuildConfig, build
 from amygdala.models import load_model
 
-CORPUS = Path(__file__).resolve().parents[1] / "corpus"
+CORPUS = bundled_corpus()
 
 
 def plain_forwards(model, tok, texts: list[str], batch_size: int) -> float:
@@ -52,7 +53,7 @@ def main() -> None:
         corpus = corpus.subset(corpus.concepts[: args.concepts])
     loaded = load_model("default", "cpu")
     model, tok, info = loaded
-    texts = corpus.unique_texts()
+    texts = corpus.text_list()
     n_tokens = sum(len(encode(tok, t).ids) for t in texts)
     plain_forwards(model, tok, texts[:8], args.batch_size)  # warm-up
 
@@ -60,7 +61,7 @@ def main() -> None:
     rows = [("plain forward (floor)", floor)]
     for layers in (args.layers, str(info.num_layers - 1)):
         t0 = time.perf_counter()
-        train(corpus, TrainConfig(layers=layers, batch_size=args.batch_size, progress=False), loaded=loaded)
+        build(corpus, BuildConfig(layers=layers, batch_size=args.batch_size, progress=False), loaded=loaded)
         rows.append((f"amygdala train, layers {layers}", time.perf_counter() - t0))
 
     print(f"default model {info.name}, {len(corpus.concepts)} concepts, {len(texts)} unique texts, "

@@ -6,7 +6,7 @@
 The parent stands in for vLLM: it holds the weights, merged the way vLLM serves them
 (``qkv_proj``, ``gate_up_proj``), and a transformers model built on views of them. For each
 optimizer a child process receives handles to the weights (CUDA IPC on a GPU, /dev/shm files on
-CPU; :func:`amygdala.train.views.export_handles`), builds its own view model, checks that every
+CPU; :func:`amygdala.finetune.views.export_handles`), builds its own view model, checks that every
 parameter aliases the parent's memory, and takes SFT steps in place. The parent then checks,
 without reloading anything, that its tensors hold exactly the child's result and that its own
 model's logits moved. Reported per optimizer: step time, optimizer state bytes, and the child's
@@ -32,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a bare
 
 import torch  # noqa: E402
 
-from amygdala.train import layout, views  # noqa: E402
-from amygdala.train.apollo import OptimizerSettings, build_optimizer, state_nbytes  # noqa: E402
-from amygdala.train.inputs import JobConfig, Sample  # noqa: E402
-from amygdala.train.trainer import run_job  # noqa: E402
+from amygdala.finetune import layout, views  # noqa: E402
+from amygdala.finetune.apollo import OptimizerSettings, build_optimizer, state_nbytes  # noqa: E402
+from amygdala.finetune.inputs import JobConfig, Sample  # noqa: E402
+from amygdala.finetune.trainer import run_job  # noqa: E402
 
 #: SmolLM2-135M-Instruct's shape, for machines without the converted model.
 SMOLLM2 = dict(

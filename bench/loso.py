@@ -13,12 +13,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from amygdala.corpus import bundled_corpus
 from amygdala.activations import collect
 from amygdala.corpus import load_corpus
 from amygdala.models import load_model, parse_layers
 from amygdala.quality.heldout import leave_one_story_out
 
-CORPUS = Path(__file__).resolve().parents[1] / "corpus"
+CORPUS = bundled_corpus()
 
 
 def main() -> None:
@@ -31,7 +32,7 @@ def main() -> None:
     model, tok, info = load_model("default", "cpu")
     layers = parse_layers(args.layers, info.num_layers)
     t0 = time.perf_counter()
-    acts = collect(model, tok, corpus.unique_texts(), layers)
+    acts = collect(model, tok, corpus.text_list(), layers)
     t1 = time.perf_counter()
     result = leave_one_story_out(corpus, acts, args.method)
     t2 = time.perf_counter()

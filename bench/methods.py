@@ -19,13 +19,14 @@ from pathlib import Path
 
 import torch
 
+from amygdala.corpus import bundled_corpus
 from amygdala.activations import collect
 from amygdala.corpus import load_corpus
 from amygdala.methods import METHODS, TokenSubspaces, concept_sets, fit
 from amygdala.models import load_model, parse_layers
 from amygdala.quality.heldout import leave_one_story_out
 
-CORPUS = Path(__file__).resolve().parents[1] / "corpus"
+CORPUS = bundled_corpus()
 
 
 def main() -> None:
@@ -49,7 +50,7 @@ def main() -> None:
     layers = parse_layers(args.layers, info.num_layers)
     tokens = TokenSubspaces(layers, info.hidden_size) if "subspace" in methods else None
     t0 = time.perf_counter()
-    acts = collect(model, tok, corpus.unique_texts(), layers, on_tokens=tokens.add if tokens else None)
+    acts = collect(model, tok, corpus.text_list(), layers, on_tokens=tokens.add if tokens else None)
     forward = time.perf_counter() - t0
     sets = concept_sets(corpus, acts)
 

@@ -21,12 +21,13 @@ from pathlib import Path
 
 import torch
 
+from amygdala.corpus import bundled_corpus
 from amygdala.methods import ConceptSets
 from amygdala.quality.config import QualityConfig
 from amygdala.quality.html import render
 from amygdala.quality.report import QualityInputs, compute, triage_table
 
-CORPUS = Path(__file__).resolve().parents[1] / "corpus"
+CORPUS = bundled_corpus()
 HIDDEN, HEADS, NEURONS = 576, 9, 1536
 
 
@@ -82,17 +83,17 @@ def bench_synthetic(n_concepts: int, n_layers: int) -> None:
 
 def bench_real(layers: str) -> None:
     from amygdala.corpus import load_corpus
-    from amygdala.extract import TrainConfig, train
+    from amygdala.pipeline import BuildConfig, build
     from amygdala.models import load_model
-    from amygdala.quality.run import from_training, write
+    from amygdala.quality.run import from_build, write
 
     corpus = load_corpus(CORPUS)
     loaded = load_model("default", "cpu")
     cfg = QualityConfig()
-    train(corpus.subset(corpus.concepts[:4]), TrainConfig(layers=layers, progress=False), loaded=loaded)  # warm-up
-    _, t_plain = timed(lambda: train(corpus, TrainConfig(layers=layers, progress=False), loaded=loaded))
-    result, t_sites = timed(lambda: train(corpus, TrainConfig(layers=layers, progress=False, quality_sites=True), loaded=loaded))
-    report, t_metrics = timed(lambda: from_training(result, corpus, cfg))
+    build(corpus.subset(corpus.concepts[:4]), BuildConfig(layers=layers, progress=False), loaded=loaded)  # warm-up
+    _, t_plain = timed(lambda: build(corpus, BuildConfig(layers=layers, progress=False), loaded=loaded))
+    result, t_sites = timed(lambda: build(corpus, BuildConfig(layers=layers, progress=False, quality_sites=True), loaded=loaded))
+    report, t_metrics = timed(lambda: from_build(result, corpus, cfg))
     with tempfile.TemporaryDirectory() as tmp:
         _, t_write = timed(lambda: write(report, cfg, tmp))
     print(f"real: default model, {len(corpus.concepts)} concepts, layers {result.readout.layers}, "

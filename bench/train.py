@@ -10,7 +10,7 @@ time, and bytes written (the sync also writes each changed block to its journal 
 
 Last, what serving with training on costs (needs vLLM): vLLM's CPU build normally packs every
 linear weight into a oneDNN / sgl kernel; with training on, the plugin keeps plain weights and
-runs ``F.linear`` (docs/training.md). Per dtype and tokens per forward: the linear layers of one
+runs ``F.linear`` (docs/finetuning.md). Per dtype and tokens per forward: the linear layers of one
 forward of the default model with vLLM's own packed kernels against ``F.linear``, interleaved
 (``--linear-reps`` pairs, medians), same inputs.
 """
@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 
 from amygdala.models import load_model, resolve_model
-from amygdala.train import checkpoint
-from amygdala.train.apollo import OptimizerSettings, build_optimizer, state_nbytes
-from amygdala.train.inputs import JobConfig, Sample
-from amygdala.train.objectives import sample_losses
-from amygdala.train.trainer import Trainer
+from amygdala.finetune import checkpoint
+from amygdala.finetune.apollo import OptimizerSettings, build_optimizer, state_nbytes
+from amygdala.finetune.inputs import JobConfig, Sample
+from amygdala.finetune.objectives import sample_losses
+from amygdala.finetune.trainer import Trainer
 
 TEXTS = [
     ("Tell me about your day.", "I spent the morning walking by the river, and the light on the water was beautiful."),

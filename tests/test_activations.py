@@ -1,32 +1,58 @@
-"""Forward passes: pooling under either padding, dedup, early stop, last content token."""
+"""Forward passes: pooling under either padding, dedup, early stop, content tokens only."""
 
 import pytest
 import torch
 
 import tiny
-from amygdala.activations import collect, encode
+from amygdala import AmygdalaError
+from amygdala.activations import Pooling, collect, encode
 
 TEXTS = ["w1 w2 w3 al1", "w5 al2", "w7 w8 w9 w10 w11 w12 be3", "w1 w2 w3 al1", "ga1 w4 w6"]
 
 
-def reference(model, tok, text, layer):
-    """Unbatched full forward: hidden_states[layer + 1] at the last content token."""
+def reference(model, tok, text, layer, pooling="last"):
+    """Unbatched full forward: hidden_states[layer + 1], averaged by hand over the pooled tokens."""
     e = encode(tok, text)
     with torch.no_grad():
         out = model(input_ids=torch.tensor([e.ids]), output_hidden_states=True)
-    return out.hidden_states[layer + 1][0, e.read_index]
+    h = out.hidden_states[layer + 1][0]
+    if pooling == "last":
+        return h[e.read_index]
+    first = 1 if e.start == 0 else e.start  # never the attention sink at position 0
+    if pooling == "mean_from=2":
+        first = first + 2 if e.end - (first + 2) >= 1 else e.end - max(1, (e.end - e.start) // 2)
+    return h[first : e.end].mean(0)
 
 
+@pytest.mark.parametrize("pooling", ["last", "mean", "mean_from=2"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gemma3_text"])
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_batched_pooling_equals_unbatched_forward(arch, side):
+def test_batched_pooling_equals_unbatched_forward(arch, side, pooling):
     model, tok = tiny.make_model(arch)
     # Layers below the last: transformers applies the final norm to hidden_states[-1].
-    acts = collect(model, tok, TEXTS, [1, 2], batch_size=3, padding_side=side, progress=False)
+    acts = collect(model, tok, TEXTS, [1, 2], batch_size=3, padding_side=side, pooling=pooling, progress=False)
+    assert str(acts.pooling) == pooling
     for layer in (1, 2):
         for text in set(TEXTS):
             got = acts.pooled[layer][acts.row[text]]
-            torch.testing.assert_close(got, reference(model, tok, text, layer), atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(got, reference(model, tok, text, layer, pooling), atol=1e-5, rtol=1e-4)
+
+
+def test_pooling_spans():
+    """[a, b) of content tokens [start, end): mean skips the sink; mean_from=K skips K more, and
+    a text too short for that falls back to its last half."""
+    assert Pooling.parse("last").span(1, 9) == (8, 9)
+    assert Pooling.parse("mean").span(1, 9) == (1, 9)
+    assert Pooling.parse("mean").span(0, 9) == (1, 9)  # GPT-2: no BOS, position 0 is content but the sink
+    assert Pooling.parse("mean").span(0, 1) == (0, 1)  # a one-token text has nothing else
+    assert Pooling.parse("mean_from=3").span(1, 9) == (4, 9)
+    assert Pooling.parse("mean_from=50").span(1, 9) == (5, 9)  # 8 tokens < 50: the last half
+    assert Pooling.parse("mean_from=50").span(1, 2) == (1, 2)
+    assert str(Pooling.parse("mean_from = 7")) == "mean_from=7"
+    assert Pooling.parse("last_content_token") == Pooling("last")  # what older readout files say
+    for bad in ("first", "mean_from=", "mean_from=-1", "max"):
+        with pytest.raises(AmygdalaError, match=r"^--pooling .*: use one of last, mean, mean_from=K"):
+            Pooling.parse(bad)
 
 
 def test_one_forward_per_unique_text():

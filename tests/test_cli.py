@@ -14,10 +14,10 @@ from amygdala.readout import Readout
 
 
 
-def test_train_recovers_planted_direction(planted, tmp_path, caplog):
+def test_build_recovers_planted_direction(planted, tmp_path, caplog):
     model, corpus, d = planted
     out = tmp_path / "out"
-    assert main(["train", "--corpus", str(corpus), "--model", str(model), "--layers", "1,2",
+    assert main(["build", "--corpus", str(corpus), "--model", str(model), "--layers", "1,2",
                  "--method", "diffmean", "--out", str(out), "--quiet"]) == 0
     assert "target layers 1 (33%), 2 (67%)" in caplog.text
     r = Readout.load(out)
@@ -32,7 +32,7 @@ def test_train_recovers_planted_direction(planted, tmp_path, caplog):
 def test_relative_layers_and_read_json(planted, tmp_path, capsys):
     model, corpus, _ = planted
     out = tmp_path / "out"
-    assert main(["train", "--corpus", str(corpus), "--model", str(model), "--layers", "0.5", "--out", str(out), "--quiet"]) == 0
+    assert main(["build", "--corpus", str(corpus), "--model", str(model), "--layers", "0.5", "--out", str(out), "--quiet"]) == 0
     capsys.readouterr()
     assert main(["read", "--readout", str(out), "--model", str(model), "--json", "w1 w2 al3 al4"]) == 0
     data = json.loads(capsys.readouterr().out)
@@ -43,7 +43,7 @@ def test_relative_layers_and_read_json(planted, tmp_path, capsys):
 def test_generate_with_steering_changes_output(planted, tmp_path, capsys):
     model, corpus, _ = planted
     out = tmp_path / "out"
-    main(["train", "--corpus", str(corpus), "--model", str(model), "--layers", "1,2", "--out", str(out), "--quiet"])
+    main(["build", "--corpus", str(corpus), "--model", str(model), "--layers", "1,2", "--out", str(out), "--quiet"])
     capsys.readouterr()
     base = ["generate", "--readout", str(out), "--model", str(model), "--raw", "--max-new-tokens", "8", "w1 w2"]
     main(base)
@@ -73,24 +73,24 @@ def test_corpus_check_exit_codes(synthetic_corpus, tmp_path, capsys):
         (["--method", "nope"], "choose one of diffmean"),
     ],
 )
-def test_train_bad_input_fails_before_model_load(planted, tmp_path, capsys, args, message):
+def test_build_bad_input_fails_before_model_load(planted, tmp_path, capsys, args, message):
     model, corpus, _ = planted
     (model / "model.safetensors").unlink()  # loading would fail: validation must come first
-    rc = main(["train", "--corpus", str(corpus), "--model", str(model), "--out", str(tmp_path / "o"), "--quiet", *args])
+    rc = main(["build", "--corpus", str(corpus), "--model", str(model), "--out", str(tmp_path / "o"), "--quiet", *args])
     err = capsys.readouterr().err
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "o").exists()
 
 
 def test_missing_corpus_is_one_line(tmp_path, capsys):
-    assert main(["train", "--corpus", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert main(["build", "--corpus", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "corpus folder does not exist" in capsys.readouterr().err
 
 
 def test_unknown_steer_concept_lists_nearest(planted, tmp_path, capsys):
     model, corpus, _ = planted
     out = tmp_path / "out"
-    main(["train", "--corpus", str(corpus), "--model", str(model), "--layers", "1", "--out", str(out), "--quiet"])
+    main(["build", "--corpus", str(corpus), "--model", str(model), "--layers", "1", "--out", str(out), "--quiet"])
     capsys.readouterr()
     assert main(["generate", "--readout", str(out), "--model", str(model), "--steer", "alhpa=3", "w1"]) == 2
     assert "unknown concept 'alhpa'; nearest: alpha" in capsys.readouterr().err
@@ -116,5 +116,22 @@ def test_interrupted_train_leaves_no_output(planted, tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(fmt, "save_file", crash)
-    assert main(["train", "--corpus", str(corpus), "--model", str(model), "--layers", "1", "--out", str(tmp_path / "o"), "--quiet"]) == 130
+    assert main(["build", "--corpus", str(corpus), "--model", str(model), "--layers", "1", "--out", str(tmp_path / "o"), "--quiet"]) == 130
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o-*"))
+
+
+def test_train_is_an_alias_of_build_with_a_note(planted, tmp_path, capsys):
+    model, corpus, _ = planted
+    out = tmp_path / "old-name"
+    assert main(["train", "--corpus", str(corpus), "--model", str(model), "--layers", "1,2", "--out", str(out), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "`amygdala train` is now `amygdala build`" in err
+    assert (out / "readout.json").is_file() and (out / "readout.safetensors").is_file()
+
+
+def test_python_dash_m_amygdala_runs_the_cli():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "amygdala", "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("amygdala ")

@@ -5,10 +5,11 @@ from pathlib import Path
 import pytest
 
 import tiny
+from amygdala.corpus import bundled_corpus
 from amygdala.corpus import CorpusError, load_corpus
 from amygdala.corpus.check import check_corpus, concept_word_pattern
 
-BUNDLED = Path(__file__).resolve().parents[1] / "corpus"
+BUNDLED = bundled_corpus()
 
 
 def test_positive_and_negative_sets(synthetic_corpus):

@@ -6,14 +6,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from amygdala.corpus import bundled_corpus
 from amygdala.activations import collect
 from amygdala.corpus import load_corpus
-from amygdala.extract import TrainConfig, train
+from amygdala.pipeline import BuildConfig, build
 from amygdala.models import load_model
 
 pytestmark = pytest.mark.slow
 
-CORPUS = Path(__file__).resolve().parents[1] / "corpus"
+CORPUS = bundled_corpus()
 #: 12 concepts from 6 clusters, each with at least 3 stories in different settings.
 STARTER = ["terrified", "calm", "furious", "grief_stricken", "joyful", "bored",
            "grateful", "proud", "lonely", "curious", "amused", "disgusted"]
@@ -29,8 +30,8 @@ def test_held_out_story_ranks_its_concept_above_median(default_model):
     held_out = {c: corpus.positives(c)[-1] for c in STARTER}
     kept = [t for t in corpus.texts if t not in held_out.values()]
     train_corpus = dataclasses.replace(corpus, texts=kept)
-    config = TrainConfig(layers="0.5,0.66", min_positives=2, progress=False)
-    result = train(train_corpus, config, loaded=default_model)
+    config = BuildConfig(layers="0.5,0.66", min_positives=2, progress=False)
+    result = build(train_corpus, config, loaded=default_model)
     readout = result.readout
     model, tok, _ = default_model
     acts = collect(model, tok, [held_out[c].text for c in STARTER], readout.layers, progress=False)

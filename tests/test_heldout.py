@@ -21,7 +21,7 @@ def test_planted_concepts_are_recognised_and_random_ones_are_not(tmp_path):
     model, tok = tiny.make_model("llama")
     for i, c in enumerate(("alpha", "beta")):  # gamma and delta stay unplanted
         tiny.plant(model, tok, tiny.CONCEPT_WORDS[c], tiny.random_unit(64, i), scale=1.5)
-    acts = collect(model, tok, corpus.unique_texts(), [1, 2], progress=False)
+    acts = collect(model, tok, corpus.text_list(), [1, 2], progress=False)
     result = leave_one_story_out(corpus, acts)
     assert result.n == 32
     assert all(r == 0 for c in ("alpha", "beta") for r in result.ranks[c])

@@ -12,7 +12,7 @@ from amygdala import AmygdalaError
 from amygdala.activations import collect, encode
 from amygdala.cli.main import main
 from amygdala.corpus import load_corpus
-from amygdala.extract import TrainConfig, train
+from amygdala.pipeline import BuildConfig, build
 from amygdala.methods import EIGENVALUES_KEPT, METHODS, TokenSubspaces, check_params, concept_sets, fit
 from amygdala.methods.aggregators import pairs
 from amygdala.methods.subspace import rowspace, subspace, top_eigenpairs, weighted_direction
@@ -25,9 +25,10 @@ CONCEPT_AXIS, SCENE_AXIS = 3, 5
 SCENE_SCALE = 0.7
 #: Methods whose vector keeps part of the scene: they weigh what positives share, and the scene
 #: is shared by all positives but only some negatives. The others discount it: linear and L1
-#: logistic fit what *separates* the classes, and the concept axis alone separates them.
+#: logistic fit what *separates* the classes, and the concept axis alone separates them;
+#: denoised projects out the neutral texts' top component, and the scene baselines are neutral.
 HURT_BY_SCENE = {"diffmean", "mean", "pca", "logistic", "subspace"}
-ROBUST_TO_SCENE = {"linear", "logistic_l1"}
+ROBUST_TO_SCENE = {"linear", "logistic_l1", "denoised"}
 
 
 def axis(i: int) -> torch.Tensor:
@@ -57,7 +58,8 @@ def scene_setup(tmp_path_factory):
     )
     corpus = load_corpus(root)
     tokens = TokenSubspaces([1, 2], HIDDEN)
-    acts = collect(model, tok, corpus.unique_texts(), [1, 2], on_tokens=tokens.add, progress=False)
+    # The planted words reach the read token, so the scene effect is measured at ``last`` pooling.
+    acts = collect(model, tok, corpus.text_list(), [1, 2], pooling="last", on_tokens=tokens.add, progress=False)
     return acts, concept_sets(corpus, acts), tokens
 
 
@@ -266,14 +268,14 @@ def test_check_params(method, params, message):
 def test_train_subspace_end_to_end(planted, tmp_path):
     model, corpus, d = planted
     out = tmp_path / "out"
-    assert main(["train", "--corpus", str(corpus), "--model", str(model), "--layers", "1,2",
+    assert main(["build", "--corpus", str(corpus), "--model", str(model), "--layers", "1,2",
                  "--method", "subspace", "--subspace-eigen-k", "1", "--out", str(out), "--quiet"]) == 0
     r = Readout.load(out)
     assert all(torch.dot(r.vectors[l][0], d) > 0.9 for l in r.layers)
     info = json.loads((out / "readout.json").read_text())
     assert info["method"] == "subspace" and info["method_params"] == {"eigen_k": 1}
 
-    result = train(load_corpus(corpus), TrainConfig(model=str(model), layers="1,2", method="subspace", progress=False))
+    result = build(load_corpus(corpus), BuildConfig(model=str(model), layers="1,2", method="subspace", progress=False))
     values = result.extras["subspace_eigenvalues"]
     assert set(values) == {1, 2} and values[1].shape == (3, EIGENVALUES_KEPT)
     assert (values[1][:, :-1] >= values[1][:, 1:]).all()  # descending
@@ -284,8 +286,8 @@ def test_method_param_reaches_the_method(planted, tmp_path):
     outs = []
     for c in ("1", "100"):
         out = tmp_path / f"out{c}"
-        assert main(["train", "--corpus", str(corpus), "--model", str(model), "--layers", "1", "--method",
-                     "logistic_l1", "--method-param", f"C={c}", "--out", str(out), "--quiet"]) == 0
+        assert main(["build", "--corpus", str(corpus), "--model", str(model), "--layers", "1", "--method",
+                     "logistic_l1", "--method-param", f"C={c}", "--pooling", "last", "--out", str(out), "--quiet"]) == 0
         assert json.loads((out / "readout.json").read_text())["method_params"] == {"C": float(c)}
         outs.append(Readout.load(out).vectors[1][0])
     # A strong L1 penalty keeps fewer coordinates.
@@ -305,7 +307,7 @@ def test_method_param_reaches_the_method(planted, tmp_path):
 def test_method_flags_fail_before_model_load(planted, tmp_path, capsys, args, message):
     model, corpus, _ = planted
     (model / "model.safetensors").unlink()  # loading would fail: validation must come first
-    rc = main(["train", "--corpus", str(corpus), "--model", str(model), "--out", str(tmp_path / "o"), "--quiet", *args])
+    rc = main(["build", "--corpus", str(corpus), "--model", str(model), "--out", str(tmp_path / "o"), "--quiet", *args])
     err = capsys.readouterr().err
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
@@ -317,7 +319,7 @@ def test_chat_template_reads_the_content_token_not_the_end_of_turn_marker(plante
     after every text, and only attention carries a rotated trace of the concept there."""
     model_dir, corpus_dir, d = planted
     corpus = load_corpus(corpus_dir)
-    result = train(corpus, TrainConfig(model=str(model_dir), layers="1,2", chat_template=True, progress=False))
+    result = build(corpus, BuildConfig(model=str(model_dir), layers="1,2", chat_template=True, progress=False))
     assert result.readout.meta["chat_template"]
     for l in (1, 2):
         assert torch.dot(result.readout.vectors[l][0], d) > 0.9
@@ -351,14 +353,14 @@ def test_direct_dir_combined_with_stories_and_alone(planted, tmp_path, capsys):
     model, corpus, d = planted
     direct = write_direct(tmp_path / "direct", random.Random(9))
     out = tmp_path / "both"
-    assert main(["train", "--corpus", str(corpus), "--direct-dir", str(direct), "--model", str(model),
+    assert main(["build", "--corpus", str(corpus), "--direct-dir", str(direct), "--model", str(model),
                  "--layers", "1", "--out", str(out), "--quiet"]) == 0
     # 3 x 8 stories + 6 baselines + 5 direct descriptions + 4 neutral ones
     assert "39 unique texts" in capsys.readouterr().out
     assert Readout.load(out).concepts == ["alpha", "beta", "gamma"]
 
     out = tmp_path / "direct-only"
-    assert main(["train", "--direct-dir", str(direct), "--model", str(model), "--layers", "1",
+    assert main(["build", "--direct-dir", str(direct), "--model", str(model), "--layers", "1",
                  "--min-positives", "3", "--out", str(out), "--quiet"]) == 0
     assert "9 unique texts" in capsys.readouterr().out
     r = Readout.load(out)

@@ -12,7 +12,7 @@ import tiny
 from amygdala.activations import collect, encode
 from amygdala.cli.main import main
 from amygdala.corpus import load_corpus
-from amygdala.extract import TrainConfig, train
+from amygdala.pipeline import BuildConfig, build
 from amygdala.methods import ConceptSets
 from amygdala.models.layers import (
     attention_out_proj,
@@ -25,7 +25,7 @@ from amygdala.quality import metrics
 from amygdala.quality.config import QualityConfig, QualityError
 from amygdala.quality.html import render
 from amygdala.quality.report import QualityInputs, compute, triage_table
-from amygdala.quality.run import from_training
+from amygdala.quality.run import from_build
 
 PLOTS = ["plot-triage", "plot-cohesion", "plot-spectra", "plot-heatmap-", "plot-map-"]
 
@@ -228,7 +228,7 @@ def head_planted(tmp_path):
 def test_train_quality_report_finds_the_planted_head_and_writes_every_plot(head_planted, tmp_path, capsys):
     model, corpus = head_planted
     out = tmp_path / "out"
-    assert main(["train", "--corpus", str(corpus), "--model", str(model), "--layers", "0,2", "--out", str(out),
+    assert main(["build", "--corpus", str(corpus), "--model", str(model), "--layers", "0,2", "--out", str(out),
                  "--quiet", "--quality-report"]) == 0
     printed = capsys.readouterr().out
     assert re.search(r"^bucket\s+n\s+worst first\s+next action$", printed, re.M)
@@ -254,7 +254,7 @@ def test_train_quality_report_finds_the_planted_head_and_writes_every_plot(head_
 
 def test_standalone_quality_equals_the_training_report(head_planted, tmp_path, capsys):
     model, corpus = head_planted
-    main(["train", "--corpus", str(corpus), "--model", str(model), "--layers", "0,2", "--out", str(tmp_path / "r"),
+    main(["build", "--corpus", str(corpus), "--model", str(model), "--layers", "0,2", "--out", str(tmp_path / "r"),
           "--quiet", "--quality-report"])
     assert main(["quality", "--readout", str(tmp_path / "r"), "--corpus", str(corpus), "--model", str(model),
                  "--out", str(tmp_path / "q"), "--quiet", "--redundant-r2", "0.5"]) == 0
@@ -273,13 +273,13 @@ def test_standalone_quality_equals_the_training_report(head_planted, tmp_path, c
 def test_one_forward_serves_training_and_report(head_planted, monkeypatch):
     model_dir, corpus_dir = head_planted
     corpus = load_corpus(corpus_dir)
-    result = train(corpus, TrainConfig(model=str(model_dir), layers="0,2", progress=False, quality_sites=True))
-    assert result.activations.forwards == -(-len(corpus.unique_texts()) // 16)
+    result = build(corpus, BuildConfig(model=str(model_dir), layers="0,2", progress=False, quality_sites=True))
+    assert result.activations.forwards == -(-len(corpus.text_list()) // 16)
     assert set(result.activations.sites) == {"attn.0", "mlp.0", "attn.2", "mlp.2"}
     import amygdala.quality.run as run
 
-    monkeypatch.setattr(run, "collect", lambda *a, **k: pytest.fail("the report ran the model again"))
-    report = from_training(result, corpus)
+    monkeypatch.setattr(run, "collect_corpus", lambda *a, **k: pytest.fail("the report ran the model again"))
+    report = from_build(result, corpus)
     assert report["concepts"]["alpha"]["layers"]["0"]["per_head"]["top"][0][0] == 2
     assert "alpha" in triage_table(report)
 
@@ -291,7 +291,7 @@ def test_site_inputs_equal_an_unbatched_forward(arch, side):
     model, tok = tiny.make_model(arch)
     texts = ["w1 w2 w3 al1", "w5 al2", "w7 w8 w9 w10 w11 w12 be3"]
     sites = projection_sites(model, [1, 2])
-    acts = collect(model, tok, texts, [1, 2], batch_size=2, padding_side=side, progress=False, sites=sites)
+    acts = collect(model, tok, texts, [1, 2], batch_size=2, padding_side=side, pooling="last", progress=False, sites=sites)
     for name, module in sites.items():
         for text in texts:
             seen = []
@@ -336,8 +336,8 @@ def test_hybrid_layers_are_listed_as_skipped(tmp_path):
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
     corpus = load_corpus(tiny.write_corpus(tmp_path / "c"))
-    result = train(corpus, TrainConfig(model=str(tmp_path / "m"), layers="0,1", progress=False, quality_sites=True))
-    report = from_training(result, corpus)
+    result = build(corpus, BuildConfig(model=str(tmp_path / "m"), layers="0,1", progress=False, quality_sites=True))
+    report = from_build(result, corpus)
     [skipped] = report["skipped"]
     assert skipped["layer"] == 0 and skipped["metric"] == "per_head"
     assert "linear_attn (Qwen3NextGatedDeltaNet)" in skipped["reason"]
@@ -349,8 +349,8 @@ def test_hybrid_layers_are_listed_as_skipped(tmp_path):
 def test_subspace_eigenvalues_reach_the_report(tmp_path):
     model, tok = tiny.make_model("llama", tmp_path / "m")
     corpus = load_corpus(tiny.write_corpus(tmp_path / "c"))
-    result = train(corpus, TrainConfig(model=str(tmp_path / "m"), layers="1", method="subspace", progress=False, quality_sites=True))
-    report = from_training(result, corpus)
+    result = build(corpus, BuildConfig(model=str(tmp_path / "m"), layers="1", method="subspace", progress=False, quality_sites=True))
+    report = from_build(result, corpus)
     eig = report["concepts"]["alpha"]["layers"]["1"]["subspace_eigvals"]
     assert 1 <= len(eig) <= 20 and eig == sorted(eig, reverse=True)
     assert "eigvals: " in render(report, QualityConfig())
@@ -373,7 +373,7 @@ def test_head_k_keeps_concentration_meaningful_with_few_heads():
 def test_bad_thresholds_fail_before_the_model_loads(head_planted, tmp_path, capsys, flags, message):
     model, corpus = head_planted
     (model / "model.safetensors").unlink()
-    assert main(["train", "--corpus", str(corpus), "--model", str(model), "--out", str(tmp_path / "o"), "--quiet",
+    assert main(["build", "--corpus", str(corpus), "--model", str(model), "--out", str(tmp_path / "o"), "--quiet",
                  "--quality-report", *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
@@ -383,7 +383,7 @@ def test_bad_thresholds_fail_before_the_model_loads(head_planted, tmp_path, caps
 
 def test_quality_bad_input_is_one_line(head_planted, tmp_path, capsys):
     model, corpus = head_planted
-    assert main(["train", "--corpus", str(corpus), "--model", str(model), "--layers", "1", "--out", str(tmp_path / "r"), "--quiet"]) == 0
+    assert main(["build", "--corpus", str(corpus), "--model", str(model), "--layers", "1", "--out", str(tmp_path / "r"), "--quiet"]) == 0
     other = tiny.write_corpus(tmp_path / "other", concepts=("alpha", "beta"))
     wrong_size = tmp_path / "wide"
     tiny.make_model("llama", wrong_size, hidden=32)

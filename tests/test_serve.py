@@ -21,7 +21,7 @@ import torch
 import serve_helpers as sh
 from amygdala.readout import Readout, Steering, attach
 from amygdala.serve.respond import Formatter, rewrite_json, rewrite_stream
-from amygdala.serve.rows import Exchange, RowStore
+from amygdala.serve.proxy import Exchange, RowStore
 from amygdala.serve.spec import ModelShape, RequestSpec, SpecError, SteerItem, parse
 
 #: Tests that start vLLM; the others (request parsing, response rewriting) run anywhere.

@@ -5,9 +5,9 @@ Why it is built this way:
   naive loop would run each text once per concept.
 - The forward stops right after the deepest hooked layer (an exception from its hook), so no
   later layers and no lm_head run.
-- Pooling reads the last *content* token, located by character offsets, never a special token:
-  with a chat template the end-of-turn marker looks the same for every text (the original
-  system's failure), and ``--chat-template`` must not read there.
+- Pooling (:mod:`amygdala.activations.pooling`) reads *content* tokens, located by character
+  offsets, never a special token: with a chat template the end-of-turn marker looks the same
+  for every text, so a vector read there learns nothing about the text.
 - Texts are sorted by length before batching so padding stays small; position ids are computed
   from the attention mask so left and right padding give the same activations as no padding.
 """
@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from amygdala import AmygdalaError
+from amygdala.activations.pooling import DEFAULT_POOLING, Pooling
 from amygdala.models.layers import block_output, find_layers
 
 log = logging.getLogger(__name__)
@@ -46,8 +47,9 @@ class Encoded:
 
     @property
     def read_index(self) -> int:
-        """The last content token: where a pooled activation is read."""
+        """The last content token (what ``last`` pooling reads)."""
         return self.end - 1
+
 
 
 @dataclass
@@ -55,7 +57,7 @@ class Activations:
     """Pooled activations of unique texts: ``pooled[layer]`` is [n_texts, hidden], fp32, CPU.
 
     ``sites[name]`` is [n_texts, in_features]: the pooled *input* of each extra module passed to
-    :func:`collect` as ``sites``.
+    :func:`collect` as ``sites``. ``pooling`` says which tokens each row averages.
     """
 
     texts: list[str]
@@ -65,6 +67,7 @@ class Activations:
     seconds: float = 0.0
     forwards: int = 0
     sites: dict[str, torch.Tensor] = field(default_factory=dict)
+    pooling: Pooling = Pooling("last")
     row: dict[str, int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -106,7 +109,7 @@ def encode(tokenizer, text: str, chat_template: bool = False, max_length: int | 
         raise AmygdalaError(f"text produced no content tokens: {text[:40]!r}")
     start, end = content[0], content[-1] + 1
     if max_length is not None and end > max_length:
-        # Keep the end of the text (where pooling reads), drop from the front of the content.
+        # Keep the end of the text (every pooling reads it), drop from the front of the content.
         cut = end - max_length
         if cut > start:
             ids = ids[:start] + ids[cut:end]
@@ -114,6 +117,73 @@ def encode(tokenizer, text: str, chat_template: bool = False, max_length: int | 
         else:
             ids, start, end = ids[cut:end], start - cut, end - cut
     return Encoded(ids, start, end)
+
+
+class _Capture:
+    """The hooks of one :func:`collect` call and what they fill, batch by batch."""
+
+    def __init__(self, encoded: list[Encoded], layers: list[int], hidden: int, pooling: Pooling,
+                 on_tokens: TokenCallback | None):
+        self.encoded, self.layers, self.pooling, self.on_tokens = encoded, layers, pooling, on_tokens
+        self.pooled = {l: torch.empty(len(encoded), hidden, dtype=torch.float32) for l in layers}
+        self.sites: dict[str, torch.Tensor] = {}
+        self.batch: list[int] = []
+        self.offsets: list[int] = []
+        self.weights: torch.Tensor | None = None  # [batch, width]: each text's pooling weights
+
+    def start_batch(self, batch: list[int], offsets: list[int], width: int) -> None:
+        self.batch, self.offsets = batch, offsets
+        w = torch.zeros(len(batch), width)
+        for j, i in enumerate(batch):
+            a, b = self.pooling.span(self.encoded[i].start, self.encoded[i].end)
+            w[j, offsets[j] + a : offsets[j] + b] = 1.0 / (b - a)
+        self.weights = w
+
+    def pool(self, h: torch.Tensor) -> torch.Tensor:
+        """[batch, positions, width] -> [batch, width], fp32, CPU: each text's pooled row."""
+        return torch.einsum("bp,bpw->bw", self.weights.to(h.device), h.float()).cpu()
+
+    def site_hook(self, name: str):
+        def hook(_module, inputs):
+            x = self.pool(inputs[0])
+            if name not in self.sites:
+                self.sites[name] = torch.empty(len(self.encoded), x.shape[-1], dtype=torch.float32)
+            self.sites[name][self.batch] = x
+        return hook
+
+    def block_hook(self, layer: int):
+        def hook(_module, _inputs, output):
+            h = block_output(output)
+            self.pooled[layer][self.batch] = self.pool(h)
+            if self.on_tokens is not None:
+                for j, i in enumerate(self.batch):
+                    e = self.encoded[i]
+                    self.on_tokens(i, layer, h[j, self.offsets[j] + e.start : self.offsets[j] + e.end], e.start)
+            if layer == self.layers[-1]:
+                raise _StopForward
+        return hook
+
+
+def _padded(encoded: list[Encoded], batch: list[int], pad_id: int, padding_side: str):
+    """(input ids, attention mask, position ids, offsets) of one batch."""
+    width = max(len(encoded[i].ids) for i in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    offsets = []
+    for j, i in enumerate(batch):
+        n = len(encoded[i].ids)
+        off = width - n if padding_side == "left" else 0
+        ids[j, off : off + n] = torch.tensor(encoded[i].ids)
+        mask[j, off : off + n] = 1
+        offsets.append(off)
+    # Position ids from the mask, so left and right padding give the activations of no padding.
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), offsets
+
+
+def _pad_id(tokenizer) -> int:
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
 
 
 def collect(
@@ -126,100 +196,53 @@ def collect(
     chat_template: bool = False,
     padding_side: str = "right",
     max_length: int | None = 1024,
+    pooling: str | Pooling = DEFAULT_POOLING,
     on_tokens: TokenCallback | None = None,
     progress: bool = True,
     sites: Mapping[str, nn.Module] | None = None,
 ) -> Activations:
-    """Pooled (last content token) block-output activations of each unique text at ``layers``.
+    """Pooled block-output activations of each distinct text at ``layers``: a text given twice
+    runs once (this is the one place texts are de-duplicated), rows in first-seen order.
 
     ``on_tokens(row, layer, matrix, start)`` receives each text's per-token activations (content
-    tokens only) as they are computed, so per-token methods can accumulate without every
-    matrix staying in memory.
+    tokens only) as they are computed, so per-token methods and statistics can accumulate in the
+    same forward without every matrix staying in memory.
 
-    ``sites`` names extra modules whose *input* is pooled at the same token in the same forward
+    ``sites`` names extra modules whose *input* is pooled the same way in the same forward
     (an attention output projection's input holds the heads side by side, an MLP down
     projection's input the neurons), so diagnostics need no second pass. They must run before
     the deepest hooked block returns, e.g. sit inside a hooked block.
     """
     if padding_side not in ("left", "right"):
         raise ValueError("padding_side must be 'left' or 'right'")
+    pooling = Pooling.parse(pooling)
     blocks = find_layers(model)
     layers = sorted(set(layers))
     for l in layers:
         if not 0 <= l < len(blocks):
             raise AmygdalaError(f"layer {l} out of range; this model has layers 0-{len(blocks) - 1}")
-    unique = list(dict.fromkeys(texts))
-    if len(unique) < len(texts):
-        log.info("%d texts, %d unique: %d duplicate forwards skipped", len(texts), len(unique), len(texts) - len(unique))
-    encoded = [encode(tokenizer, t, chat_template, max_length) for t in unique]
-    order = sorted(range(len(unique)), key=lambda i: -len(encoded[i].ids))
+    given = len(texts)
+    texts = list(dict.fromkeys(texts))
+    if len(texts) < given:
+        log.info("%d texts, %d unique: %d duplicate forwards skipped", given, len(texts), given - len(texts))
+    encoded = [encode(tokenizer, t, chat_template, max_length) for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: -len(encoded[i].ids))  # similar lengths share a batch
     device = next(model.parameters()).device
-    hidden = model.config.get_text_config().hidden_size
-    pooled = {l: torch.empty(len(unique), hidden, dtype=torch.float32) for l in layers}
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-
-    current: dict[str, object] = {}
-    site_pooled: dict[str, torch.Tensor] = {}
-
-    def read(h: torch.Tensor) -> torch.Tensor:
-        """[batch, positions, width] at each text's read position: [batch, width], fp32, CPU."""
-        batch, offsets = current["batch"], current["offsets"]
-        rows = torch.tensor([offsets[j] + encoded[i].read_index for j, i in enumerate(batch)], device=h.device)
-        return h[torch.arange(len(batch), device=h.device), rows].float().cpu()
-
-    def make_site_hook(name: str):
-        def hook(_module, inputs):
-            x = read(inputs[0])
-            if name not in site_pooled:
-                site_pooled[name] = torch.empty(len(unique), x.shape[-1], dtype=torch.float32)
-            site_pooled[name][current["batch"]] = x
-        return hook
-
-    def make_hook(layer: int):
-        def hook(_module, _inputs, output):
-            h = block_output(output)
-            batch = current["batch"]
-            offsets = current["offsets"]
-            pooled[layer][batch] = read(h)
-            if on_tokens is not None:
-                for j, i in enumerate(batch):
-                    e = encoded[i]
-                    on_tokens(i, layer, h[j, offsets[j] + e.start : offsets[j] + e.end], e.start)
-            if layer == layers[-1]:
-                raise _StopForward
-        return hook
-
-    handles = [blocks[l].register_forward_hook(make_hook(l)) for l in layers]
-    handles += [m.register_forward_pre_hook(make_site_hook(n)) for n, m in (sites or {}).items()]
-    total_tokens = sum(len(e.ids) for e in encoded)
-    bar = tqdm(total=total_tokens, unit="tok", desc="forward", disable=not progress, smoothing=0.1)
+    capture = _Capture(encoded, layers, model.config.get_text_config().hidden_size, pooling, on_tokens)
+    handles = [blocks[l].register_forward_hook(capture.block_hook(l)) for l in layers]
+    handles += [m.register_forward_pre_hook(capture.site_hook(n)) for n, m in (sites or {}).items()]
+    bar = tqdm(total=sum(len(e.ids) for e in encoded), unit="tok", desc="forward", disable=not progress, smoothing=0.1)
     t0 = time.perf_counter()
     forwards = 0
     try:
         with torch.inference_mode():
             for b in range(0, len(order), batch_size):
                 batch = order[b : b + batch_size]
-                width = max(len(encoded[i].ids) for i in batch)
-                ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                offsets = []
-                for j, i in enumerate(batch):
-                    n = len(encoded[i].ids)
-                    off = width - n if padding_side == "left" else 0
-                    ids[j, off : off + n] = torch.tensor(encoded[i].ids)
-                    mask[j, off : off + n] = 1
-                    offsets.append(off)
-                position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-                current.update(batch=batch, offsets=offsets)
+                ids, mask, position_ids, offsets = _padded(encoded, batch, _pad_id(tokenizer), padding_side)
+                capture.start_batch(batch, offsets, ids.shape[1])
                 try:
-                    model(
-                        input_ids=ids.to(device),
-                        attention_mask=mask.to(device),
-                        position_ids=position_ids.to(device),
-                        use_cache=False,
-                    )
+                    model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                          position_ids=position_ids.to(device), use_cache=False)
                 except _StopForward:
                     pass
                 forwards += 1
@@ -228,15 +251,16 @@ def collect(
         for h in handles:
             h.remove()
         bar.close()
-    missing = sorted(set(sites or {}) - set(site_pooled))
-    if missing and unique:
+    missing = sorted(set(sites or {}) - set(capture.sites))
+    if missing and texts:
         raise ValueError(f"sites {', '.join(missing)} never ran before the forward stopped after layer {layers[-1]}")
     return Activations(
-        texts=unique,
+        texts=texts,
         layers=list(layers),
-        pooled=pooled,
+        pooled=capture.pooled,
         n_tokens=[e.end - e.start for e in encoded],
         seconds=time.perf_counter() - t0,
         forwards=forwards,
-        sites=site_pooled,
+        sites=capture.sites,
+        pooling=pooling,
     )

@@ -13,12 +13,22 @@ from amygdala import AmygdalaError, __version__
 
 log = logging.getLogger("amygdala")
 
-#: The corpus bundled with the source tree (used when --corpus is not given).
-BUNDLED_CORPUS = Path(__file__).resolve().parents[2] / "corpus"
-
 
 def _corpus_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--corpus", type=Path, default=None, help=f"corpus folder (default: {BUNDLED_CORPUS})")
+    p.add_argument("--corpus", type=Path, default=None, help="corpus folder (default: the corpus shipped with amygdala)")
+    p.add_argument("--direct-dir", type=Path, default=None, help="extra folder of direct 'I feel X.' descriptions")
+    p.add_argument("--no-direct", action="store_true", help="ignore the corpus's own direct/ folder")
+
+
+def _load_corpus(args: argparse.Namespace):
+    """--corpus (default: the bundled one unless only --direct-dir is given), --direct-dir, --no-direct."""
+    from amygdala.corpus import bundled_corpus, load_corpus
+
+    return load_corpus(
+        args.corpus or (bundled_corpus() if args.direct_dir is None else None),
+        direct_dir=args.direct_dir,
+        include_direct=not args.no_direct,
+    )
 
 
 def _model_arg(p: argparse.ArgumentParser) -> None:
@@ -55,33 +65,31 @@ def _method_params(args: argparse.Namespace) -> dict[str, str | int]:
     return params
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from amygdala.corpus import load_corpus
-    from amygdala.extract import TrainConfig, train
+def cmd_build(args: argparse.Namespace) -> int:
+    from amygdala.pipeline import BuildConfig, build
 
-    corpus = load_corpus(
-        args.corpus or (BUNDLED_CORPUS if args.direct_dir is None else None),
-        direct_dir=args.direct_dir,
-        include_direct=not args.no_direct,
-    )
+    if args.command == "train":
+        print("note: `amygdala train` is now `amygdala build` (it builds concept vectors; fine-tuning the model is "
+              "the server's /train); the old name keeps working", file=sys.stderr)
+    corpus = _load_corpus(args)
     if args.concepts:
         corpus = corpus.subset([c.strip() for c in args.concepts.split(",") if c.strip()])
-    config = TrainConfig(
+    config = BuildConfig(
         model=args.model, layers=args.layers, method=args.method, method_params=_method_params(args),
-        min_positives=args.min_positives,
+        pooling=args.pooling, min_positives=args.min_positives,
         chat_template=args.chat_template, batch_size=args.batch_size, device=args.device,
         dtype=args.dtype, progress=not args.quiet,
     )
     quality = _quality_config(args) if args.quality_report else None  # bad thresholds fail first
     config.quality_sites = quality is not None
-    result = train(corpus, config, args.out)
+    result = build(corpus, config, args.out)
     r = result.readout
     print(f"wrote {args.out}/readout.safetensors + readout.json: {len(r.concepts)} concepts x layers {r.layers}, "
           f"{len(result.activations.texts)} unique texts in {result.activations.seconds:.1f} s")
     if quality is not None:
-        from amygdala.quality.run import from_training, write
+        from amygdala.quality.run import from_build, write
 
-        report = from_training(result, corpus, quality)
+        report = from_build(result, corpus, quality)
         _print_quality(report, write(report, quality, args.out))
     return 0
 
@@ -110,15 +118,10 @@ def _print_quality(report: dict, paths) -> None:
 
 
 def cmd_quality(args: argparse.Namespace) -> int:
-    from amygdala.corpus import load_corpus
     from amygdala.quality.run import JSON_NAME, HTML_NAME, run_quality
 
     config = _quality_config(args)
-    corpus = load_corpus(
-        args.corpus or (BUNDLED_CORPUS if args.direct_dir is None else None),
-        direct_dir=args.direct_dir,
-        include_direct=not args.no_direct,
-    )
+    corpus = _load_corpus(args)
     report = run_quality(
         args.readout, corpus, args.out, model=args.model, device=args.device, cfg=config,
         batch_size=args.batch_size, progress=not args.quiet,
@@ -128,37 +131,6 @@ def cmd_quality(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- read
-def _top(row, concepts: list[str], k: int) -> list[tuple[str, float]]:
-    vals, idx = row.topk(min(k, len(concepts)))
-    return [(concepts[i], float(v)) for v, i in zip(vals, idx)]
-
-
-def read_text(model, tokenizer, readout, text: str, top: int = 3) -> list[dict]:
-    """Per-token top concepts per layer (z-scores when the readout has statistics)."""
-    import torch
-
-    from amygdala.readout import attach
-
-    enc = tokenizer(text, return_tensors="pt").to(next(model.parameters()).device)
-    with torch.inference_mode(), attach(model, readout) as session:
-        model(**enc)
-    scores = session.zscores() if readout.has_stats else session.scores()
-    tokens = tokenizer.convert_ids_to_tokens(enc["input_ids"][0])
-    special = set(tokenizer.all_special_ids)
-    rows = []
-    for pos, (tok, tid) in enumerate(zip(tokens, enc["input_ids"][0].tolist())):
-        if tid in special:
-            continue
-        rows.append({
-            "position": pos,
-            "token": tokenizer.decode([tid]),
-            # Position 0 is the attention sink: its residual norm is an outlier at every layer.
-            "attention_sink": pos == 0,
-            "layers": {str(l): _top(scores[0, pos, j], readout.concepts, top) for j, l in enumerate(readout.layers)},
-        })
-    return rows
-
-
 def _print_rows(rows: list[dict], unit: str) -> None:
     for r in rows:
         if r.get("attention_sink"):
@@ -173,7 +145,7 @@ def _print_rows(rows: list[dict], unit: str) -> None:
 
 def cmd_read(args: argparse.Namespace) -> int:
     from amygdala.models import load_model, model_info, resolve_model
-    from amygdala.readout import Readout
+    from amygdala.readout import Readout, read_text
 
     readout = Readout.load(args.readout)
     info = model_info(resolve_model(args.model))
@@ -193,7 +165,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from amygdala.models import load_model, model_info, resolve_model
-    from amygdala.readout import Readout, Steering, attach
+    from amygdala.readout import Readout, Steering, attach, top_concepts
 
     readout = Readout.load(args.readout)
     steer = _parse_steer(args.steer)
@@ -222,7 +194,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         first = ids.shape[1] - 1
         rows = [
             {"position": first + i, "token": tokenizer.decode([int(t)]),
-             "layers": {str(l): _top(scores[0, first + i, j], readout.concepts, args.top) for j, l in enumerate(readout.layers)}}
+             "layers": {str(l): top_concepts(scores[0, first + i, j], readout.concepts, args.top) for j, l in enumerate(readout.layers)}}
             for i, t in enumerate(new.tolist()) if first + i < scores.shape[1]
         ]
         _print_rows(rows, "z-scores" if readout.has_stats else "raw projections")
@@ -231,9 +203,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- corpus check
 def cmd_corpus_check(args: argparse.Namespace) -> int:
+    from amygdala.corpus import bundled_corpus
     from amygdala.corpus.check import check_corpus, summary
 
-    problems, warned, corpus = check_corpus(args.dir)
+    problems, warned, corpus = check_corpus(args.dir or bundled_corpus())
     for w in warned:
         print(f"warning: {w}", file=sys.stderr)
     for p in problems:
@@ -247,7 +220,7 @@ def cmd_corpus_check(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- checkpoint sync|diagnose
 def cmd_checkpoint(args: argparse.Namespace) -> int:
     """sync: replay an interrupted sync, or write --from's tensors as changed blocks; diagnose: report."""
-    from amygdala.train import checkpoint
+    from amygdala.finetune import checkpoint
 
     if args.checkpoint_command == "sync":
         served = checkpoint.load_tensors(args.source) if args.source else {}
@@ -268,12 +241,13 @@ DEMO_SENTENCE = "My hands were shaking as I opened the envelope, and then I laug
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The README's main job: default model, bundled corpus, train, read a sample sentence."""
-    from amygdala.corpus import load_corpus
-    from amygdala.extract import TrainConfig, train
+    """The README's main job: default model, bundled corpus, build, read a sample sentence."""
+    from amygdala.corpus import bundled_corpus, load_corpus
+    from amygdala.pipeline import BuildConfig, build
+    from amygdala.readout import read_text
 
-    corpus = load_corpus(BUNDLED_CORPUS)
-    result = train(corpus, TrainConfig(layers=args.layers, method=args.method), args.out)
+    corpus = load_corpus(bundled_corpus())
+    result = build(corpus, BuildConfig(layers=args.layers, method=args.method), args.out)
     print(f"readout written to {args.out}")
     rows = read_text(result.model, result.tokenizer, result.readout, args.text, top=3)
     _print_rows(rows, "z-scores over neutral text")
@@ -281,48 +255,49 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- parser
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="amygdala", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"amygdala {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_build(sub) -> None:
+    from amygdala.activations import DEFAULT_POOLING
+    from amygdala.methods import METHODS
 
-    p = sub.add_parser("train", help="train concept vectors and write a readout file")
-    _corpus_arg(p)
-    _model_arg(p)
-    p.add_argument("--layers", default="0.5,0.66", help="indices (10,15,20) or relative depths (0.5,0.66)")
-    p.add_argument("--method", default="diffmean",
-                   help="diffmean (default), mean, pca, logistic, logistic_l1, linear, subspace (docs/methods.md)")
-    p.add_argument("--method-param", action="append", default=[], metavar="NAME=VALUE",
-                   help="a method parameter, e.g. C=0.1 for logistic / logistic_l1 (repeatable)")
-    p.add_argument("--subspace-eigen-k", type=int, default=None,
-                   help="subspace: how many top eigenvectors to weight together (default 5)")
-    p.add_argument("--out", type=Path, required=True, help="output folder for readout.safetensors + readout.json")
-    p.add_argument("--concepts", default=None, help="comma-separated subset of the manifest's concepts")
-    p.add_argument("--min-positives", type=int, default=3, help="fail when a concept has fewer positive texts")
-    p.add_argument("--direct-dir", type=Path, default=None, help="extra folder of direct 'I feel X.' descriptions")
-    p.add_argument("--no-direct", action="store_true", help="ignore the corpus's own direct/ folder")
-    p.add_argument("--chat-template", action="store_true", help="read texts as the assistant turn of a chat")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="dtype of stored vectors")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--quality-report", action="store_true",
-                   help="also write OUT/quality.json + OUT/report.html from the same forward pass")
-    _quality_flags(p)
-    p.set_defaults(func=cmd_train)
+    for name, text in (("build", "build concept vectors from a corpus and write a readout file"),
+                       ("train", "old name of `build` (kept as an alias)")):
+        p = sub.add_parser(name, help=text)
+        _corpus_arg(p)
+        _model_arg(p)
+        p.add_argument("--layers", default="0.5,0.66", help="indices (10,15,20) or relative depths (0.5,0.66)")
+        p.add_argument("--method", default="diffmean", help=f"{', '.join(METHODS)} (docs/methods.md; default diffmean)")
+        p.add_argument("--method-param", action="append", default=[], metavar="NAME=VALUE",
+                       help="a method parameter, e.g. C=0.1 for logistic, variance=0.5 for denoised (repeatable)")
+        p.add_argument("--subspace-eigen-k", type=int, default=None,
+                       help="subspace: how many top eigenvectors to weight together (default 5)")
+        p.add_argument("--pooling", default=DEFAULT_POOLING,
+                       help=f"which tokens make a text's row: last, mean, mean_from=K (default {DEFAULT_POOLING}; docs/validity.md)")
+        p.add_argument("--out", type=Path, required=True, help="output folder for readout.safetensors + readout.json")
+        p.add_argument("--concepts", default=None, help="comma-separated subset of the manifest's concepts")
+        p.add_argument("--min-positives", type=int, default=3, help="fail when a concept has fewer positive texts")
+        p.add_argument("--chat-template", action="store_true", help="read texts as the assistant turn of a chat")
+        p.add_argument("--batch-size", type=int, default=16)
+        p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="dtype of stored vectors")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+        p.add_argument("--quality-report", action="store_true",
+                       help="also write OUT/quality.json + OUT/report.html from the same forward pass")
+        _quality_flags(p)
+        p.set_defaults(func=cmd_build)
 
+
+def _add_quality(sub) -> None:
     p = sub.add_parser("quality", help="quality.json + report.html: clean, fragmented, redundant, wrong-cluster concepts")
-    p.add_argument("--readout", type=Path, required=True, help="readout folder (from amygdala train)")
+    p.add_argument("--readout", type=Path, required=True, help="readout folder (from amygdala build)")
     _corpus_arg(p)
     _model_arg(p)
     p.add_argument("--out", type=Path, required=True, help="output folder for quality.json + report.html")
-    p.add_argument("--direct-dir", type=Path, default=None, help="the --direct-dir the readout was trained with")
-    p.add_argument("--no-direct", action="store_true", help="the readout was trained with --no-direct")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _quality_flags(p)
     p.set_defaults(func=cmd_quality)
 
+
+def _add_read(sub) -> None:
     p = sub.add_parser("read", help="per-token concept scores of a text")
     p.add_argument("text")
     p.add_argument("--readout", type=Path, required=True)
@@ -331,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_read)
 
+
+def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate with steering, optionally showing the readout")
     p.add_argument("prompt")
     p.add_argument("--readout", type=Path, required=True)
@@ -342,13 +319,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=3)
     p.set_defaults(func=cmd_generate)
 
+
+def _add_corpus(sub) -> None:
     p = sub.add_parser("corpus", help="corpus tools")
     csub = p.add_subparsers(dest="corpus_command", required=True)
     c = csub.add_parser("check", help="lint a corpus folder (exit 1 when it has problems)")
-    c.add_argument("dir", type=Path, nargs="?", default=BUNDLED_CORPUS)
+    c.add_argument("dir", type=Path, nargs="?", default=None, help="corpus folder (default: the bundled corpus)")
     c.add_argument("--quiet", action="store_true", help="no summary")
     c.set_defaults(func=cmd_corpus_check)
 
+
+def _add_checkpoint(sub) -> None:
     p = sub.add_parser("checkpoint", help="the model folder as a checkpoint: block-level sync, diagnosis")
     ksub = p.add_subparsers(dest="checkpoint_command", required=True)
     k = ksub.add_parser("sync", help="finish an interrupted sync; with --from, write those tensors' changed blocks")
@@ -360,16 +341,27 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--against", type=Path, default=None, help="safetensors file or folder to compare with")
     k.set_defaults(func=cmd_checkpoint)
 
-    from amygdala.serve import cli as serve_cli
 
-    serve_cli.add_parser(sub)
-
-    p = sub.add_parser("demo", help="train on the bundled corpus with the default model and read a sentence")
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="build on the bundled corpus with the default model and read a sentence")
     p.add_argument("--out", type=Path, default=Path("out/demo"))
     p.add_argument("--layers", default="0.5,0.66")
     p.add_argument("--method", default="diffmean")
     p.add_argument("--text", default=DEMO_SENTENCE)
     p.set_defaults(func=cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from amygdala.serve import cli as serve_cli
+
+    parser = argparse.ArgumentParser(prog="amygdala", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"amygdala {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_build, _add_quality, _add_read, _add_generate, _add_corpus, _add_checkpoint):
+        add(sub)
+    serve_cli.add_parser(sub)
+    _add_demo(sub)
     return parser
 
 

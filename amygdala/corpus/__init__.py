@@ -1,6 +1,18 @@
-"""The concept corpus: reading, validating and linting a corpus folder (layout in corpus/README.md)."""
+"""The concept corpus: reading, validating and linting a corpus folder.
 
-from amygdala.corpus.loader import Corpus, CorpusError, Text, load_corpus
+The corpus that ships with amygdala lives inside the package (:func:`bundled_corpus`), so an
+installed wheel has it too; its README.md is the writers' style guide.
+"""
+
+from pathlib import Path
+
+from amygdala.corpus.loader import Affect, Corpus, CorpusError, Text, load_corpus
 from amygdala.corpus.check import Problem, check_corpus
 
-__all__ = ["Corpus", "CorpusError", "Text", "load_corpus", "Problem", "check_corpus"]
+
+def bundled_corpus() -> Path:
+    """The folder of the corpus shipped with amygdala (used when no --corpus is given)."""
+    return Path(__file__).resolve().parent / "bundled"
+
+
+__all__ = ["Affect", "Corpus", "CorpusError", "Text", "load_corpus", "Problem", "check_corpus", "bundled_corpus"]

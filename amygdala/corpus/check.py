@@ -114,66 +114,53 @@ def _near_duplicates(texts: list[Text], threshold: float) -> list[tuple[Text, Te
     return found
 
 
-def check_corpus(root: str | Path) -> tuple[list[Problem], list[str], Corpus | None]:
-    """Lint a corpus folder. Returns (problems, warnings, corpus or None when unreadable)."""
-    root = Path(root)
-    load_problems: list[CorpusError] = []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            corpus = load_corpus(root, problems=load_problems)
-        except CorpusError as e:
-            return [Problem(*_split(str(e)))], [str(w.message) for w in caught], None
-    warned = [str(w.message) for w in caught]
-    problems = [Problem(*_split(str(e))) for e in load_problems]
-    lint = corpus.lint
-
-    def rel(t: Text) -> str:
-        return t.where(root)
-
-    # Scenario folders need a baseline: it is the shared negative that makes the pair a pair.
-    for scenario in corpus.paired_dirs:
-        if not (scenario / "baseline.txt").is_file():
-            problems.append(Problem(
-                str(scenario.relative_to(root)), "scenario has no baseline.txt",
-                "write the scenario told with no particular feeling",
-            ))
-
+def _text_problems(corpus: Corpus, root: Path) -> list[Problem]:
+    """Per text: its length, its setting tag, and whether it names its own concept."""
+    lint, problems = corpus.lint, []
     for t in corpus.texts:
         words = len(t.text.split())
-        lo, hi = (
+        lo, hi = (  # direct descriptions are a line or three; stories and the neutral set are paragraphs
             (lint.direct_min_words, lint.direct_max_words)
-            if t.kind in (DIRECT, NEUTRAL)
+            if t.setting == "direct"
             else (lint.min_words, lint.max_words)
         )
         if not lo <= words <= hi:
-            problems.append(Problem(rel(t), f"{words} words, outside {lo}-{hi}", "shorten or extend the text"))
+            problems.append(Problem(t.where(root), f"{words} words, outside {lo}-{hi}", "shorten or extend the text"))
         if t.kind == STORY and not t.setting:
             problems.append(Problem(
-                rel(t), "story has no setting tag",
+                t.where(root), "story has no setting tag",
                 "start the paragraph with a line '# setting: <place and time>'",
             ))
         if t.kind in (STORY, PAIRED) and t.concept:
             hit = concept_word_pattern(t.concept).search(t.text)
             if hit:
                 problems.append(Problem(
-                    rel(t), f"names its own concept ({hit.group(0)!r} in a {t.concept} text)",
+                    t.where(root), f"names its own concept ({hit.group(0)!r} in a {t.concept} text)",
                     "show the feeling without the word",
                 ))
+    return problems
 
-    seen: dict[str, Text] = {}
+
+def _duplicate_problems(corpus: Corpus, root: Path) -> list[Problem]:
+    """Exact duplicates, then near-duplicates among the distinct texts."""
+    problems, seen = [], {}
     for t in corpus.texts:
         key = " ".join(t.text.lower().split())
         if key in seen:
-            problems.append(Problem(rel(t), f"exact duplicate of {rel(seen[key])}", "delete one of them"))
+            problems.append(Problem(t.where(root), f"exact duplicate of {seen[key].where(root)}", "delete one of them"))
         else:
             seen[key] = t
-    for a, b, jac in _near_duplicates(list(seen.values()), lint.near_duplicate_jaccard):
+    for a, b, jac in _near_duplicates(list(seen.values()), corpus.lint.near_duplicate_jaccard):
         problems.append(Problem(
-            rel(b), f"near-duplicate of {rel(a)} (shingle Jaccard {jac:.2f})",
+            b.where(root), f"near-duplicate of {a.where(root)} (shingle Jaccard {jac:.2f})",
             "rewrite one of them as a new situation",
         ))
+    return problems
 
+
+def _coverage_problems(corpus: Corpus) -> list[Problem]:
+    """Per concept: enough scene texts (stories and paired framings) in enough settings."""
+    lint, problems = corpus.lint, []
     trouble = set(lint.trouble_concepts)
     for concept in corpus.concepts:
         scene = [t for t in corpus.positives(concept) if t.kind in (STORY, PAIRED)]
@@ -194,6 +181,31 @@ def check_corpus(root: str | Path) -> tuple[list[Problem], list[str], Corpus | N
                 f"stories/{concept}.txt", f"{label}{concept} has {len(settings)} setting(s), needs {need_set}",
                 "a concept whose texts share one scene learns the scene: add texts in other settings",
             ))
+    return problems
+
+
+def check_corpus(root: str | Path) -> tuple[list[Problem], list[str], Corpus | None]:
+    """Lint a corpus folder. Returns (problems, warnings, corpus or None when unreadable)."""
+    root = Path(root)
+    load_problems: list[CorpusError] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            corpus = load_corpus(root, problems=load_problems)
+        except CorpusError as e:
+            return [Problem(*_split(str(e)))], [str(w.message) for w in caught], None
+    warned = [str(w.message) for w in caught]
+    problems = [Problem(*_split(str(e))) for e in load_problems]
+    # Scenario folders need a baseline: it is the shared negative that makes the pair a pair.
+    for scenario in corpus.paired_dirs:
+        if not (scenario / "baseline.txt").is_file():
+            problems.append(Problem(
+                str(scenario.relative_to(root)), "scenario has no baseline.txt",
+                "write the scenario told with no particular feeling",
+            ))
+    problems += _text_problems(corpus, root)
+    problems += _duplicate_problems(corpus, root)
+    problems += _coverage_problems(corpus)
     return problems, warned, corpus
 
 

@@ -1,13 +1,14 @@
 """Read a corpus folder into texts and per-concept positive / negative sets.
 
-Layout (see corpus/README.md): ``manifest.toml``, ``stories/<concept>.txt``,
-``paired/<scenario>/{baseline,<concept>}.txt``, ``direct/<concept>.txt`` and ``direct/_<name>.txt``.
-Everything that can be checked without a model is checked here, so that a bad corpus fails in
-seconds instead of after a model load (lesson 7 of the original system).
+Layout (the corpus's README.md): ``manifest.toml``, ``stories/<concept>.txt``,
+``paired/<scenario>/{baseline,<concept>}.txt``, ``direct/<concept>.txt``, ``direct/_<name>.txt``
+and ``neutral/<name>.txt``. Everything that can be checked without a model is checked here, so
+that a bad corpus fails in seconds instead of after a minutes-long model load.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import tomllib
 import warnings
@@ -19,6 +20,8 @@ from amygdala import AmygdalaError
 NAME_RE = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
 
 #: Kinds of text. Positives of a concept are its ``story``, ``paired`` and ``direct`` texts.
+#: ``baseline`` (a paired scenario told flat) and ``neutral`` (``direct/_*.txt`` and
+#: ``neutral/*.txt``: texts with no feeling) belong to no concept.
 STORY, PAIRED, BASELINE, DIRECT, NEUTRAL = "story", "paired", "baseline", "direct", "neutral"
 
 
@@ -63,6 +66,16 @@ class Text:
         return f"{path}:{self.line}"
 
 
+@dataclass(frozen=True)
+class Affect:
+    """A concept's place on the valence (-1 unpleasant .. 1 pleasant) and arousal (0 calm .. 1
+    activated) axes, and where the numbers come from (a lexicon entry or ``rubric``)."""
+
+    valence: float
+    arousal: float
+    source: str
+
+
 @dataclass
 class Corpus:
     """A loaded corpus. ``concepts`` keeps manifest order: it is the row order of every readout."""
@@ -75,6 +88,8 @@ class Corpus:
     texts: list[Text]
     lint: LintConfig = field(default_factory=LintConfig)
     paired_dirs: list[Path] = field(default_factory=list)
+    #: Per concept, its valence and arousal (None where the manifest gives none).
+    affect: dict[str, Affect | None] = field(default_factory=dict)
 
     def positives(self, concept: str) -> list[Text]:
         return [t for t in self.texts if t.concept == concept]
@@ -86,9 +101,20 @@ class Corpus:
     def settings(self, concept: str) -> set[str]:
         return {t.setting for t in self.positives(concept) if t.setting}
 
-    def unique_texts(self) -> list[str]:
-        """Each distinct text once, in first-seen order (the forward-pass list)."""
-        return list(dict.fromkeys(t.text for t in self.texts))
+    def text_list(self) -> list[str]:
+        """Every text in corpus order (a text in two files appears twice; the forward runs it once)."""
+        return [t.text for t in self.texts]
+
+    def sha256(self) -> str:
+        """A hash of every text, its kind and concept: changes when any build input changes."""
+        h = hashlib.sha256()
+        for t in self.texts:
+            h.update(f"{t.kind}\0{t.concept}\0{t.text}\n".encode())
+        return h.hexdigest()
+
+    def cluster_of(self) -> list[str]:
+        """Each concept's cluster, in manifest order."""
+        return [self.concept_cluster[c] for c in self.concepts]
 
     def neutral_texts(self) -> list[Text]:
         return [t for t in self.texts if t.kind in (BASELINE, NEUTRAL)]
@@ -107,7 +133,7 @@ class Corpus:
         return replace(self, concepts=order, texts=texts)
 
     def require_positives(self, min_positives: int) -> None:
-        """Raise when a concept cannot be trained: fewer than ``min_positives`` texts."""
+        """Raise when a concept cannot be built: fewer than ``min_positives`` texts."""
         short = [(c, len(self.positives(c))) for c in self.concepts]
         short = [(c, n) for c, n in short if n < min_positives]
         if short:
@@ -197,6 +223,18 @@ def _read_manifest(path: Path) -> tuple[dict, LintConfig]:
     return data, LintConfig(**lint_table)
 
 
+def _affect(name: str, entry: dict) -> Affect | None:
+    """The entry's ``valence`` / ``arousal`` / ``affect_source``, range-checked; None when absent."""
+    if "valence" not in entry and "arousal" not in entry:
+        return None
+    v, a = entry.get("valence"), entry.get("arousal")
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not -1.0 <= v <= 1.0:
+        raise CorpusError(f"manifest.toml: [concepts.{name}] valence = {v!r}: give a number in [-1, 1]")
+    if not isinstance(a, (int, float)) or isinstance(a, bool) or not 0.0 <= a <= 1.0:
+        raise CorpusError(f"manifest.toml: [concepts.{name}] arousal = {a!r}: give a number in [0, 1]")
+    return Affect(float(v), float(a), str(entry.get("affect_source", "unspecified")))
+
+
 def _texts_from_file(
     path: Path, kind: str, concept: str | None, setting: str | None
 ) -> list[Text]:
@@ -210,6 +248,60 @@ def _texts_from_file(
             continue
         texts.append(Text(text, path, line, kind, concept, tags.get("setting", setting)))
     return texts
+
+
+def _concept_entries(root: Path | None, direct_dirs: list[Path], direct_dir: Path | None, manifest: dict) -> dict:
+    """The manifest's concepts; with no corpus folder, the direct folder's file names."""
+    if root is None and direct_dir is not None:
+        names = sorted(p.stem for p in direct_dir.glob("*.txt") if not p.stem.startswith("_"))
+        if not names:
+            raise CorpusError(f"{direct_dir}: no <concept>.txt files; add direct descriptions")
+        return {n: {"cluster": "unclustered", "description": ""} for n in names}
+    return dict(manifest["concepts"])
+
+
+class _Reader:
+    """Reads files into texts, recording a bad file in ``problems`` (when a list) instead of raising."""
+
+    def __init__(self, concepts: list[str], problems: list[CorpusError] | None):
+        self.concepts, self.known, self.problems = concepts, set(concepts), problems
+        self.texts: list[Text] = []
+
+    def _fail(self, err: CorpusError) -> None:
+        if self.problems is None:
+            raise err
+        self.problems.append(err)
+
+    def add(self, path: Path, kind: str, setting: str | None) -> None:
+        concept = None
+        if kind in (STORY, PAIRED, DIRECT):
+            concept = path.stem
+            if concept not in self.known:
+                near = ", ".join(nearest_names(concept, self.concepts))
+                return self._fail(CorpusError(
+                    f"{path}: no concept {concept!r} in the manifest (nearest: {near}); "
+                    "add it to manifest.toml or rename the file"
+                ))
+        try:
+            self.texts.extend(_texts_from_file(path, kind, concept, setting))
+        except CorpusError as err:
+            self._fail(err)
+
+    def add_folder(self, root: Path) -> list[Path]:
+        """stories/, paired/ and neutral/ of a corpus folder; returns the scenario folders."""
+        for path in sorted((root / "stories").glob("*.txt")):
+            self.add(path, STORY, None)
+        scenarios = sorted(p for p in (root / "paired").glob("*") if p.is_dir())
+        for scenario in scenarios:
+            for path in sorted(scenario.glob("*.txt")):
+                self.add(path, BASELINE if path.stem == "baseline" else PAIRED, scenario.name)
+        for path in sorted((root / "neutral").glob("*.txt")):
+            self.add(path, NEUTRAL, "neutral")
+        return scenarios
+
+    def add_direct(self, folder: Path) -> None:
+        for path in sorted(folder.glob("*.txt")):
+            self.add(path, NEUTRAL if path.stem.startswith("_") else DIRECT, "direct")
 
 
 def load_corpus(
@@ -230,76 +322,33 @@ def load_corpus(
     if root is None and direct_dir is None:
         raise CorpusError("no corpus given; pass --corpus DIR and/or --direct-dir DIR")
     root_path = Path(root) if root is not None else None
+    extra = Path(direct_dir) if direct_dir is not None else None
     if root_path is not None:
         if not root_path.is_dir():
             raise CorpusError(f"{root_path}: corpus folder does not exist; pass --corpus DIR")
         manifest, lint = _read_manifest(root_path / "manifest.toml")
     else:
         manifest, lint = {"concepts": {}, "clusters": {}}, LintConfig()
-
-    concept_entries: dict = dict(manifest["concepts"])
-    direct_dirs: list[Path] = []
-    if root_path is not None and include_direct and (root_path / "direct").is_dir():
-        direct_dirs.append(root_path / "direct")
-    if direct_dir is not None:
-        d = Path(direct_dir)
-        if not d.is_dir():
-            raise CorpusError(f"{d}: --direct-dir folder does not exist")
-        direct_dirs.append(d)
-        if root_path is None:
-            names = sorted(p.stem for p in d.glob("*.txt") if not p.stem.startswith("_"))
-            if not names:
-                raise CorpusError(f"{d}: no <concept>.txt files; add direct descriptions")
-            concept_entries = {n: {"cluster": "unclustered", "description": ""} for n in names}
-
-    concepts = list(concept_entries)
-    known = set(concepts)
-    texts: list[Text] = []
-
-    def add(path: Path, kind: str, setting: str | None) -> None:
-        concept = None
-        if kind in (STORY, PAIRED, DIRECT):
-            concept = path.stem
-            if concept not in known:
-                near = ", ".join(nearest_names(concept, concepts))
-                err = CorpusError(
-                    f"{path}: no concept {concept!r} in the manifest (nearest: {near}); "
-                    "add it to manifest.toml or rename the file"
-                )
-                if problems is None:
-                    raise err
-                problems.append(err)
-                return
-        try:
-            texts.extend(_texts_from_file(path, kind, concept, setting))
-        except CorpusError as err:
-            if problems is None:
-                raise
-            problems.append(err)
-
-    paired_dirs: list[Path] = []
-    if root_path is not None:
-        for path in sorted((root_path / "stories").glob("*.txt")):
-            add(path, STORY, None)
-        for scenario in sorted(p for p in (root_path / "paired").glob("*") if p.is_dir()):
-            paired_dirs.append(scenario)
-            for path in sorted(scenario.glob("*.txt")):
-                add(path, BASELINE if path.stem == "baseline" else PAIRED, scenario.name)
+    if extra is not None and not extra.is_dir():
+        raise CorpusError(f"{extra}: --direct-dir folder does not exist")
+    direct_dirs = [root_path / "direct"] if root_path is not None and include_direct and (root_path / "direct").is_dir() else []
+    direct_dirs += [extra] if extra is not None else []
+    entries = _concept_entries(root_path, direct_dirs, extra, manifest)
+    concepts = list(entries)
+    reader = _Reader(concepts, problems)
+    paired_dirs = reader.add_folder(root_path) if root_path is not None else []
     for d in direct_dirs:
-        for path in sorted(d.glob("*.txt")):
-            add(path, NEUTRAL if path.stem.startswith("_") else DIRECT, "direct")
-
-    if not texts:
-        where = root_path if root_path is not None else direct_dir
-        raise CorpusError(f"{where}: corpus has no texts; add stories/<concept>.txt files")
-
+        reader.add_direct(d)
+    if not reader.texts:
+        raise CorpusError(f"{root_path if root_path is not None else extra}: corpus has no texts; add stories/<concept>.txt files")
     return Corpus(
         root=root_path,
         concepts=concepts,
-        concept_cluster={c: concept_entries[c]["cluster"] for c in concepts},
-        descriptions={c: concept_entries[c].get("description", "") for c in concepts},
+        concept_cluster={c: entries[c]["cluster"] for c in concepts},
+        descriptions={c: entries[c].get("description", "") for c in concepts},
         clusters={k: v.get("description", "") for k, v in manifest.get("clusters", {}).items()},
-        texts=texts,
+        texts=reader.texts,
         lint=lint,
         paired_dirs=paired_dirs,
+        affect={c: _affect(c, entries[c]) for c in concepts},
     )

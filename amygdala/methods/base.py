@@ -12,17 +12,20 @@ from amygdala import AmygdalaError
 from amygdala.activations import Activations
 from amygdala.corpus import Corpus
 from amygdala.methods.aggregators import linear, logistic, logistic_l1, mean, pca
+from amygdala.methods.denoised import denoised
 from amygdala.methods.diffmean import diffmean
 from amygdala.methods.subspace import TokenSubspaces, subspace
 
 
 @dataclass(frozen=True)
 class ConceptSets:
-    """Per concept (manifest order): row indices of its positive and negative texts."""
+    """Per concept (manifest order): row indices of its positive and negative texts; and the rows
+    of the neutral texts (no concept's positives), which ``denoised`` removes directions of."""
 
     concepts: list[str]
     positives: list[torch.Tensor]
     negatives: list[torch.Tensor]
+    neutral: torch.Tensor | None = None
 
 
 def concept_sets(corpus: Corpus, acts: Activations) -> ConceptSets:
@@ -37,7 +40,8 @@ def concept_sets(corpus: Corpus, acts: Activations) -> ConceptSets:
         n = sorted(set(acts.rows([t.text for t in corpus.negatives(c)])) - set(p))
         pos.append(torch.tensor(p, dtype=torch.long))
         neg.append(torch.tensor(n, dtype=torch.long))
-    return ConceptSets(list(corpus.concepts), pos, neg)
+    neutral = sorted(set(acts.rows([t.text for t in corpus.neutral_texts()])))
+    return ConceptSets(list(corpus.concepts), pos, neg, torch.tensor(neutral, dtype=torch.long))
 
 
 def unit(v: torch.Tensor, what: str = "vector") -> torch.Tensor:
@@ -69,13 +73,17 @@ def per_concept(fn: PooledMethod) -> LayerFit:
 class Method:
     """A ``--method``: how it fits a layer, the parameters a user may set, what input it needs.
 
-    Every parameter is a positive number of the declared type (``--method-param NAME=VALUE``).
-    ``needs_tokens`` methods read per-token bases (:class:`TokenSubspaces`) as well as pooled rows.
+    Every parameter is a positive number of the declared type (``--method-param NAME=VALUE``),
+    at most its ``maxima`` entry where it has one.
+    ``needs_tokens`` methods read per-token bases (:class:`TokenSubspaces`) as well as pooled rows;
+    ``needs_neutral`` methods read the neutral texts' rows.
     """
 
     fit: LayerFit
     params: dict[str, type] = field(default_factory=dict)
     needs_tokens: bool = False
+    needs_neutral: bool = False
+    maxima: dict[str, float] = field(default_factory=dict)
 
 
 _LOGISTIC = {"C": float, "max_iter": int}
@@ -88,6 +96,7 @@ METHODS: dict[str, Method] = {
     "logistic_l1": Method(per_concept(logistic_l1), _LOGISTIC),
     "linear": Method(per_concept(linear)),
     "subspace": Method(subspace, {"eigen_k": int}, needs_tokens=True),
+    "denoised": Method(denoised, {"variance": float}, needs_neutral=True, maxima={"variance": 1.0}),
 }
 
 
@@ -113,6 +122,9 @@ def check_params(method: str, params: dict) -> dict:
             converted = None
         if converted is None or converted <= 0:
             raise AmygdalaError(f"--method {method}: parameter {name}={value!r} must be a positive {kind.__name__}")
+        top = METHODS[method].maxima.get(name)
+        if top is not None and converted > top:
+            raise AmygdalaError(f"--method {method}: parameter {name}={value!r} must be at most {top:g}")
         out[name] = converted
     return out
 
@@ -130,12 +142,12 @@ def fit(
     method: str, acts: Activations, sets: ConceptSets, *, tokens: TokenSubspaces | None = None, **params
 ) -> Fit:
     """Fit ``method`` at every layer of ``acts``. ``tokens`` is passed to methods that need it."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    params = check_params(method, params)  # also the one check of the method's name
     spec = METHODS[method]
-    params = check_params(method, params)
     if spec.needs_tokens:
         params["tokens"] = tokens
+    if spec.needs_neutral:
+        params["neutral"] = sets.neutral
     vectors: dict[int, torch.Tensor] = {}
     extras: dict[str, dict[int, torch.Tensor]] = {}
     for layer in acts.layers:

@@ -1,4 +1,4 @@
-"""The subspace method (SYSTEM.md lesson 5): what every positive text's *token trajectory* shares.
+"""The subspace method: what every positive text's *token trajectory* shares.
 
 Pooling reduces a text to one point (its last token), so a nuisance that happens to sit at the
 last token survives a mean. Here each text is its whole token-by-hidden matrix X_i, reduced to the

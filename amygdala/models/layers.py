@@ -79,7 +79,8 @@ def missing_reason(block: nn.Module, what: str) -> str:
 
 def projection_weight(module: nn.Module) -> torch.Tensor:
     """The weight as [out_features, in_features], fp32 on the CPU (GPT-2's Conv1D stores it
-    transposed); the CPU copy is where concept vectors live (lesson 8: one device)."""
+    transposed); the CPU copy is where concept vectors live (tensors must meet on one device: the original
+    system crashed when a GPU weight met a CPU vector)."""
     from transformers.pytorch_utils import Conv1D
 
     w = module.weight.detach()
@@ -96,7 +97,7 @@ def num_attention_heads(model: nn.Module) -> int:
 
 def projection_sites(model: nn.Module, layers: list[int]) -> dict[str, nn.Module]:
     """``attn.<l>`` (attention output projection) and ``mlp.<l>`` (MLP down projection) of each
-    layer that has them: the extra inputs the quality report pools in the training forward."""
+    layer that has them: the extra inputs the quality report pools in the build forward."""
     blocks = find_layers(model)
     sites = {}
     for l in layers:

@@ -5,8 +5,8 @@
 - :mod:`amygdala.quality.metrics`: each metric as a function of tensors.
 - :mod:`amygdala.quality.report`: :func:`~amygdala.quality.report.compute` (the quality.json
   document, schema in docs/quality.md) and the printed triage table.
-- :mod:`amygdala.quality.run`: inputs from a model run (``amygdala quality``) or from a training
-  run in the same process (``amygdala train --quality-report``), and writing the two files.
+- :mod:`amygdala.quality.run`: inputs from a model run (``amygdala quality``) or from a build
+  in the same process (``amygdala build --quality-report``), and writing the two files.
 - :mod:`amygdala.quality.plots` / :mod:`amygdala.quality.html`: report.html.
 - :mod:`amygdala.quality.heldout`: leave-one-story-out accuracy.
 """

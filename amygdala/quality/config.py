@@ -12,7 +12,7 @@ class QualityError(AmygdalaError):
     """Thresholds that cannot be used together; the message names the flags."""
 
 
-#: The fields ``amygdala quality`` and ``train --quality-report`` expose as flags, with help.
+#: The fields ``amygdala quality`` and ``build --quality-report`` expose as flags, with help.
 CLI_FIELDS = {
     "clean_above": "first_pc_variance_ratio above this: clean",
     "fragmented_below": "first_pc_variance_ratio below this: fragmented",

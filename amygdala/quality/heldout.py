@@ -59,6 +59,7 @@ def leave_one_story_out(
     clusters = [corpus.concept_cluster[c] for c in concepts]
     pos_all = [set(acts.rows([t.text for t in corpus.positives(c)])) for c in concepts]
     every = set(range(len(acts.texts)))
+    neutral = torch.tensor(sorted(set(acts.rows([t.text for t in corpus.neutral_texts()]))), dtype=torch.long)
     ranks: dict[str, list[int]] = {c: [] for c in concepts}
     confused: Counter[tuple[str, str]] = Counter()
     hit1 = hit5 = cluster_hit = n = 0
@@ -69,6 +70,7 @@ def leave_one_story_out(
             list(concepts),
             [torch.tensor(sorted(p - set(held))) for p in pos_all],
             [torch.tensor(sorted(train_rows - p)) for p in pos_all],
+            neutral,
         )
         vectors = compute_vectors(method, acts, sets, **params)
         train_idx = torch.tensor(sorted(train_rows))

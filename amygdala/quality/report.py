@@ -73,6 +73,51 @@ def _cluster_order(clusters: list[str]) -> list[str]:
     return list(dict.fromkeys(clusters))
 
 
+def _neuron_entry(i: int, best_idx, best_cos, contrib, cfg: QualityConfig) -> dict:
+    """Concept ``i``'s alignment with single MLP neurons and their summed contribution."""
+    top = contrib[i].abs().topk(min(cfg.top_neurons, contrib.shape[1])).indices
+    return {
+        "neuron": int(best_idx[i]),
+        "cos": _r(best_cos[i]),
+        "single_neuron": bool(abs(best_cos[i]) > cfg.single_neuron_cos),
+        "mlp_total": _r(contrib[i].sum()),
+        "top_contributions": [[int(j), _r(contrib[i, j])] for j in top.tolist()],
+    }
+
+
+def _head_entry(norms: torch.Tensor, sel: torch.Tensor, n_heads: int, cfg: QualityConfig) -> dict:
+    """One concept's per-head norms and selectivity, and how concentrated they are."""
+    k = cfg.head_k(n_heads)
+    top = norms.topk(min(cfg.top_heads, n_heads)).indices.tolist()
+    return {
+        "top": [[h, _r(norms[h]), _r(sel[h])] for h in top],
+        "head_concentration": _r(metrics.concentration(norms, k)),
+        "k": k,
+        "even": _r(k / n_heads),
+    }
+
+
+def _layer_summary(concepts: list[str], names: list[str], cos, coh, ratio, scores, cfg: QualityConfig) -> dict:
+    """The layer-wide part: the concept map's geometry and each cluster's cohesion."""
+    def loaders(col: torch.Tensor) -> dict:
+        n = max(1, min(cfg.loaders, len(concepts) // 2))  # the two poles never share a concept
+        hi = col.topk(n).indices.tolist()
+        lo = (-col).topk(n).indices.tolist()
+        return {"positive": [[concepts[j], _r(col[j])] for j in hi], "negative": [[concepts[j], _r(col[j])] for j in lo]}
+
+    return {
+        "geometry": {
+            "explained_variance": [_r(r) for r in ratio.tolist()],
+            "two_pc_share": _r(ratio[:2].sum()),
+            "pc1": loaders(scores[:, 0]),
+            "pc2": loaders(scores[:, 1]),
+            "map": [[_r(a, 3), _r(b, 3)] for a, b in scores.tolist()],
+        },
+        "cohesion": {names[k]: _r(coh[k]) for k in range(len(names))},
+        "cosine": cos,  # kept in memory for the heatmap, dropped from the json
+    }
+
+
 def _layer_metrics(
     inp: QualityInputs, layer: int, cfg: QualityConfig, names: list[str], labels: torch.Tensor,
     pos_member: torch.Tensor, neg_member: torch.Tensor,
@@ -84,17 +129,14 @@ def _layer_metrics(
     near_idx, near_cos = metrics.nearest_concepts(cos, cfg.nearest_k)
     r2, coef = metrics.ridge_redundancy(v, cfg.ridge_lambda)
     sim = metrics.cluster_similarity(cos, labels, len(names))
-    coh = metrics.cohesion(cos, labels, len(names))
-    ratio, scores = metrics.geometry(v, cfg.geometry_k)
-
     x = inp.pooled[layer]
     neg_mean = metrics.group_means(x, neg_member)
     heads = inp.heads.get(layer)
     if heads is not None:
         head_norms, head_sel = metrics.head_stats(heads, pos_member, neg_member, inp.n_heads)
-    neurons = inp.neurons.get(layer)
-    down = inp.down.get(layer)
-    if neurons is not None and down is not None:
+    neurons, down = inp.neurons.get(layer), inp.down.get(layer)
+    with_neurons = neurons is not None and down is not None
+    if with_neurons:
         best_idx, best_cos = metrics.neuron_alignment(v, down)
         act_diff = metrics.group_means(neurons, pos_member) - metrics.group_means(neurons, neg_member)
         contrib = metrics.neuron_contributions(v, down, act_diff)
@@ -116,47 +158,16 @@ def _layer_metrics(
             },
             "cluster_similarity": {names[k]: _r(sim[i, k]) for k in range(len(names))},
         }
-        if neurons is not None and down is not None:
-            top = contrib[i].abs().topk(min(cfg.top_neurons, contrib.shape[1])).indices
-            m["neuron_alignment"] = {
-                "neuron": int(best_idx[i]),
-                "cos": _r(best_cos[i]),
-                "single_neuron": bool(abs(best_cos[i]) > cfg.single_neuron_cos),
-                "mlp_total": _r(contrib[i].sum()),
-                "top_contributions": [[int(j), _r(contrib[i, j])] for j in top.tolist()],
-            }
+        if with_neurons:
+            m["neuron_alignment"] = _neuron_entry(i, best_idx, best_cos, contrib, cfg)
         if heads is not None:
-            norms, sel = head_norms[i], head_sel[i]
-            k = cfg.head_k(inp.n_heads)
-            top = norms.topk(min(cfg.top_heads, inp.n_heads)).indices.tolist()
-            m["per_head"] = {
-                "top": [[h, _r(norms[h]), _r(sel[h])] for h in top],
-                "head_concentration": _r(metrics.concentration(norms, k)),
-                "k": k,
-                "even": _r(k / inp.n_heads),
-            }
+            m["per_head"] = _head_entry(head_norms[i], head_sel[i], inp.n_heads, cfg)
         if eig is not None:
             m["subspace_eigvals"] = [_r(e, 6) for e in eig[i, : cfg.eigvals_k].tolist()]
         per.append(m)
-
-    def loaders(col: torch.Tensor) -> dict:
-        n = max(1, min(cfg.loaders, len(concepts) // 2))  # the two poles never share a concept
-        hi = col.topk(n).indices.tolist()
-        lo = (-col).topk(n).indices.tolist()
-        return {"positive": [[concepts[j], _r(col[j])] for j in hi], "negative": [[concepts[j], _r(col[j])] for j in lo]}
-
-    summary = {
-        "geometry": {
-            "explained_variance": [_r(r) for r in ratio.tolist()],
-            "two_pc_share": _r(ratio[:2].sum()),
-            "pc1": loaders(scores[:, 0]),
-            "pc2": loaders(scores[:, 1]),
-            "map": [[_r(a, 3), _r(b, 3)] for a, b in scores.tolist()],
-        },
-        "cohesion": {names[k]: _r(coh[k]) for k in range(len(names))},
-        "cosine": cos,  # kept in memory for the heatmap, dropped from the json
-    }
-    return {"concepts": per, "summary": summary}
+    ratio, scores = metrics.geometry(v, cfg.geometry_k)
+    coh = metrics.cohesion(cos, labels, len(names))
+    return {"concepts": per, "summary": _layer_summary(concepts, names, cos, coh, ratio, scores, cfg)}
 
 
 def compute(inp: QualityInputs, cfg: QualityConfig = QualityConfig()) -> dict:

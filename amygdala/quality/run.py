@@ -1,9 +1,9 @@
 """Filling the report's inputs from a model run, and writing quality.json + report.html.
 
 Two entry points, one forward pass each:
-- :func:`from_training` reuses a :class:`~amygdala.extract.TrainResult` whose forward already
-  pooled the attention and MLP projection inputs (``TrainConfig(quality_sites=True)``), so
-  ``amygdala train --quality-report`` runs the model once.
+- :func:`from_build` reuses a :class:`~amygdala.pipeline.BuildResult` whose forward already
+  pooled the attention and MLP projection inputs (``BuildConfig(quality_sites=True)``), so
+  ``amygdala build --quality-report`` runs the model once.
 - :func:`run_quality` is ``amygdala quality``: it validates the readout, corpus and model
   before loading the model, then runs one forward with the same captures (and, for a subspace
   readout, the per-token bases whose eigenvalues the report plots).
@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 
 from amygdala import AmygdalaError
-from amygdala.activations import Activations, collect
+from amygdala.activations import Activations
 from amygdala.corpus import Corpus
 from amygdala.methods import METHODS, TokenSubspaces, check_params, concept_sets, fit
 from amygdala.models import load_model, model_info, resolve_model
+from amygdala.pipeline import collect_corpus
 from amygdala.models.layers import (
     attention_out_proj,
     find_layers,
@@ -56,7 +57,7 @@ def quality_inputs(
     """The report's inputs: the readout's vectors, the run's pooled rows and site captures, the
     down-projection weights (copied to the CPU, where the vectors are), and what was skipped."""
     if list(corpus.concepts) != list(readout.concepts):
-        raise AmygdalaError("the corpus's concepts differ from the readout's; pass the corpus it was trained on")
+        raise AmygdalaError("the corpus's concepts differ from the readout's; pass the corpus it was built from")
     blocks = find_layers(model)
     heads, neurons, down, skipped = {}, {}, {}, []
     n_heads = num_attention_heads(model)
@@ -71,7 +72,7 @@ def quality_inputs(
         elif f"mlp.{l}" in acts.sites:
             neurons[l] = acts.sites[f"mlp.{l}"]
             down[l] = projection_weight(mlp)
-    clusters = readout.meta.get("clusters") or [corpus.concept_cluster[c] for c in corpus.concepts]
+    clusters = readout.meta.get("clusters") or corpus.cluster_of()
     return QualityInputs(
         concepts=list(readout.concepts),
         clusters=list(clusters),
@@ -106,28 +107,26 @@ def write(report: dict, cfg: QualityConfig, out: str | Path) -> tuple[Path, Path
     return jpath, hpath
 
 
-def from_training(result, corpus: Corpus, cfg: QualityConfig = QualityConfig()) -> dict:
-    """The report of a training run in this process, from its activations: no forward runs."""
+def from_build(result, corpus: Corpus, cfg: QualityConfig = QualityConfig()) -> dict:
+    """The report of a build in this process, from its activations: no forward runs."""
     inputs = quality_inputs(result.readout, corpus, result.activations, result.model, result.extras.get(EIGENVALUES))
     return compute(inputs, cfg)
 
 
 def corpus_for(readout: Readout, corpus: Corpus) -> Corpus:
-    """``corpus`` reduced to the readout's concepts (a readout trained with --concepts); warns
-    when its texts are not the ones the readout was trained on."""
-    from amygdala.extract import corpus_sha256
-
+    """``corpus`` reduced to the readout's concepts (a readout built with --concepts); warns
+    when its texts are not the ones the readout was built from."""
     missing = [c for c in readout.concepts if c not in corpus.concept_cluster]
     if missing:
         raise AmygdalaError(
             f"{corpus.root}: no concept {', '.join(missing[:5])} of the readout in this corpus's manifest; "
-            "pass the corpus the readout was trained on (--corpus)"
+            "pass the corpus the readout was built from (--corpus)"
         )
     if list(corpus.concepts) != list(readout.concepts):
         corpus = corpus.subset(list(readout.concepts))
-    trained = (readout.meta.get("corpus") or {}).get("sha256")
-    if trained and trained != corpus_sha256(corpus):
-        log.warning("the corpus differs from the one this readout was trained on: metrics describe these texts")
+    built = (readout.meta.get("corpus") or {}).get("sha256")
+    if built and built != corpus.sha256():
+        log.warning("the corpus differs from the one this readout was built from: metrics describe these texts")
     return corpus
 
 
@@ -155,11 +154,10 @@ def run_quality(
     tokens = None
     if method in METHODS and METHODS[method].needs_tokens:
         tokens = TokenSubspaces(readout.layers, info.hidden_size, next(loaded_model.parameters()).device)
-    acts = collect(
-        loaded_model, tokenizer, corpus.unique_texts(), readout.layers,
-        batch_size=batch_size, chat_template=bool(readout.meta.get("chat_template")),
-        on_tokens=tokens.add if tokens is not None else None, progress=progress,
-        sites=projection_sites(loaded_model, readout.layers),
+    acts, _ = collect_corpus(
+        corpus, loaded_model, tokenizer, readout.layers, pooling=readout.pooling,
+        chat_template=bool(readout.meta.get("chat_template")), batch_size=batch_size, progress=progress,
+        tokens=tokens, neutral=False, sites=projection_sites(loaded_model, readout.layers),
     )
     eigvals = None
     if tokens is not None:

@@ -51,12 +51,14 @@ class Readout:
         return int(self.vectors[self.layers[0]].shape[1])
 
     @property
+    def pooling(self) -> str:
+        """How the vectors' corpus rows were pooled (``last`` for files that do not say)."""
+        value = str(self.meta.get("pooling") or "last")
+        return "last" if value == "last_content_token" else value
+
+    @property
     def has_stats(self) -> bool:
         return self.mean is not None and self.std is not None
-
-    def stacked(self, dtype=torch.float32, device="cpu") -> torch.Tensor:
-        """All vectors as one [n_layers, n_concepts, hidden] tensor, in ``layers`` order."""
-        return torch.stack([self.vectors[l] for l in self.layers]).to(device=device, dtype=dtype)
 
     def zscore(self, scores: torch.Tensor) -> torch.Tensor:
         """[..., n_layers, n_concepts] raw scores to z-scores with the neutral-text statistics."""
@@ -80,13 +82,13 @@ class Readout:
         if hidden_size != self.hidden_size:
             raise ReadoutError(
                 f"readout hidden size {self.hidden_size} does not fit {model_name} (hidden size "
-                f"{hidden_size}); use a readout trained on this model"
+                f"{hidden_size}); use a readout built for this model"
             )
         bad = [l for l in self.layers if not 0 <= l < num_layers]
         if bad:
             raise ReadoutError(
                 f"readout layers {bad} do not exist in {model_name} ({num_layers} layers, "
-                f"0-{num_layers - 1}); use a readout trained on this model"
+                f"0-{num_layers - 1}); use a readout built for this model"
             )
 
     # ------------------------------------------------------------------ writing
@@ -146,7 +148,7 @@ class Readout:
         try:
             info = json.loads(jpath.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ReadoutError(f"{jpath}: not valid JSON ({e}); re-run amygdala train") from None
+            raise ReadoutError(f"{jpath}: not valid JSON ({e}); re-run amygdala build") from None
         if not isinstance(info, dict):
             raise ReadoutError(f"{jpath}: must be a JSON object")
         missing = [k for k in REQUIRED if k not in info]
@@ -169,7 +171,7 @@ class Readout:
         try:
             tensors = load_file(tpath)
         except (SafetensorError, OSError, ValueError) as e:
-            raise ReadoutError(f"{tpath}: damaged safetensors file ({e}); re-run amygdala train") from None
+            raise ReadoutError(f"{tpath}: damaged safetensors file ({e}); re-run amygdala build") from None
         vectors, mean, std = {}, {}, {}
         for l in layers:
             key = f"layer_{l}.vectors"

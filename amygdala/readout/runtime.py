@@ -83,9 +83,6 @@ class ReadoutSession:
     def zscores(self) -> torch.Tensor:
         return self.readout.zscore(self.scores())
 
-    def clear(self) -> None:
-        self._chunks.clear()
-
 
 @contextmanager
 def attach(

@@ -4,7 +4,7 @@ vLLM's own output path (worker -> engine core -> API server) has no slot for per
 (``ModelRunnerOutput`` and the msgspec ``EngineCoreOutput`` are fixed structs), so the worker
 pushes scores on a side channel. It sends them right after the forward pass, before sampling
 returns the tokens, so the rows are normally waiting when the API server sees the token; the
-API side still waits for them (:class:`amygdala.serve.rows.RowStore`).
+API side still waits for them (:class:`amygdala.serve.proxy.RowStore`).
 
 One message per forward step: a JSON header (tags, request ids, token indices) and the
 float32 rows ``[m, n_layers, n_concepts]`` as raw bytes.

@@ -11,7 +11,7 @@ What it sets: ``AMYGDALA_READOUT`` (the readout file), ``VLLM_PLUGINS`` (vLLM lo
 plugins only when named there; ``amygdala`` is added to any list you already have), and
 ``--enforce-eager`` (the hooks need eager mode). It binds to 127.0.0.1 unless ``--host`` says.
 With ``AMYGDALA_API_KEY`` set it also serves the training routes (``--readout`` is then
-optional; docs/training.md).
+optional; docs/finetuning.md).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from amygdala import AmygdalaError
-from amygdala.serve.config import PLUGIN_NAME, READOUT_ENV
+from amygdala.serve.config import API_KEY_ENV, PLUGIN_NAME, READOUT_ENV, api_key
 
 SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
 
@@ -38,7 +38,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", default="default", help="model folder, or 'default' (SmolLM2-135M-Instruct)")
     p.add_argument("--readout", type=Path, default=None,
                    help="readout folder (readout.safetensors + readout.json); optional when AMYGDALA_API_KEY is set "
-                        "(the training routes, docs/training.md)")
+                        "(the training routes, docs/finetuning.md)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--dry-run", action="store_true", help="check, print the vLLM command line, start nothing")
@@ -52,7 +52,6 @@ def build(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     from amygdala.models.resolve import DEFAULT_MODEL_NAME, model_info, resolve_model
     from amygdala.readout import Readout
 
-    from amygdala.serve.training import API_KEY_ENV, api_key
 
     if args.readout is None and api_key() is None:
         raise AmygdalaError(f"nothing to serve: give --readout, or set {API_KEY_ENV} to serve the training routes")

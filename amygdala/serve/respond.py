@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 import numpy as np
 
 from amygdala.readout import Readout
-from amygdala.serve.rows import Exchange, Row
+from amygdala.serve.proxy import Exchange, Row
 
 try:  # vLLM depends on msgspec; its JSON is ~10x faster than json's for chunks of floats
     import msgspec

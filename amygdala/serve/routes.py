@@ -8,12 +8,12 @@ load tracking, keep-alive and all) and only:
 1. parse and check ``readout`` / ``steer`` (a 400 naming the field before anything runs);
 2. set the request's ``cache_salt`` from its steering, so steered KV never serves an
    unsteered request with the same prefix (and vice versa);
-3. mark the request (:data:`amygdala.serve.rows.CURRENT`) for the engine-client proxy;
+3. mark the request (:data:`amygdala.serve.proxy.CURRENT`) for the engine-client proxy;
 4. add ``readout`` to the response or to every streamed chunk.
 
 ``GET /v1/readout/manifest`` describes the loaded readout (404 when there is none). vLLM only
 loads endpoint plugins named in ``VLLM_PLUGINS``. With ``AMYGDALA_API_KEY`` set, the training
-routes (:mod:`amygdala.serve.training`) are attached here too.
+routes (:mod:`amygdala.serve.finetune_routes`) are attached here too.
 """
 
 import logging
@@ -28,22 +28,16 @@ from amygdala.readout import Readout
 from amygdala.serve.channel import Receiver
 from amygdala.serve.config import PLUGIN_NAME, channel_address, load_readout
 from amygdala.serve.respond import Formatter, rewrite_body, rewrite_stream
-from amygdala.serve.rows import CURRENT, EngineClientProxy, Exchange, RowStore
+from amygdala.serve.proxy import CURRENT, EngineClientProxy, Exchange, RowStore
 from amygdala.serve.spec import FIELDS, ModelShape, RequestSpec, SpecError, parse
-from amygdala.serve.training import TrainingRoutes
+from amygdala.serve.errors import error_response
+from amygdala.serve.finetune_routes import TrainingRoutes
 
 log = logging.getLogger("vllm.amygdala")  # under vLLM's logger: its format and level
 
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
 MANIFEST = "/v1/readout/manifest"
-
-
-def error(message: str, param: str | None = None, status: HTTPStatus = HTTPStatus.BAD_REQUEST) -> JSONResponse:
-    """An error in vLLM's (and OpenAI's) shape, so clients handle it like any other."""
-    kind = "BadRequestError" if status == HTTPStatus.BAD_REQUEST else "NotFoundError"
-    body = {"error": {"message": message, "type": kind, "param": param, "code": int(status)}}
-    return JSONResponse(body, status_code=int(status))
 
 
 def manifest_body(readout: Readout) -> dict:
@@ -122,7 +116,7 @@ class AmygdalaEndpoints:
     # ------------------------------------------------------------------ routes
     async def manifest(self) -> JSONResponse:
         if self.readout is None:
-            return error("no readout file is loaded on this server (start it with AMYGDALA_READOUT)", status=HTTPStatus.NOT_FOUND)
+            return error_response("no readout file is loaded on this server (start it with AMYGDALA_READOUT)", status=HTTPStatus.NOT_FOUND)
         return JSONResponse(manifest_body(self.readout))
 
     async def handle(self, request, raw_request: Request, original, *, chat: bool):
@@ -130,7 +124,7 @@ class AmygdalaEndpoints:
         try:
             spec = self._spec(request)
         except SpecError as e:
-            return error(str(e), e.param)
+            return error_response(str(e), e.param)
         if not spec.active:
             return await original(request, raw_request)
         request.cache_salt = spec.cache_salt(request.cache_salt)

@@ -23,11 +23,11 @@ from transformers import AutoConfig
 
 import serve_helpers as sh
 import tiny
-from amygdala.train import layout, views
-from amygdala.train.inputs import TrainInputError
-from amygdala.train.state import STATE_FILE
-from amygdala.train.trainer import Trainer
-from amygdala.train.worker import TrainingService, WorkerError, WorkerSpec, spawn
+from amygdala.finetune import layout, views
+from amygdala.finetune.inputs import TrainInputError
+from amygdala.finetune.state import STATE_FILE
+from amygdala.finetune.trainer import Trainer
+from amygdala.finetune.worker import TrainingService, WorkerError, WorkerSpec, spawn
 
 vllm = pytest.mark.vllm
 KEY = "test-key-7"
@@ -211,19 +211,19 @@ def test_routes_are_off_without_a_key_and_need_it_when_set(monkeypatch):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from amygdala.serve import training
+    from amygdala.serve import config, finetune_routes
 
-    monkeypatch.delenv(training.API_KEY_ENV, raising=False)
+    monkeypatch.delenv(config.API_KEY_ENV, raising=False)
     app = FastAPI()
-    training.TrainingRoutes().attach(app)
+    finetune_routes.TrainingRoutes().attach(app)
     client = TestClient(app)
     assert client.post("/train", json=request()).status_code == 404
     assert client.get("/train/status").status_code == 404
     assert client.post("/checkpoint").status_code == 404
 
-    monkeypatch.setenv(training.API_KEY_ENV, KEY)
+    monkeypatch.setenv(config.API_KEY_ENV, KEY)
     app = FastAPI()
-    training.TrainingRoutes().attach(app)
+    finetune_routes.TrainingRoutes().attach(app)
     client = TestClient(app)
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"}, {"Authorization": KEY}):
         for method, path in (("post", "/train"), ("get", "/train/status"), ("post", "/checkpoint")):
@@ -235,20 +235,20 @@ def test_routes_are_off_without_a_key_and_need_it_when_set(monkeypatch):
 
 
 def test_settings_come_from_the_environment_and_bad_values_name_the_variable(monkeypatch):
-    from amygdala.serve import training
+    from amygdala.serve import config, finetune_engine
 
-    for var in (training.OPTIMIZER_ENV, training.SYNC_DELAY_ENV, training.THREADS_ENV):
+    for var in (config.OPTIMIZER_ENV, config.SYNC_DELAY_ENV, config.THREADS_ENV):
         monkeypatch.delenv(var, raising=False)
-    assert training.settings() == ("apollo-mini", 600.0, 0)
-    monkeypatch.setenv(training.SYNC_DELAY_ENV, "30")
-    monkeypatch.setenv(training.OPTIMIZER_ENV, "apollo")
-    monkeypatch.setenv(training.THREADS_ENV, "2")
-    assert training.settings() == ("apollo", 30.0, 2)
-    for var, value in ((training.SYNC_DELAY_ENV, "soon"), (training.SYNC_DELAY_ENV, "-1"), (training.OPTIMIZER_ENV, "sgd"),
-                       (training.THREADS_ENV, "0")):
+    assert finetune_engine.settings() == ("apollo-mini", 600.0, 0)
+    monkeypatch.setenv(config.SYNC_DELAY_ENV, "30")
+    monkeypatch.setenv(config.OPTIMIZER_ENV, "apollo")
+    monkeypatch.setenv(config.THREADS_ENV, "2")
+    assert finetune_engine.settings() == ("apollo", 30.0, 2)
+    for var, value in ((config.SYNC_DELAY_ENV, "soon"), (config.SYNC_DELAY_ENV, "-1"), (config.OPTIMIZER_ENV, "sgd"),
+                       (config.THREADS_ENV, "0")):
         monkeypatch.setenv(var, value)
-        with pytest.raises(training.TrainingSetupError, match=rf"^{var}={value!r}: "):
-            training.settings()
+        with pytest.raises(finetune_engine.TrainingSetupError, match=rf"^{var}={value!r}: "):
+            finetune_engine.settings()
         monkeypatch.delenv(var)
 
 
@@ -257,18 +257,18 @@ def test_amygdala_serve_trains_without_a_readout_when_the_key_is_set(tmp_path, m
 
     pytest.importorskip("vllm")
     from amygdala import AmygdalaError
-    from amygdala.serve import cli, training
+    from amygdala.serve import cli, config
 
     folder = tmp_path / "model"
     tiny.make_model("llama", folder)
     parser = argparse.ArgumentParser()
     cli.add_parser(parser.add_subparsers(dest="command"))
-    for var in (training.API_KEY_ENV, "AMYGDALA_READOUT", "VLLM_READOUT_VECTORS"):
+    for var in (config.API_KEY_ENV, "AMYGDALA_READOUT", "VLLM_READOUT_VECTORS"):
         monkeypatch.delenv(var, raising=False)
     args = parser.parse_args(["serve", "--model", str(folder), "--dry-run"])
-    with pytest.raises(AmygdalaError, match=f"nothing to serve: give --readout, or set {training.API_KEY_ENV}"):
+    with pytest.raises(AmygdalaError, match=f"nothing to serve: give --readout, or set {config.API_KEY_ENV}"):
         args.func(args)
-    monkeypatch.setenv(training.API_KEY_ENV, KEY)
+    monkeypatch.setenv(config.API_KEY_ENV, KEY)
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert out.startswith("VLLM_PLUGINS=amygdala ") and "--host 127.0.0.1" in out and "--enforce-eager" in out

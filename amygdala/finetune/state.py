@@ -2,7 +2,7 @@
 
 Why next to the model (not /tmp, as the original did): the folder is the checkpoint, and Adam's
 moments belong to the weights they were accumulated on. Saving them in the same sync
-transaction (a sidecar of :func:`amygdala.train.checkpoint.sync`) means a crash never pairs
+transaction (a sidecar of :func:`amygdala.finetune.checkpoint.sync`) means a crash never pairs
 new weights with old moments. The file holds only tensors, ints, floats and strings, so it
 loads with ``torch.load(weights_only=True)``; the optimizer settings and parameter names in it
 let a restore refuse a state that belongs to another optimizer or another set of weights.
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from amygdala import AmygdalaError
-from amygdala.train.apollo import OptimizerSettings
+from amygdala.finetune.apollo import OptimizerSettings
 
 #: The sidecar file in the model folder.
 STATE_FILE = "amygdala-optimizer.pt"
@@ -47,19 +47,6 @@ def encode_state(optimizer: torch.optim.Optimizer, names: list[str], settings: O
     buf = io.BytesIO()
     torch.save(payload, buf)
     return buf.getvalue()
-
-
-def save_state(model_dir: str | os.PathLike, optimizer: torch.optim.Optimizer, names: list[str],
-               settings: OptimizerSettings, counters: dict[str, int]) -> Path:
-    """Write the state file atomically (temporary, fsync, rename), outside a sync."""
-    path = Path(model_dir) / STATE_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(encode_state(optimizer, names, settings, counters))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
 
 
 def load_state(model_dir: str | os.PathLike, optimizer: torch.optim.Optimizer, names: list[str],

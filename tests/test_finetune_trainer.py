@@ -9,11 +9,11 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import tiny
-from amygdala.train import checkpoint, layout, views
-from amygdala.train.apollo import OptimizerSettings
-from amygdala.train.inputs import TrainInputError
-from amygdala.train.state import STATE_FILE, StateError
-from amygdala.train.trainer import Trainer
+from amygdala.finetune import checkpoint, layout, views
+from amygdala.finetune.apollo import OptimizerSettings
+from amygdala.finetune.inputs import TrainInputError
+from amygdala.finetune.state import STATE_FILE, StateError
+from amygdala.finetune.trainer import Trainer
 
 CONTEXT, CONTINUATION = [2, 10, 11, 12, 13], [40, 41, 42, 43, 44, 45]
 REQUEST = {"samples": [{"context_ids": CONTEXT, "continuation_ids": CONTINUATION}],
@@ -105,8 +105,8 @@ def test_default_model_trains_on_served_views_and_syncs(tmp_path):
     import shutil
 
     from amygdala.models import load_model, resolve_model
-    from amygdala.train.inputs import JobConfig, Sample
-    from amygdala.train.objectives import continuation_logprobs
+    from amygdala.finetune.inputs import JobConfig, Sample
+    from amygdala.finetune.objectives import continuation_logprobs
 
     folder = tmp_path / "model"
     shutil.copytree(resolve_model("default"), folder)

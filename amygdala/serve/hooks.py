@@ -33,6 +33,7 @@ from amygdala.models.layers import find_layers
 from amygdala.readout import Readout, ReadoutError, Steering
 from amygdala.serve.channel import Sender
 from amygdala.serve.config import CHANNEL_ENV, WIRE_KEY
+from amygdala.serve.patching import not_eager
 
 log = logging.getLogger("vllm.amygdala")  # under vLLM's logger: its format and level
 
@@ -192,11 +193,7 @@ def _pad(idx: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def check_supported(vllm_config) -> None:
-    from vllm.config import CompilationMode
-
-    cc = vllm_config.compilation_config
-    graphs = getattr(cc, "cudagraph_mode", None)
-    if cc.mode != CompilationMode.NONE or (graphs is not None and graphs.name != "NONE"):
+    if not_eager(vllm_config):
         raise ReadoutError(
             "amygdala's readout and steering hook the decoder layers and need eager mode: "
             "start vLLM with --enforce-eager"
@@ -216,32 +213,8 @@ def install(worker) -> None:
         worker.model_runner._amygdala = WorkerState(worker.model_runner, readout, worker.rank)
 
 
-#: Attribute that marks the readout's wrappers (``__wrapped__`` links a chain of wrappers).
-MARK = "_amygdala_readout"
-
-
-def mark(wrapper, original, tag: str = MARK):
-    """Record ``original`` under ``wrapper`` and tag it, so :func:`is_ours` finds it later."""
-    wrapper.__wrapped__ = original
-    setattr(wrapper, tag, True)
-    return wrapper
-
-
-def is_ours(fn, tag: str = MARK) -> bool:
-    """Whether a wrapper tagged ``tag`` is anywhere in ``fn``'s chain of wrappers.
-
-    Plugins can load more than once per process, and the readout and training wrappers stack in
-    either order: each kind wraps once, whatever else is in the chain.
-    """
-    while fn is not None:
-        if getattr(fn, tag, False):
-            return True
-        fn = getattr(fn, "__wrapped__", None)
-    return False
-
-
 def model_forward_wrapper(original):
-    """Wrap ``GPUModelRunner._model_forward`` so each real forward has its step plan."""
+    """``GPUModelRunner._model_forward``, giving each real forward its step plan (the CPU runner inherits it)."""
 
     def _model_forward(self, *args, **kwargs):
         state: WorkerState | None = getattr(self, "_amygdala", None)
@@ -256,15 +229,4 @@ def model_forward_wrapper(original):
         finally:
             state.end_step(send=done)
 
-    return mark(_model_forward, original)
-
-
-def load_model_wrapper(original):
-    """Wrap ``Worker.load_model`` to install the hooks once the weights are in."""
-
-    def load_model(self, *args, **kwargs):
-        result = original(self, *args, **kwargs)
-        install(self)
-        return result
-
-    return mark(load_model, original)
+    return _model_forward

@@ -8,7 +8,7 @@ writing must leave a folder that loads with every tensor wholly old or wholly ne
 A sync, :func:`sync`:
 
 1. Served tensors (vLLM's names, merged ``qkv_proj``/``gate_up_proj``; or already the
-   checkpoint's names) become views under the checkpoint's names (:mod:`amygdala.train.layout`).
+   checkpoint's names) become views under the checkpoint's names (:mod:`amygdala.finetune.layout`).
    A served dtype other than the file's (bf16 served from an fp32 folder) is cast, keeping the
    file's value wherever it still rounds to the served value, so untouched weights keep their
    full precision.
@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from amygdala import AmygdalaError
-from amygdala.train.layout import LayoutError, placements, to_checkpoint
+from amygdala.finetune.layout import LayoutError, placements, to_checkpoint
 
 BLOCK = 4096
 JOURNAL = ".amygdala-sync.journal"
@@ -432,7 +432,7 @@ def sync(
     """Write ``served`` into the folder's safetensors files, changed 4 KiB blocks only, crash-safe.
 
     ``sidecars``: small files (name -> contents) written in the same transaction, e.g. the
-    optimizer state (:mod:`amygdala.train.state`). Nothing may write to ``served`` during the
+    optimizer state (:mod:`amygdala.finetune.state`). Nothing may write to ``served`` during the
     call (the trainer runs no job while it syncs); inference reading it is fine.
     """
     t0 = time.perf_counter()

@@ -1,7 +1,7 @@
 """The online trainer: jobs of in-place updates, optimizer state that persists, checkpoint sync.
 
 What the training worker (the process beside vLLM) holds is one :class:`Trainer`: a model whose
-parameters are the served weights (:func:`amygdala.train.views.view_model`), its optimizer,
+parameters are the served weights (:func:`amygdala.finetune.views.view_model`), its optimizer,
 and the model folder. It is synchronous and single-threaded on purpose: the worker runs one
 job at a time and never syncs while a job runs, which is what makes the sync's snapshot of
 the served tensors consistent. Serving (reads) may go on during both.
@@ -22,11 +22,11 @@ import torch
 from torch import nn
 
 from amygdala import AmygdalaError
-from amygdala.train import checkpoint
-from amygdala.train.apollo import OptimizerSettings, build_optimizer, state_nbytes
-from amygdala.train.inputs import JobConfig, Limits, Sample, parse_request
-from amygdala.train.objectives import reference_logprobs, sample_losses
-from amygdala.train.state import STATE_FILE, encode_state, load_state
+from amygdala.finetune import checkpoint
+from amygdala.finetune.apollo import OptimizerSettings, build_optimizer, state_nbytes
+from amygdala.finetune.inputs import JobConfig, Limits, Sample, parse_request
+from amygdala.finetune.objectives import reference_logprobs, sample_losses
+from amygdala.finetune.state import STATE_FILE, encode_state, load_state
 
 
 class TrainJobError(AmygdalaError):

@@ -16,12 +16,12 @@ import pytest
 import torch
 
 import tiny
-from amygdala.train.apollo import (
+from amygdala.finetune.apollo import (
     DEFAULT_RANK, MINI_ALPHA, Apollo, OptimizerError, OptimizerSettings, build_optimizer, split_parameters,
     state_nbytes,
 )
-from amygdala.train.inputs import JobConfig, Sample
-from amygdala.train.trainer import run_job
+from amygdala.finetune.inputs import JobConfig, Sample
+from amygdala.finetune.trainer import run_job
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

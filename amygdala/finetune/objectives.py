@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from amygdala.train.inputs import JobConfig, Sample
+from amygdala.finetune.inputs import JobConfig, Sample
 
 
 @dataclass

@@ -4,11 +4,11 @@ Why a process of its own: a job is seconds to minutes of forward and backward pa
 the API server it would stall every request's event loop (the original system's bug), run in
 vLLM's worker it would stall the forward passes. Here it runs on its own cores while vLLM keeps
 serving from the same memory: the worker's transformers model is built on *views* of the
-served tensors (:func:`amygdala.train.views.view_model`), which the holder moved to shared
+served tensors (:func:`amygdala.finetune.views.view_model`), which the holder moved to shared
 memory (CPU) or exports as CUDA IPC handles, so every optimizer step lands in the weights the
 next request reads (HOGWILD: no pause, no copy).
 
-Pieces, all in this module so the process has one entry point (``python -m amygdala.train.worker``):
+Pieces, all in this module so the process has one entry point (``python -m amygdala.finetune.worker``):
 
 - :func:`spawn` (called in the holder, i.e. vLLM's worker process): moves the tensors to shared
   memory in place, starts the process, hands it the handles and waits until it is ready, so a
@@ -52,10 +52,11 @@ from pathlib import Path
 import torch
 
 from amygdala import AmygdalaError
-from amygdala.train.inputs import JobConfig, Sample, TrainInputError
-from amygdala.train.trainer import Trainer, TrainJobError
+from amygdala.finetune import protocol
+from amygdala.finetune.inputs import JobConfig, Sample, TrainInputError
+from amygdala.finetune.trainer import Trainer, TrainJobError
 
-log = logging.getLogger("amygdala.train.worker")
+log = logging.getLogger("amygdala.finetune.worker")
 
 LOCK_FILE = ".amygdala-train.lock"
 #: Finished jobs kept for ``GET /train/status``.
@@ -248,15 +249,15 @@ class TrainingService:
     def _sync(self, waiters: list[Callable[[dict], None]]) -> None:
         try:
             report = self.trainer.sync()
-            result = {"ok": True, "sync": {
+            result = protocol.ok(protocol.CHECKPOINT, {
                 "tensors_changed": len(report.tensors_changed), "blocks": report.blocks,
                 "bytes_written": report.bytes_written, "journal_bytes": report.journal_bytes,
                 "sidecars": report.sidecars, "seconds": round(report.seconds, 3),
-                "steps": self.trainer.counters["steps"]}}
+                "steps": self.trainer.counters["steps"]})
             log.info("checkpoint sync: %s", report.summary())
         except Exception as e:  # the folder is unchanged or recoverable (crash-safe); say why, retry later
             log.exception("checkpoint sync failed")
-            report, result = None, {"ok": False, "error": {"message": f"checkpoint sync failed: {type(e).__name__}: {e}"}}
+            report, result = None, protocol.failed(f"checkpoint sync failed: {type(e).__name__}: {e}")
         snapshot = self.trainer.status()
         with self._cond:
             self._syncing, self._snapshot = False, snapshot
@@ -269,20 +270,20 @@ class TrainingService:
 
 
 # --------------------------------------------------------------------------- ZeroMQ
-def handle(service: TrainingService, message: dict, defer: Callable[[dict], None]) -> dict | None:
+def handle(service: TrainingService, message: dict | None, defer: Callable[[dict], None]) -> dict | None:
     """One request from the API server -> its reply (None: ``defer`` will be called with it)."""
-    op = message.get("op") if isinstance(message, dict) else None
-    if op == "status":
-        return {"ok": True, "status": service.status()}
-    if op == "submit":
+    op = message.get("op") if message is not None else None
+    if op == protocol.STATUS:
+        return protocol.ok(op, service.status())
+    if op == protocol.SUBMIT:
         try:
-            return {"ok": True, "job": service.submit(message.get("request"))}
+            return protocol.ok(op, service.submit(message.get("request")))
         except TrainInputError as e:
-            return {"ok": False, "error": {"message": str(e), "field": e.field}}
-    if op == "checkpoint":
+            return protocol.failed(str(e), e.field)
+    if op == protocol.CHECKPOINT:
         service.checkpoint(defer)
         return None
-    return {"ok": False, "error": {"message": f"unknown op {op!r}"}}
+    return protocol.failed(f"unknown op {op!r}")
 
 
 def serve(service: TrainingService, address: str, *, parent_pid: int | None = None, stop: threading.Event | None = None) -> None:
@@ -304,19 +305,15 @@ def serve(service: TrainingService, address: str, *, parent_pid: int | None = No
             if sock.poll(50):
                 ident, _, body = sock.recv_multipart()
                 try:
-                    message = json.loads(body)
-                except json.JSONDecodeError:
-                    message = None
-                try:
-                    reply = handle(service, message, lambda r, ident=ident: deferred.put((ident, r)))
+                    reply = handle(service, protocol.decode(body), lambda r, ident=ident: deferred.put((ident, r)))
                 except Exception as e:  # a bug: answer it rather than leave the API server waiting
                     log.exception("training request failed")
-                    reply = {"ok": False, "error": {"message": f"{type(e).__name__}: {e}"}}
+                    reply = protocol.failed(f"{type(e).__name__}: {e}")
                 if reply is not None:
-                    sock.send_multipart([ident, b"", json.dumps(reply).encode()])
+                    sock.send_multipart([ident, b"", protocol.encode(reply)])
             while not deferred.empty():
                 ident, reply = deferred.get()
-                sock.send_multipart([ident, b"", json.dumps(reply).encode()])
+                sock.send_multipart([ident, b"", protocol.encode(reply)])
     finally:
         sock.close(0)
 
@@ -328,19 +325,11 @@ class CacheResetter:
         self.address, self.timeout = address, timeout
 
     def __call__(self) -> tuple[bool, str | None]:
-        import zmq
-
-        sock = zmq.Context.instance().socket(zmq.REQ)
-        sock.setsockopt(zmq.LINGER, 0)
         try:
-            sock.connect(self.address)
-            sock.send(json.dumps({"op": "reset_prefix_cache"}).encode())
-            if not sock.poll(int(self.timeout * 1000)):
-                return False, f"the API server did not answer within {self.timeout:.0f} s"
-            reply = json.loads(sock.recv())
-            return bool(reply.get("ok")), reply.get("error")
-        finally:
-            sock.close(0)
+            reply = protocol.ask_blocking(self.address, protocol.request(protocol.RESET_PREFIX_CACHE), self.timeout)
+        except protocol.Unanswered as e:
+            return False, f"the API server gave {e}"
+        return bool(reply.get("ok")), None if reply.get("ok") else protocol.error_message(reply)
 
 
 # --------------------------------------------------------------------------- the process
@@ -367,7 +356,7 @@ def spawn(served: Mapping[str, torch.Tensor], spec: WorkerSpec, *, timeout: floa
     """
     import torch.multiprocessing as tmp
 
-    from amygdala.train.views import export_handles
+    from amygdala.finetune.views import export_handles
 
     need = sum(t.numel() * t.element_size() for t in served.values() if t.device.type == "cpu" and not t.is_shared())
     if need and os.path.isdir("/dev/shm"):  # a full tmpfs would not fail here but SIGBUS later, mid-serving
@@ -382,7 +371,7 @@ def spawn(served: Mapping[str, torch.Tensor], spec: WorkerSpec, *, timeout: floa
     payload = pickle.dumps({"spec": asdict(spec), "handles": export_handles(served), "parent_pid": os.getpid()})
     ready_r, ready_w = os.pipe()
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "amygdala.train.worker", str(ready_w)],
+        proc = subprocess.Popen([sys.executable, "-m", "amygdala.finetune.worker", str(ready_w)],
                                 stdin=subprocess.PIPE, pass_fds=(ready_w,))
     finally:
         os.close(ready_w)
@@ -417,8 +406,8 @@ def spawn(served: Mapping[str, torch.Tensor], spec: WorkerSpec, *, timeout: floa
 def _start(payload: dict, stack: contextlib.ExitStack) -> tuple[TrainingService, WorkerSpec]:
     from transformers import AutoConfig
 
-    from amygdala.train.apollo import OptimizerSettings
-    from amygdala.train.views import import_handles, view_model
+    from amygdala.finetune.apollo import OptimizerSettings
+    from amygdala.finetune.views import import_handles, view_model
 
     spec = WorkerSpec(**payload["spec"])
     if spec.threads:
@@ -433,7 +422,7 @@ def _start(payload: dict, stack: contextlib.ExitStack) -> tuple[TrainingService,
 
 def main(argv: list[str]) -> int:
     """The process: read the payload from stdin, build the trainer, answer on the control socket."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s [amygdala train] %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s [amygdala finetune] %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the server; this process follows it
     ready = os.fdopen(int(argv[0]), "w")
     payload = pickle.loads(sys.stdin.buffer.read())

@@ -26,7 +26,7 @@ weights, and round-to-nearest would discard updates smaller than half a bf16 ulp
 Parameters in a group without ``rank`` run plain AdamW (same c, same eps placement) in the same
 optimizer: embeddings, norms, biases. Only 2-D tensors may be in a low-rank group.
 
-Choices, where paper and reference code leave room (see docs/training.md):
+Choices, where paper and reference code leave room (see docs/finetuning.md):
 
 - ``alpha`` is the paper's alpha, the multiplier of the update: apollo-torch's ``scale`` is
   alpha**2 (it multiplies by sqrt(scale)). APOLLO-Mini's default is sqrt(128).
@@ -312,7 +312,7 @@ def split_parameters(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], 
 def build_optimizer(model: nn.Module, settings: OptimizerSettings, lr: float = 1e-5) -> tuple[torch.optim.Optimizer, list[str]]:
     """The optimizer for ``model``'s trainable parameters, and their names in optimizer order.
 
-    The names travel with the saved state (:mod:`amygdala.train.state`) so a restore can check it
+    The names travel with the saved state (:mod:`amygdala.finetune.state`) so a restore can check it
     belongs to the same parameters. ``adamw`` is ``torch.optim.AdamW`` (the baseline).
     """
     low, plain = split_parameters(model)

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import tiny
-from amygdala.train import layout, views
-from amygdala.train.apollo import OptimizerSettings, build_optimizer
-from amygdala.train.inputs import JobConfig, Sample
-from amygdala.train.layout import LayoutError
-from amygdala.train.trainer import run_job
+from amygdala.finetune import layout, views
+from amygdala.finetune.apollo import OptimizerSettings, build_optimizer
+from amygdala.finetune.inputs import JobConfig, Sample
+from amygdala.finetune.layout import LayoutError
+from amygdala.finetune.trainer import run_job
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import tiny
-from amygdala.train.apollo import OptimizerSettings, build_optimizer
-from amygdala.train.inputs import JobConfig, Limits, Sample, TrainInputError, parse_request
-from amygdala.train.objectives import continuation_logprobs
-from amygdala.train.trainer import TrainJobError, run_job
+from amygdala.finetune.apollo import OptimizerSettings, build_optimizer
+from amygdala.finetune.inputs import JobConfig, Limits, Sample, TrainInputError, parse_request
+from amygdala.finetune.objectives import continuation_logprobs
+from amygdala.finetune.trainer import TrainJobError, run_job
 
 LIMITS = Limits(vocab_size=100, max_length=16)
 

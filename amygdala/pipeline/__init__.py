@@ -1,0 +1,9 @@
+"""The vector pipeline: corpus -> one forward per unique text -> method -> readout file.
+
+Both ``amygdala build`` and the quality and validity reports run their forward through here, so
+a corpus is resolved, checked, collected and fitted one way only.
+"""
+
+from amygdala.pipeline.build import BuildConfig, BuildResult, build, collect_corpus, plan
+
+__all__ = ["BuildConfig", "BuildResult", "build", "collect_corpus", "plan"]

@@ -1,0 +1,179 @@
+"""``amygdala build``: concept vectors from a corpus, written as a readout file.
+
+Everything that can fail without the model is checked before it loads: the corpus, the concept
+selection, the minimum positives, the method and its parameters, the pooling, the layers against
+the model's config. A model load costs minutes on a large model; a typo should cost seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from amygdala.activations import DEFAULT_POOLING, Activations, Pooling, collect
+from amygdala.corpus import Corpus
+from amygdala.methods import METHODS, TokenSubspaces, check_params, concept_sets, fit
+from amygdala.models import load_model, model_info, parse_layers, relative_depth, resolve_model
+from amygdala.models.layers import projection_sites
+from amygdala.readout import Readout
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BuildConfig:
+    """Options of ``amygdala build``; the defaults are the CLI's."""
+
+    model: str | None = "default"
+    layers: str = "0.5,0.66"
+    method: str = "diffmean"
+    method_params: dict = field(default_factory=dict)
+    pooling: str = DEFAULT_POOLING
+    min_positives: int = 3
+    chat_template: bool = False
+    batch_size: int = 16
+    device: str | None = None
+    dtype: str = "float32"
+    progress: bool = True
+    #: Also pool the attention output and MLP down projections' inputs in the same forward
+    #: (``activations.sites``), for the quality report (``build --quality-report``).
+    quality_sites: bool = False
+
+
+@dataclass
+class BuildResult:
+    readout: Readout
+    activations: Activations
+    model: object
+    tokenizer: object
+    #: Per-method by-products, per name and layer, e.g. ``subspace_eigenvalues`` [n_concepts, 20].
+    extras: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a checked configuration resolved to, before any model loads."""
+
+    model_path: Path
+    layers: list[int]
+    num_layers: int
+    hidden_size: int
+    params: dict
+    pooling: Pooling
+
+
+def plan(corpus: Corpus, config: BuildConfig) -> Plan:
+    """Validate everything cheap and resolve it. Logs the target layers' relative depths."""
+    params = check_params(config.method, config.method_params)
+    pooling = Pooling.parse(config.pooling)
+    corpus.require_positives(config.min_positives)
+    path = resolve_model(config.model)
+    info = model_info(path)
+    layers = parse_layers(config.layers, info.num_layers)
+    depths = ", ".join(f"{l} ({relative_depth(l, info.num_layers):.0%})" for l in layers)
+    log.warning("model %s: %d layers, hidden %d; target layers %s", info.name, info.num_layers, info.hidden_size, depths)
+    return Plan(path, layers, info.num_layers, info.hidden_size, params, pooling)
+
+
+class NeutralTokens:
+    """Per-token activations of the neutral texts, gathered in the build forward: the readout's
+    z-score statistics are per token (the readout reads every token), so they are measured per
+    token too, never on pooled rows."""
+
+    def __init__(self, rows: set[int], layers: list[int]):
+        self.rows, self.tokens = rows, {l: [] for l in layers}
+
+    def add(self, row: int, layer: int, matrix: torch.Tensor, start: int) -> None:
+        if row in self.rows:
+            # Position 0 is the attention sink: its residual norm is an outlier, not neutral text.
+            self.tokens[layer].append(matrix[1 if start == 0 else 0 :].float().cpu())
+
+    def statistics(self, vectors: dict[int, torch.Tensor]) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """Mean and std of the per-token projections, per layer and concept."""
+        mean, std = {}, {}
+        for l, v in vectors.items():
+            proj = torch.cat(self.tokens[l]) @ v.T
+            mean[l], std[l] = proj.mean(0), proj.std(0)
+        return mean, std
+
+
+def collect_corpus(
+    corpus: Corpus, model, tokenizer, layers: list[int], *, pooling: Pooling | str = DEFAULT_POOLING,
+    chat_template: bool = False, batch_size: int = 16, progress: bool = True, tokens: TokenSubspaces | None = None,
+    neutral: bool = True, sites: dict | None = None,
+) -> tuple[Activations, NeutralTokens | None]:
+    """The one forward over the corpus's texts: pooled rows, and in the same pass the neutral
+    texts' per-token activations (``neutral``) and per-token bases (``tokens``)."""
+    unique = list(dict.fromkeys(corpus.text_list()))  # collect's row order, to find the neutral rows
+    stats = None
+    if neutral:
+        neutral_set = {t.text for t in corpus.neutral_texts()}
+        if not neutral_set:
+            log.warning("corpus has no neutral texts (baselines, direct/_*.txt, neutral/): z-score statistics use all texts")
+            neutral_set = set(unique)
+        stats = NeutralTokens({i for i, t in enumerate(unique) if t in neutral_set}, layers)
+
+    def on_tokens(row: int, layer: int, matrix: torch.Tensor, start: int) -> None:
+        if stats is not None:
+            stats.add(row, layer, matrix, start)
+        if tokens is not None:
+            tokens.add(row, layer, matrix, start)
+
+    acts = collect(
+        model, tokenizer, unique, layers, batch_size=batch_size, chat_template=chat_template, pooling=pooling,
+        on_tokens=on_tokens if (stats is not None or tokens is not None) else None, progress=progress, sites=sites,
+    )
+    return acts, stats
+
+
+def build(corpus: Corpus, config: BuildConfig, out: str | Path | None = None, loaded=None) -> BuildResult:
+    """Build concept vectors on ``corpus`` and (when ``out`` is given) write the readout file.
+
+    ``loaded`` is an already loaded ``(model, tokenizer, info)`` to reuse.
+    """
+    p = plan(corpus, config)
+    model, tokenizer, info = loaded or load_model(p.model_path, config.device)
+    # Per-token methods (subspace) accumulate each text's token rowspace in the same forward,
+    # on the model's device, so no text runs twice and no token matrix is kept.
+    tokens = None
+    if METHODS[config.method].needs_tokens:
+        tokens = TokenSubspaces(p.layers, info.hidden_size, next(model.parameters()).device)
+    acts, neutral = collect_corpus(
+        corpus, model, tokenizer, p.layers, pooling=p.pooling, chat_template=config.chat_template,
+        batch_size=config.batch_size, progress=config.progress, tokens=tokens,
+        sites=projection_sites(model, p.layers) if config.quality_sites else None,
+    )
+    fitted = fit(config.method, acts, concept_sets(corpus, acts), tokens=tokens, **p.params)
+    mean, std = neutral.statistics(fitted.vectors)
+    readout = Readout(
+        concepts=list(corpus.concepts),
+        layers=p.layers,
+        vectors=fitted.vectors,
+        mean=mean,
+        std=std,
+        meta={
+            "dtype": config.dtype,
+            "model": {"name": info.name, "num_layers": p.num_layers},
+            "pooling": str(p.pooling),
+            "method": config.method,
+            "method_params": p.params,
+            "chat_template": config.chat_template,
+            "corpus": {"path": str(corpus.root) if corpus.root else None, "sha256": corpus.sha256()},
+            "clusters": corpus.cluster_of(),
+            **_fit_notes(fitted.extras),
+        },
+    )
+    if out is not None:
+        readout.save(out)
+    return BuildResult(readout, acts, model, tokenizer, fitted.extras)
+
+
+def _fit_notes(extras: dict[str, dict[int, torch.Tensor]]) -> dict:
+    """Small per-layer facts a method reports (e.g. how many neutral components ``denoised``
+    removed), kept in readout.json so a reader knows what the vectors went through."""
+    notes = {name: {str(l): int(t.reshape(-1)[0]) for l, t in per_layer.items()}
+             for name, per_layer in extras.items() if name.endswith("_removed")}
+    return {"method_notes": notes} if notes else {}
