@@ -77,8 +77,10 @@ def bad_corpus(root: Path) -> Path:
     (root / "stories").mkdir(parents=True)
     (root / "paired" / "hall").mkdir(parents=True)
     (root / "manifest.toml").write_text(
-        '[lint]\ntrouble_concepts = ["brave"]\n[clusters.k]\ndescription = ""\n'
-        + "".join(f'[concepts.{c}]\ncluster = "k"\n' for c in ("calm", "brave", "lonely", "angry"))
+        '[lint]\ntrouble_concepts = ["brave"]\nrequire_affect = true\nmax_setting_share = 0.34\n'
+        '[clusters.k]\ndescription = ""\n'
+        + "".join(f'[concepts.{c}]\ncluster = "k"\nvalence = 0.1\narousal = 0.5\n' for c in ("calm", "brave", "angry"))
+        + '[concepts.lonely]\ncluster = "k"\n'  # no valence/arousal
     )
     story = lambda tag, text: f"# setting: {tag}\n{text}"
     (root / "stories" / "calm.txt").write_text("\n\n".join([
@@ -94,6 +96,8 @@ def bad_corpus(root: Path) -> Path:
     (root / "stories" / "angry.txt").write_text(story("e", "identical text " + words))  # exact duplicate across concepts
     (root / "stories" / "ghost.txt").write_text(story("f", words))  # not in the manifest
     (root / "paired" / "hall" / "calm.txt").write_text("in the hall " + words)  # no baseline
+    (root / "neutral").mkdir()
+    (root / "neutral" / "flat.txt").write_text("identical text " + words + "\n\nshort neutral\n")  # a story's copy; too short
     return root
 
 
@@ -111,6 +115,10 @@ def test_every_lint_rule_fires(tmp_path):
         "near-duplicate of",
         "scenario has no baseline.txt",
         "angry has 1 story/paired texts, needs 3",
+        "setting 'a' carries 3 of brave's 3 story/paired texts (more than 34%)",
+        "[concepts.lonely] has no valence/arousal",
+        "neutral/flat.txt:1: exact duplicate of stories/angry.txt:1",
+        "neutral/flat.txt:3: 2 words, outside 60-200",
     ]:
         assert expected in text, f"missing lint problem: {expected}\n{text}"
     assert all(": " in line and "; " in line for line in text.splitlines())
@@ -121,7 +129,88 @@ def test_lint_is_clean_on_synthetic_corpus(synthetic_corpus):
     assert problems == [] and corpus is not None
 
 
+@pytest.mark.parametrize(
+    "entry, match",
+    [
+        ("valence = 1.5\narousal = 0.5", r"\[concepts.alpha\] valence = 1.5: give a number in \[-1, 1\]"),
+        ("valence = 0.5\narousal = -0.1", r"\[concepts.alpha\] arousal = -0.1: give a number in \[0, 1\]"),
+        ('valence = "high"\narousal = 0.5', r"\[concepts.alpha\] valence = 'high'"),
+    ],
+)
+def test_affect_out_of_range_is_one_clear_error(synthetic_corpus, entry, match):
+    m = synthetic_corpus / "manifest.toml"
+    m.write_text(m.read_text().replace('description = "planted alpha"', f'description = "planted alpha"\n{entry}'))
+    with pytest.raises(CorpusError, match=match):
+        load_corpus(synthetic_corpus)
+
+
+def test_cluster_polarity_is_checked_and_read(synthetic_corpus):
+    m = synthetic_corpus / "manifest.toml"
+    m.write_text(m.read_text().replace('description = "test cluster"', 'description = "test cluster"\npolarity = "positive"'))
+    assert load_corpus(synthetic_corpus).concept_polarity() == ["positive"] * 3
+    m.write_text(m.read_text().replace('polarity = "positive"', 'polarity = "good"'))
+    with pytest.raises(CorpusError, match=r"\[clusters.greek\] polarity = 'good': use \"positive\" or \"negative\""):
+        load_corpus(synthetic_corpus)
+
+
 def test_bundled_corpus_passes_the_lint():
     problems, _, corpus = check_corpus(BUNDLED)
     assert problems == [], "\n".join(map(str, problems[:20]))
-    assert len(corpus.concepts) >= 199
+    assert len(corpus.concepts) >= 207
+
+
+def test_bundled_corpus_depth():
+    """The thresholds the lint enforces are the ones promised, and the neutral set and the paired
+    scenarios are there: every cluster meets every other in some scenario."""
+    import itertools
+
+    corpus = load_corpus(BUNDLED)
+    lint = corpus.lint
+    assert (lint.min_positives, lint.min_settings, lint.trouble_min_positives, lint.trouble_min_settings) == (10, 5, 14, 7)
+    assert lint.max_setting_share <= 1 / 3 + 0.01 and lint.require_affect
+    assert sum(t.path.parent.name == "neutral" for t in corpus.texts) >= 300
+    assert len(corpus.paired_dirs) >= 30
+    met = set()
+    for scenario in corpus.paired_dirs:
+        clusters = {corpus.concept_cluster[p.stem] for p in scenario.glob("*.txt") if p.stem != "baseline"}
+        assert (scenario / "baseline.txt").is_file() and len(clusters) >= 2, scenario.name
+        met |= {frozenset(pair) for pair in itertools.combinations(clusters, 2)}
+    every = {frozenset(pair) for pair in itertools.combinations(set(corpus.concept_cluster.values()), 2)}
+    assert every <= met, sorted(tuple(p) for p in every - met)[:5]
+    assert all(corpus.affect[c] is not None for c in corpus.concepts)
+    assert set(corpus.polarity.values()) == {"positive", "negative"}
+
+
+def test_corpus_stats(synthetic_corpus, capsys):
+    import json
+
+    from amygdala.cli.main import main
+
+    assert main(["corpus", "stats", str(synthetic_corpus), "--json", "--nearest", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    alpha = out["concepts"][0]
+    assert alpha["concept"] == "alpha" and alpha["stories"] == 8 and alpha["positives"] == 8 and alpha["settings"] == 3
+    assert [o for o, _ in alpha["nearest_by_text"]] and len(alpha["nearest_by_text"]) == 2
+    assert out["clusters"] == [{"cluster": "greek", "concepts": 3, "positives": 24, "stories": 24, "paired": 0,
+                                "min_positives": 8, "settings": 9}]
+    assert main(["corpus", "stats", str(synthetic_corpus)]) == 0
+    assert "nearest by text" in capsys.readouterr().out
+
+
+def test_neutral_texts_that_read_as_emotional_are_flagged(planted, tmp_path, capsys):
+    """A neutral text full of alpha's planted words reads as alpha: the check names it; the
+    plain ones pass."""
+    from amygdala.cli.main import main
+
+    model, corpus, _ = planted
+    (corpus / "neutral").mkdir()
+    (corpus / "neutral" / "flat.txt").write_text(
+        "w1 w2 w3 w4 w5 w6 w7\n\nw8 w9 w10 w11 w12 w13\n\nal1 al2 w14 al3 al4 al5 al6 al7\n")
+    out = tmp_path / "r"
+    assert main(["build", "--corpus", str(corpus), "--model", str(model), "--layers", "1,2", "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    rc = main(["corpus", "check", str(corpus), "--readout", str(out), "--model", str(model), "--quiet"])
+    captured = capsys.readouterr()
+    flagged = [line for line in captured.out.splitlines() if "neutral text reads as" in line]
+    assert rc == 1 and len(flagged) == 1 and flagged[0].startswith("neutral/flat.txt:5: neutral text reads as alpha")
+    assert "most emotional neutral texts" in captured.err

@@ -45,3 +45,16 @@ def test_held_out_story_ranks_its_concept_above_median(default_model):
     better = sum(r < median for r in ranks)
     assert better >= 8, f"held-out ranks {dict(zip(STARTER, ranks))}"
     assert sum(ranks) / len(ranks) < median
+
+
+def test_demo_builds_its_subset_then_reuses_the_cache(tmp_path, capsys):
+    """The README's main job: the named subset is built (and cached), the second run reuses it."""
+    from amygdala.cli.main import main
+
+    assert main(["demo", "--out", str(tmp_path / "a"), "--rebuild"]) == 0
+    first = capsys.readouterr().out
+    assert "built 12 concepts (a named subset" in first and "' shaking'" in first
+    assert main(["demo", "--out", str(tmp_path / "b")]) == 0
+    second = capsys.readouterr().out
+    assert "reused the cached readout of 12 concepts" in second
+    assert second.splitlines()[1:] == first.splitlines()[1:]  # the same readout reads the same

@@ -27,7 +27,7 @@ from amygdala.quality.html import render
 from amygdala.quality.report import QualityInputs, compute, triage_table
 from amygdala.quality.run import from_build
 
-PLOTS = ["plot-triage", "plot-cohesion", "plot-spectra", "plot-heatmap-", "plot-map-"]
+PLOTS = ["plot-affect-", "plot-triage", "plot-cohesion", "plot-spectra", "plot-heatmap-", "plot-map-"]
 
 
 def synthetic(offsets: dict[str, torch.Tensor], clusters: list[str], vectors=None, n_neg: int = 40, seed: int = 0):
@@ -250,6 +250,9 @@ def test_train_quality_report_finds_the_planted_head_and_writes_every_plot(head_
             assert re.search(rf'<figure id="{fid}"><img src="data:image/png;base64,[A-Za-z0-9+/=]{{1000,}}"', page), fid
     for c in ("alpha", "beta", "gamma"):
         assert f'id="c-{c}"' in page and f'href="#c-{c}"' in page
+    held = q["validity"]["heldout"]
+    assert set(held) == {"0", "2", "all"} and held["all"]["n"] > 0 and set(q["validity"]["geometry"]) == {"0", "2"}
+    assert 'id="validity"' in page and "Held-out accuracy" in page and "published study" in page
 
 
 def test_standalone_quality_equals_the_training_report(head_planted, tmp_path, capsys):

@@ -130,6 +130,31 @@ def cmd_quality(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- eval
+def cmd_eval(args: argparse.Namespace) -> int:
+    from amygdala.quality.evaluate import report_text, run_eval, write
+    from amygdala.quality.steering import SteeringConfig
+
+    if args.steer_concepts and args.no_steering:
+        raise AmygdalaError("--steer-concepts and --no-steering contradict each other; drop one")
+    steering = None if args.no_steering else SteeringConfig(
+        concepts=[c.strip() for c in (args.steer_concepts or "").split(",") if c.strip()],
+        max_new_tokens=args.max_new_tokens,
+    )
+    corpus = _load_corpus(args)
+    result = run_eval(args.readout, corpus, model=args.model, device=args.device, steering=steering,
+                      batch_size=args.batch_size, progress=not (args.quiet or args.json))
+    if args.out is not None:
+        paths = write(result, args.out)
+        print(f"wrote {paths[0]} + {paths[1].name}", file=sys.stderr)
+    if args.json:
+        json.dump(result, sys.stdout, indent=1)
+        print()
+    else:
+        print(report_text(result))
+    return 0
+
+
 # --------------------------------------------------------------------------- read
 def _print_rows(rows: list[dict], unit: str) -> None:
     for r in rows:
@@ -206,15 +231,63 @@ def cmd_corpus_check(args: argparse.Namespace) -> int:
     from amygdala.corpus import bundled_corpus
     from amygdala.corpus.check import check_corpus, summary
 
-    problems, warned, corpus = check_corpus(args.dir or bundled_corpus())
+    root = args.dir or bundled_corpus()
+    if args.readout is not None:
+        from amygdala.readout import Readout
+
+        Readout.load(args.readout)  # a bad file fails before the lint and the model
+    problems, warned, corpus = check_corpus(root)
     for w in warned:
         print(f"warning: {w}", file=sys.stderr)
     for p in problems:
         print(p)
     if corpus is not None and not args.quiet:
         print("\n".join(summary(corpus)), file=sys.stderr)
+    if corpus is not None and args.readout is not None:
+        problems += _emotional_neutral(args, corpus)
     print(f"{len(problems)} problem(s)", file=sys.stderr)
     return 1 if problems else 0
+
+
+def _emotional_neutral(args: argparse.Namespace, corpus) -> list[str]:
+    """The neutral texts that read as emotional under ``--readout``: a problem each; the worst 10 shown."""
+    from amygdala.models import load_model, model_info, resolve_model
+    from amygdala.pipeline import collect_corpus
+    from amygdala.quality.neutral import emotional_neutral_texts
+    from amygdala.quality.run import corpus_for
+    from amygdala.readout import Readout
+
+    readout = Readout.load(args.readout)
+    corpus = corpus_for(readout, corpus)
+    info = model_info(resolve_model(args.model))
+    readout.check_model(info.num_layers, info.hidden_size, info.name)
+    model, tokenizer, _ = load_model(info.path, args.device)
+    acts, _ = collect_corpus(corpus, model, tokenizer, readout.layers, pooling="mean", neutral=False,
+                             chat_template=bool(readout.meta.get("chat_template")), progress=not args.quiet)
+    rows = emotional_neutral_texts(readout, corpus, acts)
+    flagged = [r for r in rows if r["flagged"]]
+    for r in flagged:
+        print(f"{r['where']}: neutral text reads as {r['concept']} (score {r['score']:+.2f}, the median {r['concept']} "
+              f"text scores {r['median_positive']:+.2f}); rewrite it without the feeling, or move it to that concept")
+    print("most emotional neutral texts (score - median score of the concept's own texts):", file=sys.stderr)
+    for r in rows[:10]:
+        print(f"  {r['margin']:+.2f}  {r['where']}  {r['concept']}", file=sys.stderr)
+    return [r["where"] for r in flagged]
+
+
+def cmd_corpus_stats(args: argparse.Namespace) -> int:
+    from amygdala.corpus import bundled_corpus, load_corpus
+    from amygdala.corpus.stats import cluster_stats, concept_stats, table
+
+    corpus = load_corpus(args.dir or bundled_corpus())
+    rows = concept_stats(corpus, args.nearest)
+    clusters = cluster_stats(corpus, rows)
+    if args.json:
+        json.dump({"concepts": rows, "clusters": clusters}, sys.stdout, indent=1)
+        print()
+    else:
+        print(table(rows, clusters))
+    return 0
 
 
 # --------------------------------------------------------------------------- checkpoint sync|diagnose
@@ -240,16 +313,52 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
 DEMO_SENTENCE = "My hands were shaking as I opened the envelope, and then I laughed out loud: I got in."
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """The README's main job: default model, bundled corpus, build, read a sample sentence."""
+#: The demo's named subset: 12 concepts from 9 clusters, built in about a minute on 2 cores.
+DEMO_CONCEPTS = ["terrified", "calm", "furious", "grief_stricken", "joyful", "bored",
+                 "grateful", "proud", "lonely", "curious", "amused", "disgusted"]
+
+
+def _demo_readout(args: argparse.Namespace):
+    """(readout folder, loaded model or None, how it was obtained): a cached readout when one
+    was built from the same corpus texts, model and settings, else a fresh build cached there."""
+    import hashlib
+    import shutil
+
     from amygdala.corpus import bundled_corpus, load_corpus
+    from amygdala.models import load_model, model_info, resolve_model
+    from amygdala.models.resolve import amygdala_home
     from amygdala.pipeline import BuildConfig, build
-    from amygdala.readout import read_text
+    from amygdala.readout import Readout
 
     corpus = load_corpus(bundled_corpus())
-    result = build(corpus, BuildConfig(layers=args.layers, method=args.method), args.out)
-    print(f"readout written to {args.out}")
-    rows = read_text(result.model, result.tokenizer, result.readout, args.text, top=3)
+    if not args.all:
+        corpus = corpus.subset(DEMO_CONCEPTS)
+    info = model_info(resolve_model("default"))
+    key = hashlib.sha256(f"{corpus.sha256()} {info.name} {args.layers} {args.method} {args.pooling}".encode()).hexdigest()[:16]
+    cached = amygdala_home() / "readouts" / f"demo-{key}"
+    what = f"{len(corpus.concepts)} concepts" + ("" if args.all else " (a named subset; --all for every concept)")
+    if cached.is_dir() and not args.rebuild:
+        try:
+            Readout.load(cached)
+            shutil.copytree(cached, args.out, dirs_exist_ok=True)
+            return None, f"reused the cached readout of {what} ({cached}; --rebuild builds it again)"
+        except AmygdalaError:
+            pass  # a damaged cache is rebuilt below
+    loaded = load_model(info.path, None)
+    build(corpus, BuildConfig(layers=args.layers, method=args.method, pooling=args.pooling), args.out, loaded=loaded)
+    shutil.copytree(args.out, cached, dirs_exist_ok=True)
+    return loaded, f"built {what} from the bundled corpus, cached in {cached}"
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The README's main job: default model, bundled corpus, build (or reuse), read a sample sentence."""
+    from amygdala.models import load_model
+    from amygdala.readout import Readout, read_text
+
+    loaded, how = _demo_readout(args)
+    print(f"readout written to {args.out}: {how}")
+    model, tokenizer, _ = loaded or load_model("default", None)
+    rows = read_text(model, tokenizer, Readout.load(args.out), args.text, top=3)
     _print_rows(rows, "z-scores over neutral text")
     return 0
 
@@ -297,6 +406,22 @@ def _add_quality(sub) -> None:
     p.set_defaults(func=cmd_quality)
 
 
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="held-out accuracy, valence/arousal geometry and steering efficacy of a readout")
+    p.add_argument("--readout", type=Path, required=True, help="readout folder (from amygdala build)")
+    _corpus_arg(p)
+    _model_arg(p)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--out", type=Path, default=None, help="also write OUT/eval.json + OUT/eval.html")
+    p.add_argument("--no-steering", action="store_true", help="skip the steering check (no generation)")
+    p.add_argument("--steer-concepts", default=None,
+                   help="comma-separated concepts to steer toward (default: the 3 most positive and 3 most negative by valence)")
+    p.add_argument("--max-new-tokens", type=int, default=40, help="tokens generated per prompt in the steering check")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval)
+
+
 def _add_read(sub) -> None:
     p = sub.add_parser("read", help="per-token concept scores of a text")
     p.add_argument("text")
@@ -326,7 +451,15 @@ def _add_corpus(sub) -> None:
     c = csub.add_parser("check", help="lint a corpus folder (exit 1 when it has problems)")
     c.add_argument("dir", type=Path, nargs="?", default=None, help="corpus folder (default: the bundled corpus)")
     c.add_argument("--quiet", action="store_true", help="no summary")
+    c.add_argument("--readout", type=Path, default=None,
+                   help="also flag neutral texts that read as emotional under this readout (runs the model)")
+    _model_arg(c)
     c.set_defaults(func=cmd_corpus_check)
+    c = csub.add_parser("stats", help="per concept and cluster: counts, settings, words, nearest concepts by text overlap")
+    c.add_argument("dir", type=Path, nargs="?", default=None, help="corpus folder (default: the bundled corpus)")
+    c.add_argument("--nearest", type=int, default=5, help="how many nearest concepts to list")
+    c.add_argument("--json", action="store_true", help="machine-readable output")
+    c.set_defaults(func=cmd_corpus_stats)
 
 
 def _add_checkpoint(sub) -> None:
@@ -343,10 +476,15 @@ def _add_checkpoint(sub) -> None:
 
 
 def _add_demo(sub) -> None:
+    from amygdala.activations import DEFAULT_POOLING
+
     p = sub.add_parser("demo", help="build on the bundled corpus with the default model and read a sentence")
     p.add_argument("--out", type=Path, default=Path("out/demo"))
     p.add_argument("--layers", default="0.5,0.66")
     p.add_argument("--method", default="diffmean")
+    p.add_argument("--pooling", default=DEFAULT_POOLING)
+    p.add_argument("--all", action="store_true", help="every concept of the corpus (minutes), not the demo's 12")
+    p.add_argument("--rebuild", action="store_true", help="build again even when a cached readout fits")
     p.add_argument("--text", default=DEMO_SENTENCE)
     p.set_defaults(func=cmd_demo)
 
@@ -358,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"amygdala {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_build, _add_quality, _add_read, _add_generate, _add_corpus, _add_checkpoint):
+    for add in (_add_build, _add_quality, _add_eval, _add_read, _add_generate, _add_corpus, _add_checkpoint):
         add(sub)
     serve_cli.add_parser(sub)
     _add_demo(sub)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,6 +181,14 @@ def _coverage_problems(corpus: Corpus) -> list[Problem]:
                 f"stories/{concept}.txt", f"{label}{concept} has {len(settings)} setting(s), needs {need_set}",
                 "a concept whose texts share one scene learns the scene: add texts in other settings",
             ))
+        counts = Counter(t.setting.lower() for t in scene if t.setting)
+        if counts and scene:
+            top, n = counts.most_common(1)[0]
+            if n / len(scene) > lint.max_setting_share:
+                problems.append(Problem(
+                    f"stories/{concept}.txt", f"setting {top!r} carries {n} of {concept}'s {len(scene)} story/paired texts "
+                    f"(more than {lint.max_setting_share:.0%})", "move some of them to other settings",
+                ))
     return problems
 
 
@@ -206,6 +214,12 @@ def check_corpus(root: str | Path) -> tuple[list[Problem], list[str], Corpus | N
     problems += _text_problems(corpus, root)
     problems += _duplicate_problems(corpus, root)
     problems += _coverage_problems(corpus)
+    if corpus.lint.require_affect:
+        problems += [
+            Problem("manifest.toml", f"[concepts.{c}] has no valence/arousal",
+                    "add valence = <-1..1> and arousal = <0..1> (and affect_source) to the entry")
+            for c in corpus.concepts if corpus.affect.get(c) is None
+        ]
     return problems, warned, corpus
 
 

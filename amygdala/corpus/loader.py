@@ -43,6 +43,10 @@ class LintConfig:
     direct_min_words: int = 5
     direct_max_words: int = 100
     near_duplicate_jaccard: float = 0.5
+    #: Every concept must have valence and arousal in the manifest.
+    require_affect: bool = False
+    #: No one setting may carry more than this share of a concept's scene texts (1.0: no limit).
+    max_setting_share: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,18 @@ class Corpus:
     paired_dirs: list[Path] = field(default_factory=list)
     #: Per concept, its valence and arousal (None where the manifest gives none).
     affect: dict[str, Affect | None] = field(default_factory=dict)
+    #: Per cluster, "positive" / "negative" where the manifest says (``polarity``).
+    polarity: dict[str, str] = field(default_factory=dict)
+
+    def valence(self) -> list[float | None]:
+        return [a.valence if (a := self.affect.get(c)) else None for c in self.concepts]
+
+    def arousal(self) -> list[float | None]:
+        return [a.arousal if (a := self.affect.get(c)) else None for c in self.concepts]
+
+    def concept_polarity(self) -> list[str | None]:
+        """Each concept's cluster polarity, in manifest order."""
+        return [self.polarity.get(self.concept_cluster[c]) for c in self.concepts]
 
     def positives(self, concept: str) -> list[Text]:
         return [t for t in self.texts if t.concept == concept]
@@ -235,6 +251,18 @@ def _affect(name: str, entry: dict) -> Affect | None:
     return Affect(float(v), float(a), str(entry.get("affect_source", "unspecified")))
 
 
+def _polarity(clusters: dict) -> dict[str, str]:
+    out = {}
+    for name, entry in clusters.items():
+        value = entry.get("polarity") if isinstance(entry, dict) else None
+        if value is None:
+            continue
+        if value not in ("positive", "negative"):
+            raise CorpusError(f"manifest.toml: [clusters.{name}] polarity = {value!r}: use \"positive\" or \"negative\", or leave it out")
+        out[name] = value
+    return out
+
+
 def _texts_from_file(
     path: Path, kind: str, concept: str | None, setting: str | None
 ) -> list[Text]:
@@ -351,4 +379,5 @@ def load_corpus(
         lint=lint,
         paired_dirs=paired_dirs,
         affect={c: _affect(c, entries[c]) for c in concepts},
+        polarity=_polarity(manifest.get("clusters", {})),
     )

@@ -140,6 +140,11 @@ def render(report: dict, cfg: QualityConfig) -> str:
         for c, e in report["concepts"].items()
     )
     details = "".join(_concept_section(c, e, layers) for c, e in report["concepts"].items())
+    validity = ""
+    if report.get("validity"):
+        from amygdala.quality.validity import html_section
+
+        validity = html_section(report["validity"], concepts, clusters)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>amygdala quality report</title><style>{STYLE}</style></head>
 <body>
@@ -153,6 +158,7 @@ their means over layers.</p>
 {f"<p>Skipped:</p><ul>{skipped}</ul>" if skipped else ""}
 <h2 id="pictures">Pictures</h2>
 {"".join(figures)}
+{validity}
 <h2 id="geometry">Geometry</h2>
 <table><tr><th>layer</th><th>PC1+PC2 share</th><th>PC1 +</th><th>PC1 -</th><th>PC2 +</th><th>PC2 -</th></tr>{geo_rows}</table>
 <h2 id="clusters">Clusters</h2>

@@ -80,7 +80,8 @@ def heatmap(cos: torch.Tensor, concepts: list[str], clusters: list[str], layer: 
 
 
 def concept_map(
-    scores: list[list[float]], concepts: list[str], clusters: list[str], layer: int, share: float, marked: set[str]
+    scores: list[list[float]], concepts: list[str], clusters: list[str], layer: int, share: float, marked: set[str],
+    *, xlabel: str = "PC 1", ylabel: str = "PC 2", title: str | None = None,
 ) -> bytes:
     """The concepts on the first two principal components of the concept vectors, coloured by
     manifest cluster; ``marked`` concepts (in the wrong cluster) get a black ring."""
@@ -96,17 +97,25 @@ def concept_map(
         idx = [i for i, c in enumerate(clusters) if c == name]
         ax.scatter([xs[i] for i in idx], [ys[i] for i in idx], s=28, color=colours[name], label=name, zorder=2)
     ring = [i for i, c in enumerate(concepts) if c in marked]
-    ax.scatter([xs[i] for i in ring], [ys[i] for i in ring], s=70, facecolors="none", edgecolors="black", lw=1.0,
-               label="wrong cluster", zorder=3)
+    if ring:
+        ax.scatter([xs[i] for i in ring], [ys[i] for i in ring], s=70, facecolors="none", edgecolors="black", lw=1.0,
+                   label="wrong cluster", zorder=3)
     fs = 6.5 if n > 60 else 8
     for i, c in enumerate(concepts):
         ax.annotate(c, (xs[i], ys[i]), xytext=(3, 2), textcoords="offset points", fontsize=fs, alpha=0.85)
-    ax.set_xlabel("PC 1")
-    ax.set_ylabel("PC 2")
-    ax.set_title(f"layer {layer}: concept vectors on their first two principal components ({share:.0%} of variance)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title or f"layer {layer}: concept vectors on their first two principal components ({share:.0%} of variance)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     ax.grid(alpha=0.3)
     return png(fig)
+
+
+def affect_map(scores: list[list[float]], concepts: list[str], clusters: list[str], layer: int) -> bytes:
+    """The concepts on PC1/PC2 oriented as valence (x) and arousal (y), coloured by cluster."""
+    return concept_map(scores, concepts, clusters, layer, 0.0, set(),
+                       xlabel="PC 1 (oriented: valence grows to the right)", ylabel="PC 2 (oriented: arousal grows upward)",
+                       title=f"layer {layer}: concept vectors on their first two principal components")
 
 
 def cohesion_curve(report: dict) -> bytes:

@@ -33,6 +33,7 @@ from amygdala.models.layers import (
     projection_weight,
 )
 from amygdala.quality.report import QualityConfig, QualityInputs, compute, to_json
+from amygdala.quality.validity import validity
 from amygdala.readout import Readout
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,9 @@ def write(report: dict, cfg: QualityConfig, out: str | Path) -> tuple[Path, Path
 def from_build(result, corpus: Corpus, cfg: QualityConfig = QualityConfig()) -> dict:
     """The report of a build in this process, from its activations: no forward runs."""
     inputs = quality_inputs(result.readout, corpus, result.activations, result.model, result.extras.get(EIGENVALUES))
-    return compute(inputs, cfg)
+    report = compute(inputs, cfg)
+    report["validity"] = validity(result.readout, corpus, result.activations)
+    return report
 
 
 def corpus_for(readout: Readout, corpus: Corpus) -> Corpus:
@@ -163,5 +166,6 @@ def run_quality(
     if tokens is not None:
         eigvals = fit(method, acts, concept_sets(corpus, acts), tokens=tokens, **params).extras.get(EIGENVALUES)
     report = compute(quality_inputs(readout, corpus, acts, loaded_model, eigvals), cfg)
+    report["validity"] = validity(readout, corpus, acts)
     write(report, cfg, out)
     return report

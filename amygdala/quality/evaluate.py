@@ -1,0 +1,88 @@
+"""``amygdala eval``: held-out accuracy, emotion geometry and steering efficacy of a readout.
+
+Everything is checked before the model loads (the readout, the corpus, the model's shape); then
+one forward over the corpus at the readout's layers with its pooling, refits per fold from
+those rows (no forward per fold), and generation for the steering check.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from amygdala.corpus import Corpus
+from amygdala.models import load_model, model_info, resolve_model
+from amygdala.pipeline import collect_corpus
+from amygdala.quality.run import corpus_for
+from amygdala.quality.steering import SteeringConfig, steering_efficacy
+from amygdala.quality.validity import table, validity
+from amygdala.readout import Readout
+
+JSON_NAME, HTML_NAME = "eval.json", "eval.html"
+
+
+def run_eval(
+    readout_path: str | Path, corpus: Corpus, *, model: str | None = "default", device: str | None = None,
+    steering: SteeringConfig | None = SteeringConfig(), batch_size: int = 16, progress: bool = True,
+    max_folds: int | None = None,
+) -> dict:
+    readout = Readout.load(readout_path)
+    for name in steering.concepts if steering is not None else []:
+        readout.concept_index(name)  # an unknown name fails here, with the nearest ones, before the model loads
+    corpus = corpus_for(readout, corpus)
+    info = model_info(resolve_model(model))
+    readout.check_model(info.num_layers, info.hidden_size, info.name)
+    loaded, tokenizer, _ = load_model(info.path, device)
+    acts, _ = collect_corpus(
+        corpus, loaded, tokenizer, readout.layers, pooling=readout.pooling,
+        chat_template=bool(readout.meta.get("chat_template")), batch_size=batch_size, progress=progress, neutral=False,
+    )
+    result = {
+        "readout": str(readout_path),
+        "model": info.name,
+        "concepts": list(readout.concepts),
+        "clusters": corpus.cluster_of(),
+        "validity": validity(readout, corpus, acts, max_folds=max_folds),
+    }
+    if steering is not None:
+        valence = dict(zip(corpus.concepts, corpus.valence()))
+        result["steering"] = steering_efficacy(loaded, tokenizer, readout, valence, steering)
+    return result
+
+
+def steering_table(s: dict) -> str:
+    c = s["chosen"]
+    lines = [f"steering ({s['judge']}), strength {c['strength']:.1f} = {c['fraction']} x mean residual norm"
+             f"{'' if c['fluent'] else ' (no strength tried kept perplexity in bounds: the weakest is shown)'}; "
+             f"unsteered: mean compound {s['unsteered']['mean_compound']:+.2f}, perplexity {s['unsteered']['perplexity']:.1f}",
+             "concept              toward    mean shift   moved the intended way   perplexity"]
+    for name, r in c["concepts"].items():
+        lines.append(f"{name:<20} {r['direction']:<9}{r['mean_shift']:>+10.2f}{100 * r['moved_share']:>21.0f}%{r['perplexity']:>15.1f}")
+    return "\n".join(lines)
+
+
+def report_text(result: dict) -> str:
+    parts = [table(result["validity"])]
+    if "steering" in result:
+        parts.append(steering_table(result["steering"]))
+    return "\n\n".join(parts)
+
+
+def write(result: dict, out: str | Path) -> tuple[Path, Path]:
+    """eval.json and a self-contained eval.html into folder ``out``."""
+    from html import escape
+
+    from amygdala.quality.html import STYLE
+    from amygdala.quality.validity import html_section
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    jpath, hpath = out / JSON_NAME, out / HTML_NAME
+    jpath.write_text(json.dumps(result, indent=1) + "\n")
+    steering = f"<h2>Steering</h2><pre>{escape(steering_table(result['steering']))}</pre>" if "steering" in result else ""
+    hpath.write_text(
+        f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>amygdala eval</title><style>{STYLE}</style>"
+        f"</head><body><h1>Evaluation of {escape(result['readout'])}</h1><p>model {escape(result['model'])}</p>"
+        f"{html_section(result['validity'], result['concepts'], result['clusters'])}{steering}</body></html>\n"
+    )
+    return jpath, hpath
