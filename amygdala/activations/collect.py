@@ -119,6 +119,12 @@ def encode(tokenizer, text: str, chat_template: bool = False, max_length: int | 
     return Encoded(ids, start, end)
 
 
+def distinct(texts: Sequence[str]) -> list[str]:
+    """Each text once, in first-seen order: the rows of :func:`collect`'s result. Texts are
+    de-duplicated here and nowhere else, so every caller agrees on the row of a text."""
+    return list(dict.fromkeys(texts))
+
+
 class _Capture:
     """The hooks of one :func:`collect` call and what they fill, batch by batch."""
 
@@ -222,7 +228,7 @@ def collect(
         if not 0 <= l < len(blocks):
             raise AmygdalaError(f"layer {l} out of range; this model has layers 0-{len(blocks) - 1}")
     given = len(texts)
-    texts = list(dict.fromkeys(texts))
+    texts = distinct(texts)
     if len(texts) < given:
         log.info("%d texts, %d unique: %d duplicate forwards skipped", given, len(texts), given - len(texts))
     encoded = [encode(tokenizer, t, chat_template, max_length) for t in texts]

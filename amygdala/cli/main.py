@@ -169,12 +169,12 @@ def _print_rows(rows: list[dict], unit: str) -> None:
 
 
 def cmd_read(args: argparse.Namespace) -> int:
-    from amygdala.models import load_model, model_info, resolve_model
+    from amygdala.models import load_model
+    from amygdala.pipeline import matching_model
     from amygdala.readout import Readout, read_text
 
     readout = Readout.load(args.readout)
-    info = model_info(resolve_model(args.model))
-    readout.check_model(info.num_layers, info.hidden_size, info.name)
+    info = matching_model(readout, args.model)
     model, tokenizer, _ = load_model(info.path, args.device)
     rows = read_text(model, tokenizer, readout, args.text, args.top)
     if args.json:
@@ -189,14 +189,14 @@ def cmd_read(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from amygdala.models import load_model, model_info, resolve_model
+    from amygdala.models import load_model
+    from amygdala.pipeline import matching_model
     from amygdala.readout import Readout, Steering, attach, top_concepts
 
     readout = Readout.load(args.readout)
     steer = _parse_steer(args.steer)
     steering = Steering.from_concepts(readout, steer) if steer else None  # validates names first
-    info = model_info(resolve_model(args.model))
-    readout.check_model(info.num_layers, info.hidden_size, info.name)
+    info = matching_model(readout, args.model)
     model, tokenizer, _ = load_model(info.path, args.device)
     if getattr(tokenizer, "chat_template", None) and not args.raw:
         ids = tokenizer.apply_chat_template(
@@ -251,16 +251,15 @@ def cmd_corpus_check(args: argparse.Namespace) -> int:
 
 def _emotional_neutral(args: argparse.Namespace, corpus) -> list[str]:
     """The neutral texts that read as emotional under ``--readout``: a problem each; the worst 10 shown."""
-    from amygdala.models import load_model, model_info, resolve_model
-    from amygdala.pipeline import collect_corpus
+    from amygdala.models import load_model
+    from amygdala.pipeline import collect_corpus, matching_model
     from amygdala.quality.neutral import emotional_neutral_texts
     from amygdala.quality.run import corpus_for
     from amygdala.readout import Readout
 
     readout = Readout.load(args.readout)
     corpus = corpus_for(readout, corpus)
-    info = model_info(resolve_model(args.model))
-    readout.check_model(info.num_layers, info.hidden_size, info.name)
+    info = matching_model(readout, args.model)
     model, tokenizer, _ = load_model(info.path, args.device)
     acts, _ = collect_corpus(corpus, model, tokenizer, readout.layers, pooling="mean", neutral=False,
                              chat_template=bool(readout.meta.get("chat_template")), progress=not args.quiet)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from amygdala.activations import DEFAULT_POOLING, Activations, Pooling, collect
+from amygdala.activations import DEFAULT_POOLING, Activations, Pooling, collect, distinct
 from amygdala.corpus import Corpus
 from amygdala.methods import METHODS, TokenSubspaces, check_params, concept_sets, fit
 from amygdala.models import load_model, model_info, parse_layers, relative_depth, resolve_model
@@ -78,6 +78,14 @@ def plan(corpus: Corpus, config: BuildConfig) -> Plan:
     return Plan(path, layers, info.num_layers, info.hidden_size, params, pooling)
 
 
+def matching_model(readout: Readout, model: str | None = "default"):
+    """The model's :class:`~amygdala.models.ModelInfo`, after checking from its config alone (no
+    weights loaded) that ``readout`` was built for a model of its shape."""
+    info = model_info(resolve_model(model))
+    readout.check_model(info.num_layers, info.hidden_size, info.name)
+    return info
+
+
 class NeutralTokens:
     """Per-token activations of the neutral texts, gathered in the build forward: the readout's
     z-score statistics are per token (the readout reads every token), so they are measured per
@@ -107,7 +115,7 @@ def collect_corpus(
 ) -> tuple[Activations, NeutralTokens | None]:
     """The one forward over the corpus's texts: pooled rows, and in the same pass the neutral
     texts' per-token activations (``neutral``) and per-token bases (``tokens``)."""
-    unique = list(dict.fromkeys(corpus.text_list()))  # collect's row order, to find the neutral rows
+    unique = distinct(corpus.text_list())  # collect's rows, to find the neutral ones as they pass
     stats = None
     if neutral:
         neutral_set = {t.text for t in corpus.neutral_texts()}

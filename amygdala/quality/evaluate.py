@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 
 from amygdala.corpus import Corpus
-from amygdala.models import load_model, model_info, resolve_model
-from amygdala.pipeline import collect_corpus
+from amygdala.models import load_model
+from amygdala.pipeline import collect_corpus, matching_model
 from amygdala.quality.run import corpus_for
 from amygdala.quality.steering import SteeringConfig, steering_efficacy
 from amygdala.quality.validity import table, validity
@@ -30,8 +30,7 @@ def run_eval(
     for name in steering.concepts if steering is not None else []:
         readout.concept_index(name)  # an unknown name fails here, with the nearest ones, before the model loads
     corpus = corpus_for(readout, corpus)
-    info = model_info(resolve_model(model))
-    readout.check_model(info.num_layers, info.hidden_size, info.name)
+    info = matching_model(readout, model)
     loaded, tokenizer, _ = load_model(info.path, device)
     acts, _ = collect_corpus(
         corpus, loaded, tokenizer, readout.layers, pooling=readout.pooling,

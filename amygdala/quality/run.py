@@ -21,8 +21,8 @@ from amygdala import AmygdalaError
 from amygdala.activations import Activations
 from amygdala.corpus import Corpus
 from amygdala.methods import METHODS, TokenSubspaces, check_params, concept_sets, fit
-from amygdala.models import load_model, model_info, resolve_model
-from amygdala.pipeline import collect_corpus
+from amygdala.models import load_model
+from amygdala.pipeline import collect_corpus, matching_model
 from amygdala.models.layers import (
     attention_out_proj,
     find_layers,
@@ -147,8 +147,7 @@ def run_quality(
     """``amygdala quality``: everything checked before the model loads, then one forward."""
     readout = Readout.load(readout_path)
     corpus = corpus_for(readout, corpus)
-    info = model_info(resolve_model(model))
-    readout.check_model(info.num_layers, info.hidden_size, info.name)
+    info = matching_model(readout, model)
     method = readout.meta.get("method")
     params = check_params(method, readout.meta.get("method_params") or {}) if method in METHODS else {}
     Path(out).mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,11 @@ Two entry points, both named ``amygdala`` (so ``VLLM_PLUGINS=amygdala`` allows b
   steering, wait for each token's scores (:mod:`amygdala.serve.proxy`) and put them into the
   response (:mod:`amygdala.serve.respond`).
 
-Nothing happens unless ``AMYGDALA_READOUT`` (or ``VLLM_READOUT_VECTORS``) names a readout file.
+Nothing of the readout happens unless ``AMYGDALA_READOUT`` (or ``VLLM_READOUT_VECTORS``) names a
+readout file. With ``AMYGDALA_API_KEY`` set, the same two entry points add online fine-tuning:
+:mod:`amygdala.serve.finetune_engine` (engine side: start-up checks, the training worker) and
+:mod:`amygdala.serve.finetune_routes` (API side: ``/train``, ``/train/status``, ``/checkpoint``).
+Both halves patch vLLM through :mod:`amygdala.serve.patching`, answer errors through
+:mod:`amygdala.serve.errors` and read their settings from :mod:`amygdala.serve.config`.
 ``amygdala serve`` (:mod:`amygdala.serve.cli`) sets all of this up.
 """

@@ -1,4 +1,5 @@
-"""The worker side: forward hooks on vLLM's decoder layers, per-request steering and scores.
+"""Engine side, in vLLM's worker process: forward hooks on the decoder layers, per-request
+steering and per-token scores.
 
 vLLM runs one forward pass over a flat batch of tokens from many requests. The model runner
 knows the boundaries: before each forward (:func:`begin_step`, called from the runner's
