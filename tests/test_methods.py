@@ -366,3 +366,18 @@ def test_direct_dir_combined_with_stories_and_alone(planted, tmp_path, capsys):
     r = Readout.load(out)
     # The _neutral file is alpha's only negative set: the descriptions alone find the concept.
     assert r.concepts == ["alpha"] and torch.dot(r.vectors[1][0], d) > 0.9
+
+
+def test_batched_diffmean_equals_one_concept_at_a_time():
+    """diffmean fits every concept in two matrix products; each row must be that concept's
+    mean of positives minus mean of negatives, rows in any order, sets of any size."""
+    from amygdala.methods.diffmean import diffmean, diffmean_layer
+
+    g = torch.Generator().manual_seed(0)
+    pooled = torch.randn(50, 16, generator=g)
+    positives = [torch.tensor([3, 1, 7]), torch.tensor([10]), torch.tensor(list(range(20, 40)))]
+    negatives = [torch.tensor(sorted(set(range(50)) - set(p.tolist()))) for p in positives]
+    got, extras = diffmean_layer(pooled, positives, negatives, 0)
+    assert extras == {}
+    for i, (p, n) in enumerate(zip(positives, negatives)):
+        torch.testing.assert_close(got[i], diffmean(pooled[p], pooled[n]))

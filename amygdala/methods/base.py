@@ -13,7 +13,7 @@ from amygdala.activations import Activations
 from amygdala.corpus import Corpus
 from amygdala.methods.aggregators import linear, logistic, logistic_l1, mean, pca
 from amygdala.methods.denoised import denoised
-from amygdala.methods.diffmean import diffmean
+from amygdala.methods.diffmean import diffmean_layer
 from amygdala.methods.subspace import TokenSubspaces, subspace
 
 
@@ -89,7 +89,7 @@ class Method:
 _LOGISTIC = {"C": float, "max_iter": int}
 
 METHODS: dict[str, Method] = {
-    "diffmean": Method(per_concept(diffmean)),
+    "diffmean": Method(diffmean_layer),
     "mean": Method(per_concept(mean)),
     "pca": Method(per_concept(pca)),
     "logistic": Method(per_concept(logistic), _LOGISTIC),

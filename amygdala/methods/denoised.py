@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from amygdala import AmygdalaError
+from amygdala.methods.diffmean import concept_means
 
 #: The extra a fit reports: how many neutral components were removed at each layer.
 COMPONENTS_REMOVED = "denoised_components_removed"
@@ -38,7 +39,7 @@ def denoised(pooled, positives, negatives, layer, *, neutral: torch.Tensor, vari
         raise AmygdalaError(
             "--method denoised needs neutral texts (the corpus's neutral/ folder, paired baselines or "
             "direct/_*.txt) to find the directions to remove; add some or use another method")
-    means = torch.stack([pooled[p].mean(0) for p in positives])
+    means = concept_means(pooled, positives)
     directions = means - means.mean(0)
     basis = neutral_components(pooled[neutral], variance)
     directions = directions - (directions @ basis.T) @ basis
