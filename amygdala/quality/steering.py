@@ -41,7 +41,10 @@ PROMPTS = (
 @dataclass
 class SteeringConfig:
     concepts_per_side: int = 3  # the most positive and most negative concepts by manifest valence
-    fractions: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)  # strength / mean residual norm at a steered layer
+    #: strength / mean residual norm at a steered layer. The norm counts the few massive
+    #: activation dimensions many models have, so fluent strengths are small fractions of it
+    #: (on the default model half the norm already breaks the text).
+    fractions: tuple[float, ...] = (0.05, 0.1, 0.2, 0.4)
     max_new_tokens: int = 40
     max_perplexity_ratio: float = 2.0
     prompts: tuple[str, ...] = PROMPTS
