@@ -4,6 +4,8 @@ Both ``amygdala build`` and the quality and validity reports run their forward t
 a corpus is resolved, checked, collected and fitted one way only.
 """
 
-from amygdala.pipeline.build import BuildConfig, BuildResult, build, collect_corpus, matching_model, plan
+from amygdala.pipeline.build import (
+    BuildConfig, BuildResult, build, collect_corpus, matching_model, neutral_statistics, plan,
+)
 
-__all__ = ["BuildConfig", "BuildResult", "build", "collect_corpus", "matching_model", "plan"]
+__all__ = ["BuildConfig", "BuildResult", "build", "collect_corpus", "matching_model", "neutral_statistics", "plan"]

@@ -137,6 +137,21 @@ def collect_corpus(
     return acts, stats
 
 
+def neutral_statistics(
+    corpus: Corpus, model, tokenizer, vectors: dict[int, torch.Tensor], *, chat_template: bool = False,
+    batch_size: int = 16, progress: bool = True,
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """The z-score statistics of ``vectors`` ([n, hidden] per layer) over the corpus's neutral
+    texts, per token as :func:`build` measures them, with a forward over those texts only: for
+    vectors that did not come from a build (an imported concept), so they read on the built
+    concepts' scale."""
+    texts = distinct([t.text for t in corpus.neutral_texts()]) or distinct(corpus.text_list())
+    stats = NeutralTokens(set(range(len(texts))), sorted(vectors))
+    collect(model, tokenizer, texts, sorted(vectors), batch_size=batch_size, chat_template=chat_template,
+            on_tokens=stats.add, progress=progress)
+    return stats.statistics(vectors)
+
+
 def build(corpus: Corpus, config: BuildConfig, out: str | Path | None = None, loaded=None) -> BuildResult:
     """Build concept vectors on ``corpus`` and (when ``out`` is given) write the readout file.
 

