@@ -66,11 +66,12 @@ def row(label: str, ev: dict, layers, extra: str = "") -> str:
     r, g = ev["held"][best], ev["geo"][best]
     a = ev["held"]["all"]
     return (f"| {label} | {r.n} | {best} | {100 * r.top1:.1f}% | {100 * r.top5:.1f}% | {100 * r.cluster_top1:.1f}% | "
-            f"{100 * a.top1:.1f}% | {g['pc1_valence_r']:.2f} | {g['pc2_arousal_r']:.2f} | {g['pc1_polarity_auc']:.2f} |{extra}")
+            f"{100 * a.top1:.1f}% | {g['pc1_valence_r']:.2f} | {g['pc2_arousal_r']:.2f} | {g['pc1_polarity_auc']:.2f} | "
+            f"{g['decodable_valence_r']:.2f} / {g['decodable_arousal_r']:.2f} |{extra}")
 
 
 HEAD = ("| corpus | held-out texts | best layer | concept top-1 | top-5 | cluster top-1 | top-1, all layers | "
-        "abs r PC1~valence | abs r PC2~arousal | PC1 +/- AUC |")
+        "abs r PC1~valence | abs r PC2~arousal | PC1 +/- AUC | decodable valence / arousal r |")
 
 
 def main() -> None:
@@ -87,7 +88,7 @@ def main() -> None:
     now = load_corpus(bundled_corpus())
     lines = [f"Default model {info.name}, method {args.method}, pooling {args.pooling}, layers {layers}; "
              "figures at the best layer by concept top-1, and top-1 with all layers' z-scores summed.", "", HEAD,
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     corpora = []
     with tempfile.TemporaryDirectory() as tmp:
         if args.before:

@@ -84,10 +84,11 @@ def test_geometry_finds_planted_valence_and_arousal_axes():
     got = geometry(vectors, valence.tolist(), arousal.tolist(), polarity)
     assert got["pc1_valence_r"] > 0.98 and got["pc2_arousal_r"] > 0.95
     assert got["pc1_polarity_auc"] == 1.0 and got["n_rated"] == n
+    assert got["decodable_valence_r"] > 0.95 and got["decodable_arousal_r"] > 0.9
     xs = torch.tensor([p[0] for p in got["map"]])
     assert pearson(xs, valence) > 0.98  # the map is oriented: right is pleasant
     shuffled = geometry(torch.randn(n, hidden, generator=g), valence.tolist(), arousal.tolist(), polarity)
-    assert shuffled["pc1_valence_r"] < 0.5
+    assert shuffled["pc1_valence_r"] < 0.5 and shuffled["decodable_valence_r"] < 0.5
 
 
 # --------------------------------------------------------------------------- pooling, planted

@@ -53,10 +53,12 @@ def table(v: dict) -> str:
                          f"({_pct(c['concept_top1'])} / {_pct(c['concept_top5'])} / {_pct(c['cluster_top1'])})")
     elif v.get("heldout_skipped"):
         lines.append(f"held out: skipped ({v['heldout_skipped']})")
-    lines.append("geometry   |r| PC1~valence  |r| PC2~arousal  PC1 +/- cluster AUC   (paper: 0.81 / 0.66)")
+    lines.append("geometry   |r| PC1~valence  |r| PC2~arousal  PC1 +/- cluster AUC  decodable valence / arousal r"
+                 "   (paper: 0.81 / 0.66)")
     for l, g in v["geometry"].items():
         auc = "" if g["pc1_polarity_auc"] is None else f"{g['pc1_polarity_auc']:.2f}"
-        lines.append(f"layer {l:<5}{g['pc1_valence_r']:>15.2f}{g['pc2_arousal_r']:>17.2f}{auc:>21}")
+        dec = " / ".join("-" if g.get(k) is None else f"{g[k]:.2f}" for k in ("decodable_valence_r", "decodable_arousal_r"))
+        lines.append(f"layer {l:<5}{g['pc1_valence_r']:>15.2f}{g['pc2_arousal_r']:>17.2f}{auc:>21}{dec:>30}")
     return "\n".join(lines)
 
 
@@ -82,12 +84,13 @@ def html_section(v: dict, concepts: list[str], clusters: list[str]) -> str:
     rows = "".join(
         f"<tr><td>layer {l}</td><td class=\"num\">{g['pc1_valence_r']:.2f}</td><td class=\"num\">{g['pc2_arousal_r']:.2f}</td>"
         f"<td class=\"num\">{'' if g['pc1_polarity_auc'] is None else format(g['pc1_polarity_auc'], '.2f')}</td>"
+        f"<td class=\"num\">{'' if g.get('decodable_valence_r') is None else format(g['decodable_valence_r'], '.2f')}</td>"
         f"<td class=\"num\">{g['n_rated']}</td></tr>"
         for l, g in v["geometry"].items()
     )
     parts.append("<h3>Emotion geometry</h3><table><tr><th></th><th>|r| PC1 ~ valence</th><th>|r| PC2 ~ arousal</th>"
-                 f"<th>PC1 positive/negative-cluster AUC</th><th>concepts rated</th></tr>{rows}"
-                 "<tr><td>published study</td><td class=\"num\">0.81</td><td class=\"num\">0.66</td><td></td><td>171</td></tr></table>")
+                 f"<th>PC1 positive/negative-cluster AUC</th><th>valence decodable (cross-validated r)</th><th>concepts rated</th></tr>{rows}"
+                 "<tr><td>published study</td><td class=\"num\">0.81</td><td class=\"num\">0.66</td><td></td><td></td><td>171</td></tr></table>")
     for l, g in v["geometry"].items():
         parts.append(_figure(f"plot-affect-{l}", affect_map(g["map"], concepts, clusters, int(l)),
                              f"Layer {l}: the concepts on PC1 (oriented to grow with valence) and PC2 (oriented to grow "
