@@ -278,7 +278,7 @@ def _texts_from_file(
     return texts
 
 
-def _concept_entries(root: Path | None, direct_dirs: list[Path], direct_dir: Path | None, manifest: dict) -> dict:
+def _concept_entries(root: Path | None, direct_dir: Path | None, manifest: dict) -> dict:
     """The manifest's concepts; with no corpus folder, the direct folder's file names."""
     if root is None and direct_dir is not None:
         names = sorted(p.stem for p in direct_dir.glob("*.txt") if not p.stem.startswith("_"))
@@ -361,7 +361,7 @@ def load_corpus(
         raise CorpusError(f"{extra}: --direct-dir folder does not exist")
     direct_dirs = [root_path / "direct"] if root_path is not None and include_direct and (root_path / "direct").is_dir() else []
     direct_dirs += [extra] if extra is not None else []
-    entries = _concept_entries(root_path, direct_dirs, extra, manifest)
+    entries = _concept_entries(root_path, extra, manifest)
     concepts = list(entries)
     reader = _Reader(concepts, problems)
     paired_dirs = reader.add_folder(root_path) if root_path is not None else []
