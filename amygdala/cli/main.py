@@ -232,10 +232,11 @@ def cmd_corpus_check(args: argparse.Namespace) -> int:
     from amygdala.corpus.check import check_corpus, summary
 
     root = args.dir or bundled_corpus()
+    readout = None
     if args.readout is not None:
         from amygdala.readout import Readout
 
-        Readout.load(args.readout)  # a bad file fails before the lint and the model
+        readout = Readout.load(args.readout)  # a bad file fails before the lint and the model
     problems, warned, corpus = check_corpus(root)
     for w in warned:
         print(f"warning: {w}", file=sys.stderr)
@@ -243,21 +244,19 @@ def cmd_corpus_check(args: argparse.Namespace) -> int:
         print(p)
     if corpus is not None and not args.quiet:
         print("\n".join(summary(corpus)), file=sys.stderr)
-    if corpus is not None and args.readout is not None:
-        problems += _emotional_neutral(args, corpus)
+    if corpus is not None and readout is not None:
+        problems += _emotional_neutral(args, readout, corpus)
     print(f"{len(problems)} problem(s)", file=sys.stderr)
     return 1 if problems else 0
 
 
-def _emotional_neutral(args: argparse.Namespace, corpus) -> list[str]:
+def _emotional_neutral(args: argparse.Namespace, readout, corpus) -> list[str]:
     """The neutral texts that read as emotional under ``--readout``: a problem each; the worst 10 shown."""
     from amygdala.models import load_model
     from amygdala.pipeline import collect_corpus, matching_model
     from amygdala.quality.neutral import emotional_neutral_texts
     from amygdala.quality.run import corpus_for
-    from amygdala.readout import Readout
 
-    readout = Readout.load(args.readout)
     corpus = corpus_for(readout, corpus)
     info = matching_model(readout, args.model)
     model, tokenizer, _ = load_model(info.path, args.device)
