@@ -147,7 +147,11 @@ def screenshot(args) -> None:
     log = Path(tempfile.mkdtemp(prefix="bench-view-")) / "view.log"
     cmd = [sys.executable, "-m", "amygdala", "view", "--model", args.model, "--readout", str(args.readout),
            "--port", str(port), "--", "--max-model-len", "2048"]
-    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    import os
+
+    # The CPU build otherwise reserves most of the machine's memory for its KV cache.
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
+    proc = subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 600
         while not (found := re.search(r"amygdala view: open (\S+)", log.read_text())):

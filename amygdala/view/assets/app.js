@@ -373,7 +373,8 @@
       const w = (50 * Math.abs(v) / top).toFixed(1);
       const left = v >= 0 ? 50 : 50 - w;
       row.innerHTML = `<span class="name" title="${escapeHtml(name)}">${escapeHtml(name.replace(/_/g, " "))}</span>`
-        + `<span class="axis"><span style="left:${left}%;width:${w}%;background:rgba(var(${v >= 0 ? "--pos" : "--neg"}),.6)"></span></span>`
+        // Blue above the neutral-text mean, grey below: not the tokens' green/red, which mean valence.
+        + `<span class="axis"><span style="left:${left}%;width:${w}%;background:${v >= 0 ? "rgba(53, 89, 199, .55)" : "rgba(120, 120, 120, .45)"}"></span></span>`
         + `<span class="val">${fmt(v)}</span>`;
       holder.appendChild(row);
     }
