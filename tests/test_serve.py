@@ -132,6 +132,33 @@ def test_completion_readout_shape_and_parity(server, files, hf, readout):
 
 
 @vllm
+def test_prompt_readout_matches_teacher_forcing_even_on_a_cached_prefix(server, files, hf, readout):
+    """``readout_prompt``: row i of the prompt is the block output at position i - 1 (the one
+    that "sampled" token i), null for token 0; the same with n = 2, streamed, and when a plain
+    request has just cached the prompt's KV (the prompt readout must compute every position)."""
+    prompt = sh.prompt_words(40, seed=7)  # longer than a KV block, so the prefix cache could hit
+    plain = body(files, prompt, max_tokens=3, return_token_ids=True)
+    server.post("/completions", plain)  # caches the prompt's blocks for unsalted requests
+    code, r = server.post("/completions", {**plain, "readout_prompt": True, "n": 2, "temperature": 1.0, "seed": 3})
+    assert code == 200, r
+    ids = r["choices"][0]["prompt_token_ids"]
+    scores, _ = reference(hf, readout, ids)
+    for choice in r["choices"]:
+        assert len(choice["prompt_readout"]) == len(choice["prompt_tokens"]) == len(ids)
+        assert choice["prompt_readout"][0] is None
+        torch.testing.assert_close(torch.tensor(choice["prompt_readout"][1:]), scores[: len(ids) - 1], atol=ATOL, rtol=RTOL)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(files[1])
+    assert r["choices"][0]["prompt_tokens"] == [tok.decode([i]) for i in ids]
+    assert "prompt_readout" not in server.post("/completions", plain)[1]["choices"][0]  # off by default
+    chunks = server.stream("/chat/completions", chat_body(files, prompt, readout_prompt=True, readout="zscore"))
+    first = chunks[0]["choices"][0]
+    assert "prompt_readout" in first and sum("prompt_readout" in ch for c in chunks for ch in c["choices"]) == 1
+    assert len(first["prompt_readout"]) == len(first["prompt_tokens"]) > 40
+
+
+@vllm
 def test_steered_parity_with_transformers_steering(server, files, hf, readout):
     steer = [{"concept": "calm", "strength": 6.0}, {"concept": "angry", "strength": -3.0, "layers": [2]}]
     code, r = server.post("/completions", body(files, sh.prompt_words(12, seed=3), steer=steer, return_token_ids=True))
@@ -485,6 +512,11 @@ def test_spec_defaults_modes_and_precedence():
     assert spec.steer[0].vector == (1.0,) * 8 and spec.steer[0].layers == (1, 2)
     assert spec.wire("t") == {"tag": "t", "steer": [{"strength": -1.5, "layers": [1, 2], "vector": [1.0] * 8}]}
     assert RequestSpec(None, spec.steer).wire("t")["tag"] is None
+    prompt = parse({"readout_prompt": True}, None, r, SHAPE)
+    assert prompt.prompt and prompt.wire("t") == {"tag": "t", "steer": [], "prompt": True}
+    assert not parse({"readout_prompt": "false"}, None, r, SHAPE).prompt
+    # Every prompt-reading request gets a salt of its own: a prefix-cache hit would skip positions.
+    assert prompt.cache_salt(None) != prompt.cache_salt(None) and RequestSpec("raw").cache_salt("u") == "u"
 
 
 @pytest.mark.parametrize(
@@ -500,6 +532,8 @@ def test_spec_defaults_modes_and_precedence():
         ({"steer": [{"concept": "calm", "strength": 1, "layers": []}]}, True, True, "steer[0].layers", ["non-empty"]),
         ({"steer": [{"concept": "anrgy", "strength": 1}]}, True, True, "steer[0].concept", ["angry"]),
         ({"steer": 5}, True, True, "steer", ["list"]),
+        ({"readout_prompt": "maybe"}, True, True, "readout_prompt", ["true or false"]),
+        ({"readout_prompt": True, "readout": False}, True, True, "readout_prompt", ["turns off"]),
     ],
 )
 def test_spec_errors_name_the_field(fields, stats, loaded, param, words):

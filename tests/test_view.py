@@ -205,6 +205,31 @@ def test_chat_tokens_colours_and_panel_follow_the_stream(servers, page, tmp_path
 
 
 @vllm
+def test_read_the_prompt_shows_its_tokens_with_their_readout(servers, page):
+    url, server, _ = servers
+    open_page(page, url)
+    page.check("#read-prompt")
+    chat(page, PROMPT)
+    prompt = page.locator(".msg.prompt")
+    assert prompt.count() == 1
+    model = server.get("/models")[1]["data"][0]["id"]
+    chunks = server.stream("/chat/completions", {"model": model, "messages": [{"role": "user", "content": PROMPT}],
+                                                 "max_tokens": 2, "readout": "zscore", "readout_prompt": True})
+    first = chunks[0]["choices"][0]
+    assert prompt.locator(".tok").all_inner_texts() == first["prompt_tokens"]
+    # The panel can pin a prompt token: its values are that token's streamed row.
+    i = len(first["prompt_tokens"]) - 2
+    prompt.locator(".tok").nth(i).click()
+    layer = sh.LAYERS[0]
+    for row in page.locator(f'.pc[data-layer="{layer}"]').all():
+        c = sh.CONCEPTS.index(row.get_attribute("data-concept"))
+        assert abs(float(row.locator(".val").inner_text()) - first["prompt_readout"][i][0][c]) < 0.006
+    # The next request's history is the conversation, not the prompt as read.
+    sent = page.evaluate("window.amygdala.state.messages.map(m => m.role)")
+    assert sent == ["user", "prompt", "assistant"]
+
+
+@vllm
 def test_hover_shows_each_layers_top_concepts(servers, page):
     url, server, _ = servers
     open_page(page, url)

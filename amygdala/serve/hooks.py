@@ -11,7 +11,9 @@ metadata from, the batch order ``input_batch.req_ids``, the token offsets
   table, row 0 = zeros), added to the residual stream after the chosen layers;
 - readout: the row sampled from is the last of each request's rows in this step; the token
   sampled from it is generated token ``k = position + 1 - prompt_len`` (``k < 0`` for a
-  partial prefill chunk, which samples nothing, so it is skipped).
+  partial prefill chunk, which samples nothing, so it is skipped). A request that reads its
+  prompt (``readout_prompt``) also has every prefill row read, with the same rule: position
+  ``p`` "samples" prompt token ``p + 1``, ``k = p + 1 - prompt_len < 0``.
 
 vLLM's Llama-style decoder layers return ``(hidden_states, residual)`` and fuse the residual
 add into the next layer's RMSNorm, so the block output in the transformers sense is
@@ -45,6 +47,7 @@ class _Request:
 
     tag: str | None
     deltas: dict[int, torch.Tensor]
+    prompt: bool = False  # read every prompt position too
 
 
 @dataclass
@@ -107,6 +110,14 @@ class WorkerState:
                 k = int(computed[i] + qsl[i + 1] - qsl[i]) - state.num_prompt_tokens
                 if k >= 0:
                     reads.append((int(qsl[i + 1]) - 1, (req.tag, rid, k)))
+                if req.prompt and int(computed[i]) < state.num_prompt_tokens - 1:
+                    # Prefill rows: position p "samples" prompt token p + 1, so k = p + 1 - P < 0
+                    # (the last prompt position samples the first generated token, k = 0, above).
+                    first = int(computed[i]) + 1 - state.num_prompt_tokens
+                    for j in range(int(qsl[i]), int(qsl[i + 1])):
+                        kj = first + j - int(qsl[i])
+                        if kj < 0:
+                            reads.append((j, (req.tag, rid, kj)))
         if not steered and not reads:
             return
         plan = _Plan(num_tokens=int(qsl[num_reqs]))
@@ -166,7 +177,7 @@ class WorkerState:
         req = None
         if isinstance(wire, dict):
             try:
-                req = _Request(wire.get("tag"), self._deltas(wire.get("steer") or []))
+                req = _Request(wire.get("tag"), self._deltas(wire.get("steer") or []), bool(wire.get("prompt")))
             except (ReadoutError, KeyError, TypeError, ValueError):
                 # The API server checked the spec; a failure here is a bug, not bad input.
                 log.exception("amygdala: ignoring the steering of request %s", rid)

@@ -72,19 +72,48 @@ class RowStore:
     async def take(self, tag: str, choice: int, n: int, start: int, end: int) -> list[Row | None]:
         """Rows ``start..end-1`` of ``choice``, waiting for them; ``None`` for any that never came."""
         entry = self._tags[tag]
+
+        def attempt(final: bool) -> list[Row | None] | None:
+            rid = entry.request_id_for(choice, n)
+            got = entry.rows.get(rid, {}) if rid is not None else {}
+            if final or all(k in got for k in range(start, end)):
+                return [got.pop(k, None) for k in range(start, end)]
+            return None
+
+        return await self._until(entry, attempt, f"tokens {start}-{end - 1} of {tag}")
+
+    async def take_prompt(self, tag: str, length: int) -> list[Row | None]:
+        """The rows of prompt tokens ``1..length-1`` (``k = 1 - length .. -1``), from whichever
+        of the prompt's engine requests computed them: with ``n > 1`` the choices are separate
+        requests that may share the prefill through the prefix cache, so each row is taken from
+        the first that has it."""
+        entry = self._tags[tag]
+        ks = range(1 - length, 0)
+
+        def attempt(final: bool) -> list[Row | None] | None:
+            found: dict[int, Row] = {}
+            for rows in entry.rows.values():
+                for k in ks:
+                    if k in rows and k not in found:
+                        found[k] = rows[k]
+            return [found.get(k) for k in ks] if final or len(found) == len(ks) else None
+
+        return await self._until(entry, attempt, f"the {length}-token prompt of {tag}")
+
+    async def _until(self, entry: _TagRows, attempt, what: str) -> list[Row | None]:
+        """``attempt(False)`` once it returns rows; after the timeout, ``attempt(True)`` (what came)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (0.0 if entry.broken else self.timeout)
         while True:
-            rid = entry.request_id_for(choice, n)
-            got = entry.rows.get(rid, {}) if rid is not None else {}
-            if all(k in got for k in range(start, end)):
-                return [got.pop(k) for k in range(start, end)]
+            rows = attempt(False)
+            if rows is not None:
+                return rows
             remaining = deadline - loop.time()
             if remaining <= 0:
                 if not entry.broken:
-                    log.error("amygdala: no scores arrived for tokens %d-%d of %s; answering without them", start, end - 1, tag)
+                    log.error("amygdala: no scores arrived for %s; answering without them", what)
                 entry.broken = True
-                return [got.pop(k, None) for k in range(start, end)]
+                return attempt(True)
             entry.event.clear()
             try:
                 await asyncio.wait_for(entry.event.wait(), remaining)
@@ -101,6 +130,12 @@ class Exchange:
     key: str = field(default_factory=lambda: uuid.uuid4().hex)
     prompts: int = 0
     pending: dict[tuple[int, int], list[Row | None]] = field(default_factory=lambda: defaultdict(list))
+    #: With ``readout_prompt``, per prompt: one row per prompt token (``None`` for the first,
+    #: which no position sampled) and the tokens' texts; and the (prompt, choice) pairs whose
+    #: stream has carried them.
+    prompt_rows: dict[int, list[Row | None]] = field(default_factory=dict)
+    prompt_tokens: dict[int, list[str]] = field(default_factory=dict)
+    prompt_sent: set[tuple[int, int]] = field(default_factory=set)
 
     def next_prompt(self) -> int:
         self.prompts += 1
@@ -154,6 +189,8 @@ class EngineClientProxy:
         outputs = self._inner.generate(prompt, sampling_params, request_id, *args, **kwargs)
         try:
             async for out in outputs:
+                if exchange.spec.prompt and prompt_idx not in exchange.prompt_rows:
+                    await self._take_prompt(exchange, prompt_idx, tag, list(out.prompt_token_ids or []))
                 for o in out.outputs:
                     total = seen[o.index] + len(o.token_ids) if delta else len(o.token_ids)
                     if total > seen[o.index]:
@@ -164,3 +201,15 @@ class EngineClientProxy:
         finally:
             self._store.close(tag)
             await outputs.aclose()  # abandoned by the client: vLLM aborts the request now
+
+    async def _take_prompt(self, exchange: Exchange, prompt_idx: int, tag: str, ids: list[int]) -> None:
+        """Wait for the prompt's rows (sent during its prefill) and decode its tokens, before
+        the first output passes on: the response's first chunk carries them."""
+        import inspect
+
+        rows = await self._store.take_prompt(tag, len(ids)) if ids else []
+        tokenizer = self._inner.get_tokenizer()
+        if inspect.isawaitable(tokenizer):
+            tokenizer = await tokenizer
+        exchange.prompt_rows[prompt_idx] = [None, *rows] if ids else []
+        exchange.prompt_tokens[prompt_idx] = [tokenizer.decode([i]) for i in ids]

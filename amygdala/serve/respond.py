@@ -6,6 +6,9 @@ of the token the chunk carries. vLLM merges steps into one chunk when the client
 than the model generates (or ``stream_interval`` > 1); such a chunk's ``readout`` is its last
 token's matrix and ``readout_tokens`` lists all of them, so no token's scores are lost.
 
+With ``readout_prompt``, each choice (its first chunk, when streaming) also carries
+``prompt_tokens`` and ``prompt_readout``, one matrix per prompt token (null for the first).
+
 To know how many tokens a streamed chunk carries, the route asks vLLM for ``token_ids`` in the
 chunks (``return_token_ids``) and strips them again here when the client did not ask for them.
 Streamed completions with ``echo`` can't do that (vLLM then drops the echoed text), so there a
@@ -63,7 +66,17 @@ def rewrite_json(payload: dict, exchange: Exchange, fmt: Formatter, chat: bool) 
     for choice in payload.get("choices") or []:
         prompt, idx = _choice_key(choice.get("index", 0), exchange.n, chat)
         choice["readout"] = [fmt.row(r, mode) for r in exchange.claim(prompt, idx)]
+        _add_prompt(choice, exchange, fmt, prompt, idx)
     return payload
+
+
+def _add_prompt(choice: dict, exchange: Exchange, fmt: Formatter, prompt: int, idx: int) -> None:
+    """``prompt_tokens`` and ``prompt_readout`` (aligned; the first token's row is null) once per choice."""
+    if prompt not in exchange.prompt_rows or (prompt, idx) in exchange.prompt_sent:
+        return
+    exchange.prompt_sent.add((prompt, idx))
+    choice["prompt_tokens"] = exchange.prompt_tokens[prompt]
+    choice["prompt_readout"] = [fmt.row(r, exchange.spec.readout) for r in exchange.prompt_rows[prompt]]
 
 
 def _rewrite_chunk(payload: dict, exchange: Exchange, fmt: Formatter, chat: bool, forced_ids: bool) -> dict:
@@ -76,6 +89,7 @@ def _rewrite_chunk(payload: dict, exchange: Exchange, fmt: Formatter, chat: bool
         else:  # chat: a chunk without tokens; completions: echo, everything accumulated so far
             count = 0 if chat else None
         rows = exchange.claim(prompt, idx, count)
+        _add_prompt(choice, exchange, fmt, prompt, idx)
         if forced_ids:  # as vLLM would have sent them: present, null
             for key in ("token_ids", "prompt_token_ids"):
                 if key in choice:

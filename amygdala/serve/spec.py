@@ -9,6 +9,7 @@ Request fields (top level, or the same keys inside ``vllm_xargs``, where ``steer
 as a JSON string because vLLM only allows scalars and flat lists there)::
 
     "readout": true | false | "raw" | "zscore"       (default: true when a readout is loaded)
+    "readout_prompt": true | false                    (default: false; the prompt's tokens too)
     "steer": [{"concept": "calm", "strength": 4.0, "layers": [15, 20]},
               {"vector": [...hidden floats...], "strength": -2.0}]
 """
@@ -18,12 +19,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import secrets
 from dataclasses import dataclass
 
 from amygdala import AmygdalaError
 from amygdala.readout import Readout, ReadoutError
 
-FIELDS = ("readout", "steer")
+FIELDS = ("readout", "steer", "readout_prompt")
 _ON = {"true", "1", "on", "yes", "raw"}
 _OFF = {"false", "0", "off", "no", "none"}
 _ITEM_KEYS = {"concept", "vector", "strength", "layers"}
@@ -68,6 +70,8 @@ class RequestSpec:
 
     readout: str | None = None
     steer: tuple[SteerItem, ...] = ()
+    #: Read the prompt's tokens too, not only the generated ones.
+    prompt: bool = False
 
     @property
     def active(self) -> bool:
@@ -75,17 +79,23 @@ class RequestSpec:
 
     def wire(self, tag: str | None) -> dict:
         """The JSON the worker gets; ``tag`` names the request's score rows (None: no readout)."""
-        return {"tag": tag if self.readout else None, "steer": [s.wire() for s in self.steer]}
+        out = {"tag": tag if self.readout else None, "steer": [s.wire() for s in self.steer]}
+        if self.readout and self.prompt:
+            out["prompt"] = True
+        return out
 
     def cache_salt(self, user_salt: str | None) -> str | None:
-        """The prefix-cache salt: the user's own unless steered, else keyed by the steering.
+        """The prefix-cache salt: the user's own unless steered or reading the prompt.
 
         vLLM hashes the salt into every KV block of the request, so steered KV is reused only by
-        requests with the same salt and the same steering, whose KV is the same.
+        requests with the same salt and the same steering, whose KV is the same. A prompt
+        readout needs every prompt position computed, which a cache hit would skip, so such a
+        request gets a salt of its own (its KV is then reused by no other request).
         """
-        if not self.steer:
+        if not self.steer and not self.prompt:
             return user_salt
-        payload = json.dumps([user_salt, [s.wire() for s in self.steer]], sort_keys=True)
+        nonce = secrets.token_hex(8) if self.prompt else None
+        payload = json.dumps([user_salt, [s.wire() for s in self.steer], nonce], sort_keys=True)
         return "amygdala-" + hashlib.sha256(payload.encode()).hexdigest()[:40]
 
 
@@ -100,7 +110,20 @@ def parse(
     merged.update({k: v for k, v in fields.items() if k in FIELDS})
     mode = _parse_readout(merged, readout)
     steer = _parse_steer(merged.get("steer"), readout, shape)
-    return RequestSpec(mode, steer)
+    return RequestSpec(mode, steer, _parse_prompt(merged.get("readout_prompt"), mode))
+
+
+def _parse_prompt(value, mode: str | None) -> bool:
+    if value is None:
+        return False
+    key = str(value).strip().lower()
+    if key not in _ON | _OFF or key == "raw":
+        raise SpecError("readout_prompt", f"expected true or false, got {value!r}")
+    if key in _OFF:
+        return False
+    if mode is None:
+        raise SpecError("readout_prompt", "reads the prompt's tokens with the readout, which this request turns off")
+    return True
 
 
 def _parse_readout(fields: dict, readout: Readout | None) -> str | None:

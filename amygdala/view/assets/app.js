@@ -244,12 +244,15 @@
   }
 
   // ------------------------------------------------------------------ messages and tokens
-  function addMessage(role, content, steer) {
+  const ROLE_LABELS = { text: "text (teacher-forced)", prompt: "prompt as the model read it (chat template included)" };
+
+  /** A message element at the end of the conversation, or just before message ``before``. */
+  function addMessage(role, content, steer, before) {
     const el = document.createElement("div");
     el.className = "msg " + role;
     const who = document.createElement("div");
     who.className = "who";
-    who.textContent = role === "text" ? "text (teacher-forced)" : role;
+    who.textContent = ROLE_LABELS[role] || role;
     if (steer && steer.length) {
       const tag = document.createElement("span");
       tag.className = "steer-tag";
@@ -260,9 +263,14 @@
     body.className = "body";
     if (role === "user") body.textContent = content;
     el.append(who, body);
-    $("messages").appendChild(el);
     const msg = { role, content, steer: steer || [], tokens: [], el, body };
-    S.messages.push(msg);
+    if (before) {
+      $("messages").insertBefore(el, before.el);
+      S.messages.splice(S.messages.indexOf(before), 0, msg);
+    } else {
+      $("messages").appendChild(el);
+      S.messages.push(msg);
+    }
     return msg;
   }
 
@@ -582,6 +590,7 @@
       temperature: Number($("temperature").value), max_tokens: Number($("max-tokens").value),
     };
     if (steer.length) body.steer = steer;
+    if ($("read-prompt").checked) body.readout_prompt = true;
     setBusy(true);
     S.abort = new AbortController();
     try {
@@ -606,7 +615,9 @@
     msg.el.appendChild(err);
     const i = S.messages.indexOf(msg);
     if (!msg.tokens.length && i >= 0) {  // keep a failed turn (and its question) out of the next request
-      const start = i > 0 && S.messages[i - 1].role === "user" ? i - 1 : i;
+      let start = i;
+      while (start > 0 && ["prompt", "user"].includes(S.messages[start - 1].role) && S.messages[start - 1].role !== "user") start--;
+      if (start > 0 && S.messages[start - 1].role === "user") start--;
       S.messages.splice(start, i + 1 - start);
     }
   }
@@ -636,6 +647,10 @@
     if (chunk.error) { failMessage(msg, chunk.error.message || "stream error"); return; }
     const ch = chunk.choices && chunk.choices[0];
     if (!ch) return;
+    if (ch.prompt_readout && ch.prompt_tokens && !msg.prompt) {  // the first chunk, with readout_prompt
+      msg.prompt = addMessage("prompt", ch.prompt_tokens.join(""), [], msg);
+      ch.prompt_tokens.forEach((text, i) => addToken(msg.prompt, text, ch.prompt_readout[i]));
+    }
     const content = (ch.delta && ch.delta.content) || "";
     msg.content += content;
     const rows = ch.readout_tokens || (ch.readout ? [ch.readout] : []);
