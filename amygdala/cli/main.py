@@ -595,6 +595,7 @@ def _add_demo(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from amygdala.cli import teach_jobs
     from amygdala.serve import cli as serve_cli
 
     parser = argparse.ArgumentParser(prog="amygdala", description=__doc__)
@@ -605,6 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
                 _add_checkpoint):
         add(sub)
     serve_cli.add_parser(sub)
+    teach_jobs.add_parsers(sub)  # pairs, teach, dream, distill, rollback
     _add_demo(sub)
     return parser
 
