@@ -194,6 +194,11 @@ def test_teach_checks_the_whole_file_before_it_contacts_the_server(tmp_path, cap
     # port 9 (discard) has no server: the file's error comes first, so nothing could have been sent
     assert main(["teach", "--server", "http://127.0.0.1:9", "--data", str(data), "--api-key", "k"]) == 2
     assert f"error: {data}:2: field 'scores': expected an object" in capsys.readouterr().err
+    tiny.make_tokenizer(tmp_path / "tok")
+    jsonl(data, ["", {"context": "w1", "chosen": "w2"}])  # line 2 (line 1 is blank): no rejected, which orpo needs
+    assert main(["teach", "--server", "http://127.0.0.1:9", "--data", str(data), "--api-key", "k", "--objective", "orpo",
+                 "--tokenizer", str(tmp_path / "tok")]) == 2
+    assert f"error: {data}:2: field 'rejected': missing; objective orpo" in capsys.readouterr().err
     assert main(["dream", "--server", "http://127.0.0.1:9", "--prompts", str(data), "--toward", "calm=x"]) == 2
     assert "--toward 'calm=x': 'x' is not a number" in capsys.readouterr().err
     assert main(["rollback", "--server", "http://127.0.0.1:9", "--snapshot", "snap-1", "--api-key", "k"]) == 2

@@ -129,15 +129,15 @@ def _add_pairs(sub) -> None:
 
 # --------------------------------------------------------------------------- teach
 def cmd_teach(args: argparse.Namespace) -> int:
-    from amygdala.teach.runs import take_snapshot
-    from amygdala.teach.samples import read_samples
+    from amygdala.teach.runs import encode_all, take_snapshot
+    from amygdala.teach.samples import read_numbered
     from amygdala.teach.teach import teach
 
-    samples = read_samples(args.data)  # every line checked: nothing is submitted from a bad file
+    numbered = read_numbered(args.data)  # every line checked: nothing is submitted from a bad file
     server, encoder = _connect(args)
+    encoded = encode_all(encoder, [s for _, s in numbered], args.objective, [f"{args.data}:{n}" for n, _ in numbered])
     snapshot = take_snapshot(server)
-    report = teach(server, encoder, samples, [f"{args.data}:sample {i + 1}" for i in range(len(samples))],
-                   objective=args.objective, learning_rate=args.learning_rate, steps=args.steps,
+    report = teach(server, encoded, objective=args.objective, learning_rate=args.learning_rate, steps=args.steps,
                    concepts=args.concept, eval_samples=args.eval_samples, progress=not args.quiet)
     print(report.table())
     print(f"undo: amygdala rollback --server {server.root} --snapshot {snapshot}")
@@ -206,19 +206,8 @@ def _add_dream(sub) -> None:
 
 
 # --------------------------------------------------------------------------- distill
-def _neutral_texts(path: Path | None, n: int) -> list[str]:
-    if path is not None:
-        texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not texts:
-            raise AmygdalaError(f"--neutral {path}: no texts; one per line")
-        return texts
-    from amygdala.corpus import bundled_corpus, load_corpus
-
-    return load_corpus(bundled_corpus()).neutral_texts()[:n]
-
-
 def cmd_distill(args: argparse.Namespace) -> int:
-    from amygdala.teach.distill import DistillConfig, distill
+    from amygdala.teach.distill import DistillConfig, distill, neutral_texts
     from amygdala.teach.runs import read_prompts, take_snapshot
 
     steer = _weights("--steer", args.steer)
@@ -227,7 +216,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if not 0 < args.heldout < 1:
         raise AmygdalaError(f"--heldout {args.heldout}: a fraction in (0, 1)")
     prompts = read_prompts(args.prompts)
-    neutral = _neutral_texts(args.neutral, args.neutral_count)
+    neutral = neutral_texts(args.neutral, args.neutral_count)
     server, encoder = _connect(args)
     snapshot = take_snapshot(server) if not args.no_train else None
     cfg = DistillConfig(steer, args.max_tokens, args.heldout, args.objective, args.learning_rate, args.steps,

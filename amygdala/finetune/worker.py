@@ -203,7 +203,12 @@ class TrainingService:
                     self._cond.wait(timeout)
                     continue
             if control is not None:
-                control[1](self._control(control[0]))
+                try:
+                    reply = self._control(control[0])
+                except Exception as e:  # e.g. no memory for the copy: answer, keep serving and training
+                    log.exception("%s failed", control[0].get("op"))
+                    reply = protocol.failed(f"{control[0].get('op')} failed: {type(e).__name__}: {e}")
+                control[1](reply)
             elif job is not None:
                 self._run_job(job)
             else:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from amygdala.teach.client import Server
 from amygdala.teach.runs import JobOutcome, run_jobs
@@ -85,6 +86,21 @@ def neutral_perplexity(server: Server, encoder, texts: Sequence[str]) -> float:
     """Mean over texts of each text's perplexity (raw text, no template)."""
     ppls = [server.perplexity(list(encoder.tokenizer(t)["input_ids"])) for t in texts]
     return sum(ppls) / len(ppls)
+
+
+def neutral_texts(path: Path | None = None, n: int = 16) -> list[str]:
+    """Texts for the perplexity check: one per line of ``path``, or the bundled corpus's first ``n`` neutral ones."""
+    if path is not None:
+        try:
+            texts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise SampleError(f"--neutral {path}: cannot read ({e})") from None
+        if not texts:
+            raise SampleError(f"--neutral {path}: no texts; one per line")
+        return texts
+    from amygdala.corpus import bundled_corpus, load_corpus
+
+    return [t.text for t in load_corpus(bundled_corpus()).neutral_texts()[:n]]
 
 
 def split(prompts: Sequence[Context], heldout: float) -> tuple[list[Context], list[Context]]:

@@ -142,12 +142,17 @@ def json_lines(path: str | Path) -> Iterable[tuple[int, object]]:
             raise SampleError(f"{path}:{n}: not JSON ({e.msg} at column {e.colno}); one JSON object per line") from None
 
 
-def read_samples(path: str | Path) -> list[TeachSample]:
-    """Every sample of a file, or one SampleError for the first bad line (nothing partial)."""
-    samples = [parse_sample(raw, f"{path}:{n}") for n, raw in json_lines(path)]
+def read_numbered(path: str | Path) -> list[tuple[int, TeachSample]]:
+    """(line number, sample) of every sample of a file, or one SampleError for the first bad line."""
+    samples = [(n, parse_sample(raw, f"{path}:{n}")) for n, raw in json_lines(path)]
     if not samples:
         raise SampleError(f"{path}: no samples; one JSON object per line with context and chosen")
     return samples
+
+
+def read_samples(path: str | Path) -> list[TeachSample]:
+    """Every sample of a file, or one SampleError for the first bad line (nothing partial)."""
+    return [s for _, s in read_numbered(path)]
 
 
 def write_samples(path: str | Path, samples: Iterable[TeachSample]) -> int:

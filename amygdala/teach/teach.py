@@ -14,8 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from amygdala.teach.client import Server
-from amygdala.teach.runs import JobOutcome, encode_all, fmt, run_jobs
-from amygdala.teach.samples import TeachSample
+from amygdala.teach.runs import JobOutcome, fmt, run_jobs
 from amygdala.teach.score import concept_means
 
 
@@ -62,16 +61,14 @@ def measure(server: Server, encoded: Sequence[dict], concepts: Sequence[str], ma
     return Measure(sum(chosen) / len(chosen), sum(rejected) / len(rejected) if rejected else None, levels)
 
 
-def teach(server: Server, encoder, samples: Sequence[TeachSample], where: Sequence[str], *, objective: str,
-          learning_rate: float, steps: int, concepts: Sequence[str] = (), eval_samples: int = 8, max_tokens: int = 32,
-          progress: bool = True) -> TeachReport:
-    """Tokenize everything (a bad sample stops here, nothing submitted), measure, train, measure."""
-    encoded = encode_all(encoder, samples, objective, where)
+def teach(server: Server, encoded: Sequence[dict], *, objective: str, learning_rate: float, steps: int,
+          concepts: Sequence[str] = (), eval_samples: int = 8, max_tokens: int = 32, progress: bool = True) -> TeachReport:
+    """Measure, train on ``encoded`` (``/train`` samples, from :func:`amygdala.teach.runs.encode_all`), measure."""
     if concepts:
         server.check_concepts(list(concepts), "--concept")
-    probe = encoded[:max(1, eval_samples)]
+    probe = list(encoded[:max(1, eval_samples)])
     report = TeachReport(len(encoded), measure(server, probe, concepts, max_tokens))
-    report.jobs = run_jobs(server, encoded, {"objective": objective, "learning_rate": learning_rate, "steps": steps},
+    report.jobs = run_jobs(server, list(encoded), {"objective": objective, "learning_rate": learning_rate, "steps": steps},
                            progress=progress)
     report.after = measure(server, probe, concepts, max_tokens)
     return report
