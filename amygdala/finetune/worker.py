@@ -21,8 +21,8 @@ Pieces, all in this module so the process has one entry point (``python -m amygd
   API server to reset vLLM's prefix cache (KV computed with the old weights must not serve
   new requests), and only then reports the job done.
 - :func:`serve`: a ZeroMQ ROUTER on a local ``ipc://`` socket answering the API server
-  (``submit``, ``status``, ``checkpoint``, ``snapshot``, ``rollback``; JSON messages), on its own thread, so status is
-  answered while a job trains. It exits when the holder process is gone.
+  (``submit``, ``status``, ``checkpoint``, ``snapshot``, ``rollback``; JSON messages), on its
+  own thread, so status is answered while a job trains. It exits when the holder process is gone.
 
 The folder is locked (``flock`` on ``.amygdala-train.lock``) for the worker's life: one writer
 per checkpoint folder.
@@ -193,7 +193,8 @@ class TrainingService:
 
     # ------------------------------------------------------------------ the job thread
     def run(self, stop: threading.Event) -> None:
-        """Take work until ``stop`` is set: checkpoint requests, then jobs, then a due sync."""
+        """Take work until ``stop`` is set: checkpoint requests, then snapshot/rollback requests,
+        then jobs, then a due sync."""
         while not stop.is_set():
             with self._cond:
                 control = self._controls.popleft() if self._controls and not self._waiters else None
