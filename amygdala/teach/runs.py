@@ -78,11 +78,10 @@ def run_jobs(server: Server, samples: list[dict], config: dict, *, progress: boo
                 mine = next((j for j in status["finished"] if j["id"] == job), None)
                 current = status.get("current") or {}
                 step = mine["step"] if mine else current.get("step", 0) if current.get("id") == job else 0
-                bar.update(done_before + step - bar.n)
-                if mine and mine.get("losses"):
-                    bar.set_postfix(loss=f"{mine['losses'][-1]:.4g}")
-                elif current.get("id") == job and current.get("losses"):
-                    bar.set_postfix(loss=f"{current['losses'][-1]:.4g}")
+                losses = (mine or (current if current.get("id") == job else {})).get("losses") or []
+                if done_before + step != bar.n:  # redraw on progress only: a poll that saw nothing new draws nothing
+                    bar.set_postfix(loss=f"{losses[-1]:.4g}" if losses else "-", refresh=False)
+                    bar.update(done_before + step - bar.n)
                 if mine is not None:
                     break
                 time.sleep(poll)
