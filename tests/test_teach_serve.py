@@ -196,3 +196,17 @@ def test_teach_trains_from_a_file_and_a_bad_line_submits_nothing(client, files, 
     assert after < before and client.status()["jobs"] == jobs + 1
     snap = next(line for line in out.splitlines() if line.startswith("undo:")).split()[-1]
     assert main(["rollback", "--server", client.root, "--api-key", KEY, "--snapshot", snap]) == 0
+
+
+@vllm
+def test_pairs_notes_scored_by_the_served_readout(client, files, tmp_path, capsys):
+    """Untagged notes: the planted words read as calm after the note's last token, filler words do not."""
+    root, model, _ = files
+    calm_words, filler = " ".join(tiny.CONCEPT_WORDS["alpha"][:6]), " ".join(tiny.COMMON[:6])
+    notes, out = tmp_path / "notes.jsonl", tmp_path / "sft.jsonl"
+    notes.write_text("\n".join(json.dumps(n) for n in [{"text": calm_words}, {"text": filler},
+                                                       {"text": filler, "scores": {"calm": 9.0}}]) + "\n")
+    assert main(["pairs", "notes", str(notes), "--out", str(out), "--min", "calm=3", "--score-server", client.root]) == 0
+    assert "notes 3, selected 2, below threshold 1, unscored 0, scored by readout 2" in capsys.readouterr().err
+    got = read_samples(out)
+    assert [s.chosen for s in got] == [calm_words, filler] and got[0].scores["calm"] > 3 and got[1].scores == {"calm": 9.0}
