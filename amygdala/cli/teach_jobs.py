@@ -45,6 +45,11 @@ def _train_args(p: argparse.ArgumentParser, objective: str, lr: float, steps: in
     p.add_argument("--steps", type=int, default=steps, help=f"optimizer updates over all samples (default {steps})")
 
 
+def _generation_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens per generated continuation (default 32)")
+    p.add_argument("--out", type=Path, default=None, help=f"write the {what} here (JSONL samples)")
+
+
 def _connect(args: argparse.Namespace):
     from amygdala.teach.client import Server
     from amygdala.teach.tokens import Encoder
@@ -194,12 +199,11 @@ def _add_dream(sub) -> None:
     p.add_argument("--away", action="append", default=[], metavar="CONCEPT=W", help="prefer samples low in it")
     p.add_argument("--samples", type=int, default=4, help="samples per temperature (default 4)")
     p.add_argument("--temperatures", default="0.7,1.0,1.3")
-    p.add_argument("--max-tokens", type=int, default=32)
+    _generation_args(p, "triplets")
     p.add_argument("--min-gap", type=float, default=0.5, help="least best - worst score for a triplet (default 0.5)")
     p.add_argument("--one-way", action="store_true",
                    help="only the toward triplet, on the plain prompt (trains an unconditional habit; see docs)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None, help="write the triplets here (JSONL samples)")
     p.add_argument("--submit", action="store_true", help="train on the triplets")
     _train_args(p, "orpo", 1e-5, 3)
     p.set_defaults(func=cmd_dream)
@@ -238,8 +242,7 @@ def _add_distill(sub) -> None:
     p.add_argument("--neutral", type=Path, default=None,
                    help="neutral texts for perplexity, one per line (default: the bundled corpus's)")
     p.add_argument("--neutral-count", type=int, default=16, help="how many bundled neutral texts (default 16)")
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--out", type=Path, default=None, help="write the pairs here (JSONL samples)")
+    _generation_args(p, "pairs")
     p.add_argument("--no-train", action="store_true", help="only generate the pairs and the before numbers")
     _train_args(p, "orpo", 1e-5, 20)
     p.set_defaults(func=cmd_distill)
