@@ -39,6 +39,8 @@ THREADS_ENV = "AMYGDALA_TRAIN_THREADS"
 #: ipc:// addresses of the training worker's socket and of the API server's reset socket.
 CONTROL_ENV = "AMYGDALA_TRAIN_CONTROL"
 EVENTS_ENV = "AMYGDALA_TRAIN_EVENTS"
+#: ``0`` leaves out the page (``GET /amygdala/``) the endpoint plugin serves by default.
+PAGE_ENV = "AMYGDALA_PAGE"
 #: Name of both entry points; what ``VLLM_PLUGINS`` must list.
 PLUGIN_NAME = "amygdala"
 #: Key in ``SamplingParams.extra_args`` under which the API server hands a request's spec to workers.
