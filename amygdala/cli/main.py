@@ -613,6 +613,7 @@ def _add_demo(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from amygdala.cli import teach_jobs
     from amygdala.serve import cli as serve_cli
 
     parser = argparse.ArgumentParser(prog="amygdala", description=__doc__)
@@ -624,6 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
         add(sub)
     serve_cli.add_parser(sub)
     serve_cli.add_view_parser(sub)
+    teach_jobs.add_parsers(sub)  # pairs, teach, dream, distill, rollback
     _add_demo(sub)
     return parser
 

@@ -3,7 +3,8 @@
 Two ``ipc://`` sockets, JSON bodies, one request and one reply each:
 
 - API server -> worker (the worker's ROUTER): ``submit`` (a ``/train`` body), ``status``,
-  ``checkpoint`` (answered after the sync, which waits for the running job).
+  ``checkpoint`` (answered after the sync, which waits for the running job), ``snapshot`` and
+  ``rollback`` (``{"snapshot": id}``; both answered after the running job, before queued ones).
 - worker -> API server (the server's ROUTER): ``reset_prefix_cache`` after a job changed weights.
 
 Every reply is ``{"ok": true, <payload key>: ...}`` or ``{"ok": false, "error": {"message", "field"}}``.
@@ -15,8 +16,10 @@ from __future__ import annotations
 import json
 
 SUBMIT, STATUS, CHECKPOINT, RESET_PREFIX_CACHE = "submit", "status", "checkpoint", "reset_prefix_cache"
+SNAPSHOT, ROLLBACK = "snapshot", "rollback"
 #: The payload key of each op's successful reply.
-PAYLOAD = {SUBMIT: "job", STATUS: "status", CHECKPOINT: "sync", RESET_PREFIX_CACHE: None}
+PAYLOAD = {SUBMIT: "job", STATUS: "status", CHECKPOINT: "sync", RESET_PREFIX_CACHE: None, SNAPSHOT: "snapshot",
+           ROLLBACK: "rollback"}
 
 
 class Unanswered(Exception):

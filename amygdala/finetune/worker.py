@@ -21,8 +21,8 @@ Pieces, all in this module so the process has one entry point (``python -m amygd
   API server to reset vLLM's prefix cache (KV computed with the old weights must not serve
   new requests), and only then reports the job done.
 - :func:`serve`: a ZeroMQ ROUTER on a local ``ipc://`` socket answering the API server
-  (``submit``, ``status``, ``checkpoint``; JSON messages), on its own thread, so status is
-  answered while a job trains. It exits when the holder process is gone.
+  (``submit``, ``status``, ``checkpoint``, ``snapshot``, ``rollback``; JSON messages), on its
+  own thread, so status is answered while a job trains. It exits when the holder process is gone.
 
 The folder is locked (``flock`` on ``.amygdala-train.lock``) for the worker's life: one writer
 per checkpoint folder.
@@ -146,6 +146,8 @@ class TrainingService:
         self._current: Job | None = None
         self._finished: deque[Job] = deque(maxlen=KEEP_FINISHED)
         self._waiters: list[Callable[[dict], None]] = []  # POST /checkpoint callers awaiting a sync
+        self._controls: deque[tuple[dict, Callable[[dict], None]]] = deque()  # snapshot / rollback requests
+        self._snapshot_kept = None  # amygdala.finetune.snapshot.Snapshot: one at a time (its memory)
         self._syncing = False
         self._dirty = False  # weights changed since the last sync
         self._sync_due: float | None = None  # time.monotonic() of the automatic sync
@@ -168,6 +170,13 @@ class TrainingService:
             self._waiters.append(done)
             self._cond.notify_all()
 
+    def control(self, message: dict, done: Callable[[dict], None]) -> None:
+        """Snapshot or rollback after the running job (before queued ones): they must never see a
+        job half-applied; ``done(reply)`` is called on the job thread."""
+        with self._cond:
+            self._controls.append((message, done))
+            self._cond.notify_all()
+
     def status(self) -> dict:
         with self._cond:
             state = "syncing" if self._syncing else "training" if self._current is not None else "idle"
@@ -184,15 +193,24 @@ class TrainingService:
 
     # ------------------------------------------------------------------ the job thread
     def run(self, stop: threading.Event) -> None:
-        """Take work until ``stop`` is set: checkpoint requests, then jobs, then a due sync."""
+        """Take work until ``stop`` is set: checkpoint requests, then snapshot/rollback requests,
+        then jobs, then a due sync."""
         while not stop.is_set():
             with self._cond:
-                waiters, job, auto = self._next()
-                if not waiters and job is None and not auto:
+                control = self._controls.popleft() if self._controls and not self._waiters else None
+                waiters, job, auto = self._next() if control is None else ([], None, False)
+                if control is None and not waiters and job is None and not auto:
                     timeout = 0.5 if self._sync_due is None else min(0.5, max(0.0, self._sync_due - time.monotonic()))
                     self._cond.wait(timeout)
                     continue
-            if job is not None:
+            if control is not None:
+                try:
+                    reply = self._control(control[0])
+                except Exception as e:  # e.g. no memory for the copy: answer, keep serving and training
+                    log.exception("%s failed", control[0].get("op"))
+                    reply = protocol.failed(f"{control[0].get('op')} failed: {type(e).__name__}: {e}")
+                control[1](reply)
+            elif job is not None:
                 self._run_job(job)
             else:
                 self._sync(waiters)
@@ -246,6 +264,35 @@ class TrainingService:
         log.info("job %s %s: %d of %d steps in %.2f s%s", job.id, state, job.step, job.config.steps,
                  job.finished_at - job.started_at, losses)
 
+    def _control(self, message: dict) -> dict:
+        """Take the snapshot, or restore it in place, reset the prefix cache and mark the restored
+        weights for the next sync."""
+        from amygdala.finetune import snapshot
+
+        op = message.get("op")
+        if op == protocol.SNAPSHOT:
+            self._snapshot_kept = None  # free the old copy before making the new one
+            self._snapshot_kept = snapshot.take(self.trainer)
+            log.info("snapshot %s: %d tensors, %.1f MiB", self._snapshot_kept.id, len(self._snapshot_kept.tensors),
+                     self._snapshot_kept.nbytes / 2**20)
+            return protocol.ok(op, self._snapshot_kept.describe())
+        wanted, kept = message.get("snapshot"), self._snapshot_kept
+        if kept is None or wanted != kept.id:
+            have = f"the worker holds {kept.id}" if kept is not None else "the worker holds none (a restart drops it)"
+            return protocol.failed(f"no snapshot {wanted!r}: {have}; a snapshot is replaced by the next one", "snapshot")
+        changed = snapshot.restore(self.trainer, kept)
+        reset, why = (True, None) if changed == 0 or self.reset_cache is None else self.reset_cache()
+        if not reset:
+            log.warning("rollback: the prefix cache was not reset (%s)", why)
+        snap = self.trainer.status()
+        with self._cond:
+            self._snapshot = snap
+            if changed:
+                self._dirty = True
+                self._sync_due = time.monotonic() + self.sync_delay
+        log.info("rollback to %s: %d tensors restored", kept.id, changed)
+        return protocol.ok(protocol.ROLLBACK, {**kept.describe(), "tensors_restored": changed, "prefix_cache_reset": reset})
+
     def _sync(self, waiters: list[Callable[[dict], None]]) -> None:
         try:
             report = self.trainer.sync()
@@ -282,6 +329,11 @@ def handle(service: TrainingService, message: dict | None, defer: Callable[[dict
             return protocol.failed(str(e), e.field)
     if op == protocol.CHECKPOINT:
         service.checkpoint(defer)
+        return None
+    if op in (protocol.SNAPSHOT, protocol.ROLLBACK):
+        if op == protocol.ROLLBACK and not isinstance(message.get("snapshot"), str):
+            return protocol.failed("expected the id of a snapshot (a string, from POST /train/snapshot)", "snapshot")
+        service.control(message, defer)
         return None
     return protocol.failed(f"unknown op {op!r}")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from http import HTTPStatus
 
 KINDS = {
-    400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 413: "RequestTooLargeError",
+    400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 409: "ConflictError", 413: "RequestTooLargeError",
     429: "RateLimitError", 503: "ServiceUnavailableError", 504: "TimeoutError",
 }
 

@@ -1,5 +1,5 @@
 """Online fine-tuning on vLLM's server, API side: ``POST /train``, ``GET /train/status``,
-``POST /checkpoint``, attached by the endpoint plugin (:mod:`amygdala.serve.routes`).
+``POST /checkpoint``, ``POST /train/snapshot`` and ``POST /train/rollback`` (undo), attached by the endpoint plugin (:mod:`amygdala.serve.routes`).
 
 The routes exist only when ``AMYGDALA_API_KEY`` is set, and every call needs
 ``Authorization: Bearer <key>``: they change the weights everyone is served. A request is
@@ -27,6 +27,7 @@ from amygdala.serve.errors import error_response
 log = logging.getLogger("vllm.amygdala")  # under vLLM's logger: its format and level
 
 TRAIN, STATUS, CHECKPOINT = "/train", "/train/status", "/checkpoint"
+SNAPSHOT, ROLLBACK = "/train/snapshot", "/train/rollback"
 #: Seconds the API server waits for the worker: to queue a job / report status, and to sync.
 ANSWER_TIMEOUT_S = 30.0
 SYNC_TIMEOUT_S = 600.0
@@ -50,6 +51,8 @@ class TrainingRoutes:
         router.add_api_route(TRAIN, self.train, methods=["POST"])
         router.add_api_route(STATUS, self.status, methods=["GET"])
         router.add_api_route(CHECKPOINT, self.checkpoint, methods=["POST"])
+        router.add_api_route(SNAPSHOT, self.snapshot, methods=["POST"])
+        router.add_api_route(ROLLBACK, self.rollback, methods=["POST"])
         app.include_router(router)
 
     async def init_state(self, engine_client) -> None:
@@ -66,7 +69,7 @@ class TrainingRoutes:
         sock.setsockopt(zmq.LINGER, 0)
         sock.bind(finetune_addresses()[1])
         self._events_task = asyncio.get_running_loop().create_task(self._answer_resets(sock), name="amygdala-train-events")
-        log.info("amygdala: training routes on (%s, %s, %s)", TRAIN, STATUS, CHECKPOINT)
+        log.info("amygdala: training routes on (%s, %s, %s, %s, %s)", TRAIN, STATUS, CHECKPOINT, SNAPSHOT, ROLLBACK)
 
     async def _answer_resets(self, sock) -> None:
         """The worker asks after each job; preempted running requests are recomputed with the new weights."""
@@ -96,6 +99,10 @@ class TrainingRoutes:
         try:
             return await protocol.ask(finetune_addresses()[0], message, timeout), None
         except protocol.Unanswered:
+            if message["op"] in (protocol.SNAPSHOT, protocol.ROLLBACK):
+                return None, error_response(f"the {message['op']} did not finish within {timeout:.0f} s (it waits for the "
+                                            "running job); it still runs: ask again when GET /train/status is idle",
+                                            status=HTTPStatus.GATEWAY_TIMEOUT)
             if message["op"] == protocol.CHECKPOINT:
                 return None, error_response(f"the sync did not finish within {timeout:.0f} s (it waits for the running job); "
                                             "it still runs: see GET /train/status's last_sync", status=HTTPStatus.GATEWAY_TIMEOUT)
@@ -144,3 +151,36 @@ class TrainingRoutes:
         if not reply["ok"]:
             return error_response(protocol.error_message(reply), status=HTTPStatus.INTERNAL_SERVER_ERROR)
         return JSONResponse(reply["sync"])
+
+    async def snapshot(self, request: Request):
+        """Copy the weights a job may change (in the worker's memory), for a later rollback."""
+        from fastapi.responses import JSONResponse
+
+        if (denied := self._denied(request)) is not None:
+            return denied
+        reply, failed = await self._ask(protocol.request(protocol.SNAPSHOT), SYNC_TIMEOUT_S)
+        if failed is not None:
+            return failed
+        if not reply["ok"]:
+            return error_response(protocol.error_message(reply), status=HTTPStatus.SERVICE_UNAVAILABLE)
+        return JSONResponse(reply["snapshot"])
+
+    async def rollback(self, request: Request):
+        """Restore ``{"snapshot": id}`` in place: served at once, written by the next sync."""
+        from fastapi.responses import JSONResponse
+
+        if (denied := self._denied(request)) is not None:
+            return denied
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return error_response(f"body: not JSON ({e}); send {{\"snapshot\": \"snap-...\"}}", "body")
+        if not isinstance(body, dict) or not isinstance(body.get("snapshot"), str):
+            return error_response("snapshot: expected the id from POST /train/snapshot, e.g. {\"snapshot\": \"snap-...\"}",
+                                  "snapshot")
+        reply, failed = await self._ask(protocol.request(protocol.ROLLBACK, snapshot=body["snapshot"]), SYNC_TIMEOUT_S)
+        if failed is not None:
+            return failed
+        if not reply["ok"]:
+            return error_response(protocol.error_message(reply), reply["error"].get("field"), status=HTTPStatus.CONFLICT)
+        return JSONResponse(reply["rollback"])

@@ -1,0 +1,148 @@
+"""``amygdala distill``: make a steering vector permanent by training on what it makes the model say.
+
+"The steering vector is the prototype; training is production; test before you commit." Per
+training prompt: chosen = the greedy continuation *with* the steering, rejected = the greedy
+continuation without it (ORPO by default: imitate the steered text and prefer it over the
+plain one). Then the question is whether the unsteered model now *is* in the steered state:
+
+- on held-out prompts (never trained on), the readout of each steered concept over the
+  unsteered greedy continuation, before and after, against the steered level before: the
+  fraction of the gap training closed;
+- perplexity on neutral texts before and after: how much else moved.
+
+Greedy decoding everywhere, so before and after differ only by the weights.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from amygdala.teach.client import Server
+from amygdala.teach.runs import JobOutcome, run_jobs
+from amygdala.teach.samples import Context, SampleError, TeachSample
+from amygdala.teach.score import concept_means
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    steer: dict[str, float]
+    max_tokens: int = 32
+    heldout: float = 0.25  # the last ceil(heldout x prompts) prompts are held out (at least one)
+    objective: str = "orpo"
+    learning_rate: float = 1e-5
+    steps: int = 20
+    submit: bool = True
+
+
+@dataclass
+class DistillReport:
+    train_prompts: int
+    heldout_prompts: int
+    pairs: int
+    identical: int  # prompts whose steered and unsteered continuations were the same (not trained on)
+    before: dict[str, float]  # concept -> unsteered readout on held-out prompts
+    steered: dict[str, float]
+    after: dict[str, float] = field(default_factory=dict)
+    ppl_before: float | None = None
+    ppl_after: float | None = None
+    jobs: list[JobOutcome] = field(default_factory=list)
+    samples: list[TeachSample] = field(default_factory=list)
+
+    def gap_closed(self, concept: str) -> float:
+        gap = self.steered[concept] - self.before[concept]
+        return (self.after.get(concept, math.nan) - self.before[concept]) / gap if gap else math.nan
+
+    def table(self) -> str:
+        from amygdala.teach.runs import fmt
+
+        lines = [f"held-out prompts: {self.heldout_prompts}; trained on {self.pairs} pairs from {self.train_prompts} prompts"
+                 + (f" ({self.identical} skipped: steering did not change the greedy text)" if self.identical else ""),
+                 "concept        unsteered before   steered   unsteered after   gap closed"]
+        for c in self.before:
+            lines.append(f"{c:<14} {fmt(self.before[c]):>16} {fmt(self.steered[c]):>9} {fmt(self.after.get(c, math.nan)):>17} "
+                         f"{self.gap_closed(c):>11.0%}" if self.after else
+                         f"{c:<14} {fmt(self.before[c]):>16} {fmt(self.steered[c]):>9} {'(not trained)':>17}")
+        if self.ppl_before is not None:
+            lines.append(f"neutral perplexity: {self.ppl_before:.3f} -> "
+                         f"{'n/a' if self.ppl_after is None else f'{self.ppl_after:.3f}'}")
+        if self.jobs:
+            lines.append("loss: " + ", ".join(f"{j.losses[0]:.4g} -> {j.losses[-1]:.4g} ({j.seconds:.1f} s)" for j in self.jobs if j.losses))
+        return "\n".join(lines)
+
+
+def readout_level(server: Server, encoder, prompts: Sequence[Context], concepts: Sequence[str], max_tokens: int,
+                  steer: dict[str, float] | None = None) -> dict[str, float]:
+    """Mean over prompts of each concept's readout over the greedy continuation's tokens."""
+    names = server.manifest()["concepts"]
+    per = [concept_means(server.generate(encoder.context_ids(p), max_tokens, steer=steer)[0].rows, names, concepts)
+           for p in prompts]
+    return {c: sum(m[c] for m in per) / len(per) for c in concepts}
+
+
+def neutral_perplexity(server: Server, encoder, texts: Sequence[str]) -> float:
+    """Mean over texts of each text's perplexity (raw text, no template)."""
+    ppls = [server.perplexity(list(encoder.tokenizer(t)["input_ids"])) for t in texts]
+    return sum(ppls) / len(ppls)
+
+
+def neutral_texts(path: Path | None = None, n: int = 16) -> list[str]:
+    """Texts for the perplexity check: one per line of ``path``, or the bundled corpus's first ``n`` neutral ones."""
+    if path is not None:
+        try:
+            texts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise SampleError(f"--neutral {path}: cannot read ({e})") from None
+        if not texts:
+            raise SampleError(f"--neutral {path}: no texts; one per line")
+        return texts
+    from amygdala.corpus import bundled_corpus, load_corpus
+
+    return [t.text for t in load_corpus(bundled_corpus()).neutral_texts()[:n]]
+
+
+def split(prompts: Sequence[Context], heldout: float) -> tuple[list[Context], list[Context]]:
+    if len(prompts) < 2:
+        raise SampleError(f"--prompts: {len(prompts)} prompt(s); distill needs at least 2 (some are held out)")
+    k = min(len(prompts) - 1, max(1, math.ceil(heldout * len(prompts))))
+    return list(prompts[:-k]), list(prompts[-k:])
+
+
+def distill(server: Server, encoder, prompts: Sequence[Context], cfg: DistillConfig, *,
+            neutral: Sequence[str] = (), progress: bool = True, log=print) -> DistillReport:
+    from tqdm import tqdm
+
+    server.check_concepts(list(cfg.steer), "--steer")
+    train, held = split(prompts, cfg.heldout)
+    concepts = list(cfg.steer)
+    contexts = [encoder.context_ids(p, f"prompt {i + 1}") for i, p in enumerate(prompts)]  # bad prompts fail first
+    before = readout_level(server, encoder, held, concepts, cfg.max_tokens)
+    steered = readout_level(server, encoder, held, concepts, cfg.max_tokens, cfg.steer)
+    ppl_before = neutral_perplexity(server, encoder, neutral) if neutral else None
+    samples, body, identical = [], [], 0
+    for i, prompt in enumerate(tqdm(train, desc="generating pairs", unit="prompt", disable=not progress)):
+        ids = contexts[i]
+        chosen = server.generate(ids, cfg.max_tokens, steer=cfg.steer, readout=False)[0].token_ids
+        rejected = server.generate(ids, cfg.max_tokens, readout=False)[0].token_ids
+        if chosen == rejected or not chosen or not rejected:
+            identical += 1
+            continue
+        samples.append(TeachSample(prompt, encoder.decode(chosen) or "?", encoder.decode(rejected) or "?",
+                                   source="distill:" + ",".join(f"{c}={s:g}" for c, s in cfg.steer.items())))
+        sample = {"context_ids": ids, "continuation_ids": chosen}
+        if cfg.objective != "sft":
+            sample["rejected_ids"] = rejected
+        body.append(sample)
+    report = DistillReport(len(train), len(held), len(body), identical, before, steered, ppl_before=ppl_before, samples=samples)
+    if not cfg.submit:
+        return report
+    if not body:
+        raise SampleError("distill: the steering changed no greedy continuation of the training prompts; "
+                          "raise --steer's strength or give other prompts")
+    report.jobs = run_jobs(server, body, {"objective": cfg.objective, "learning_rate": cfg.learning_rate, "steps": cfg.steps},
+                           progress=progress)
+    report.after = readout_level(server, encoder, held, concepts, cfg.max_tokens)
+    report.ppl_after = neutral_perplexity(server, encoder, neutral) if neutral else None
+    return report
