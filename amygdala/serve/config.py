@@ -39,6 +39,9 @@ THREADS_ENV = "AMYGDALA_TRAIN_THREADS"
 #: ipc:// addresses of the training worker's socket and of the API server's reset socket.
 CONTROL_ENV = "AMYGDALA_TRAIN_CONTROL"
 EVENTS_ENV = "AMYGDALA_TRAIN_EVENTS"
+#: Why training refuses tensor/pipeline/data parallelism (docs/scale.md); said by the engine and by `amygdala serve`.
+TRAINING_NEEDS_ONE_WORKER = ("training runs on one worker holding the whole model: drop tensor/pipeline/data parallelism, "
+                             f"or unset {API_KEY_ENV} to serve on several devices without training")
 #: Name of both entry points; what ``VLLM_PLUGINS`` must list.
 PLUGIN_NAME = "amygdala"
 #: Key in ``SamplingParams.extra_args`` under which the API server hands a request's spec to workers.

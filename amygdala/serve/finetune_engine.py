@@ -33,8 +33,8 @@ from pathlib import Path
 
 from amygdala import AmygdalaError
 from amygdala.serve.config import (
-    API_KEY_ENV, DEFAULT_SYNC_DELAY, OPTIMIZER_ENV, PLUGIN_NAME, SYNC_DELAY_ENV, THREADS_ENV, api_key,
-    finetune_addresses,
+    API_KEY_ENV, DEFAULT_SYNC_DELAY, OPTIMIZER_ENV, PLUGIN_NAME, SYNC_DELAY_ENV, THREADS_ENV, TRAINING_NEEDS_ONE_WORKER,
+    api_key, finetune_addresses,
 )
 from amygdala.serve.patching import FINETUNE_TAG, after_engine_config, after_load_model, not_eager, plugin_allowed, wrap_method
 
@@ -92,7 +92,7 @@ def check_engine_config(vllm_config) -> None:
             "start vLLM with --enforce-eager (amygdala serve does)")
     pc = vllm_config.parallel_config
     if pc.tensor_parallel_size * pc.pipeline_parallel_size * pc.data_parallel_size > 1:
-        raise TrainingSetupError("training runs on one worker holding the whole model: drop tensor/pipeline/data parallelism")
+        raise TrainingSetupError(f"{TRAINING_NEEDS_ONE_WORKER} (docs/scale.md)")
     folder = Path(str(vllm_config.model_config.model))
     if not folder.is_dir() or not any(folder.glob("*.safetensors")):
         raise TrainingSetupError(
