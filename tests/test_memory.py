@@ -99,3 +99,15 @@ def test_tensor_parallel_plan_divides_the_sharded_terms():
     assert two.weights == one.weights / 2 and two.optimizer == one.optimizer / 2
     assert memory.kv_per_token(s, 2, tp=2) == memory.kv_per_token(s, 2) / 2
     assert memory.kv_per_token(s, 2, tp=4) == memory.kv_per_token(s, 2) / 2  # 2 KV heads: replicated past 2 ranks
+
+
+def test_plan_keeps_block_inputs_whole_on_every_rank():
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model("llama", hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=1000)
+    s = memory.shapes(config)
+    one = memory.plan(s, gpus=1, gpu_bytes=2**30, optimizer="apollo", train_tokens=100)
+    two = memory.plan(s, gpus=2, gpu_bytes=2**30, optimizer="apollo", train_tokens=100)
+    inputs = 100 * 256 * 2 * (2 + 2)
+    assert two.activations - inputs == (one.activations - inputs) / 2

@@ -80,14 +80,17 @@ def test_row_store_merges_pipeline_stages_per_token_in_manifest_order():
     asyncio.run(scenario())
 
 
-def test_two_stage_senders_merge_over_the_real_socket(tmp_path):
+@pytest.mark.parametrize("transport", ["ipc", "tcp"])
+def test_two_stage_senders_merge_over_the_real_socket(tmp_path, transport):
     """Each stage's tensor rank 0 owns a Sender on the same address; the API server's one Receiver
-    hands both parts to the RowStore, which puts them together."""
+    hands both parts to the RowStore, which puts them together. tcp: the address a multi-node
+    deployment sets (AMYGDALA_SERVE_CHANNEL, docs/scale.md), where stages live on other machines."""
 
     async def scenario():
         store = RowStore(2)
         store.open("t")
-        receiver = Receiver(f"ipc://{tmp_path / 'scores.sock'}", store.deliver)
+        address = f"ipc://{tmp_path / 'scores.sock'}" if transport == "ipc" else f"tcp://127.0.0.1:{sh.free_port()}"
+        receiver = Receiver(address, store.deliver)
         receiver.start()
         try:
             stage0, stage1 = Sender(receiver.address), Sender(receiver.address)

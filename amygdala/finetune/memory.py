@@ -154,21 +154,30 @@ class Plan:
     activations: float
     kv_budget: float  # what is left for the KV cache (and the linear-attention state) at the given utilisation
 
-    def kv_tokens(self, s: Shapes, dtype_bytes: int) -> int:
-        return int(self.kv_budget // kv_per_token(s, dtype_bytes, self.gpus)) if self.kv_budget > 0 else 0
+    def sequences(self, s: Shapes, context: int, dtype_bytes: int) -> int:
+        """How many sequences of ``context`` tokens the budget holds: each takes its KV cache and,
+        in a hybrid, its linear-attention state (both split over the tensor-parallel ranks)."""
+        per = context * kv_per_token(s, dtype_bytes, self.gpus) + s.state_bytes_per_seq / self.gpus
+        return int(self.kv_budget // per) if self.kv_budget > 0 and per > 0 else 0
 
 
 def plan(s: Shapes, *, gpus: int, gpu_bytes: float, dtype_bytes: int = 2, optimizer: str | None = None,
-         rank: int = 64, train_tokens: int = 4096, utilisation: float = 0.9) -> Plan:
+         rank: int = 64, train_tokens: int = 4096, train_fraction: float = 1.0, utilisation: float = 0.9) -> Plan:
     """Memory per GPU for serving on ``gpus`` tensor-parallel GPUs, with training (``optimizer``
     given) as if the trainer ran beside each rank on its shard (docs/scale.md: today's trainer
-    needs one device; this is the budget a per-rank trainer would have)."""
+    needs one device; this is the budget a per-rank trainer would have). ``train_fraction``:
+    the share of the block weights being trained (e.g. 0.25 for the last quarter of the layers),
+    which scales optimizer state and gradients; activations are kept for every layer (conservative)."""
     w = weights(s, dtype_bytes, gpus)
     if optimizer is None:
         opt = grads = acts = 0.0
     else:
-        opt = optimizer_state(s, optimizer, dtype_bytes, rank) / gpus
-        grads = gradients(s, dtype_bytes) / gpus
-        acts = (checkpointed_activations(s, train_tokens, dtype_bytes) + block_recompute(s, train_tokens, dtype_bytes)) / gpus
+        opt = train_fraction * optimizer_state(s, optimizer, dtype_bytes, rank) / gpus
+        grads = train_fraction * gradients(s, dtype_bytes) / gpus
+        # Under tensor parallelism the block inputs are whole on every rank; logits and a block's
+        # projections are split over the ranks.
+        replicated = train_tokens * s.hidden * dtype_bytes * (s.layers + 2)
+        split = checkpointed_activations(s, train_tokens, dtype_bytes) - replicated + block_recompute(s, train_tokens, dtype_bytes)
+        acts = replicated + split / gpus
     left = utilisation * gpu_bytes - w - opt - grads - acts
     return Plan(gpus, w, opt, grads, acts, left)

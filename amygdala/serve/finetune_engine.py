@@ -119,6 +119,36 @@ def _keep_plain_weights() -> None:
     wrap_method(UnquantizedLinearMethod, "process_weights_after_loading", make, FINETUNE_TAG)
 
 
+def checkpoint_named(model_cls: type, served: dict, folder: Path, tied: bool) -> dict:
+    """``served`` (the parameters of vLLM's ``model_cls``) as views under the model folder's tensor names.
+
+    Merged projections are split by the served class's own ``packed_modules_mapping``, not by
+    a table of ours, so a family vLLM merges differently (Qwen3.5's ``in_proj_qkvz``) needs no
+    change here. A family whose tensors still do not map fails now, naming them all, before
+    the training worker starts. The worker, trainer and checkpoint sync then see the folder's
+    names only.
+    """
+    from amygdala.finetune import checkpoint, layout
+
+    try:
+        merged = layout.merged_from_packed(getattr(model_cls, "packed_modules_mapping", None) or {})
+        shapes = {name: e.shape for name, e in checkpoint.read_entries(folder).items()}
+        missing, extra = layout.unmapped(served, shapes, tied=tied, merged=merged)
+        wrong = ([f"no served tensor holds {_few(missing)}"] if missing else []) + (
+            [f"served {_few(extra)} match no checkpoint tensor"] if extra else [])
+        if wrong:
+            raise layout.LayoutError(
+                f"cannot map vLLM's {model_cls.__name__} onto the checkpoint: {'; '.join(wrong)} "
+                f"(merged modules from its packed_modules_mapping: {', '.join(merged) or 'none'})")
+        return layout.to_checkpoint(served, shapes, tied=tied, merged=merged)
+    except (layout.LayoutError, checkpoint.CheckpointError) as e:
+        raise TrainingSetupError(f"{folder}: {e}; training cannot run on this model family") from None
+
+
+def _few(names: list[str], n: int = 5) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
 def start_worker(worker) -> None:
     """Start the training worker on views of ``worker``'s freshly loaded parameters."""
     from amygdala.finetune.worker import WorkerSpec, spawn
@@ -130,6 +160,8 @@ def start_worker(worker) -> None:
         raise TrainingSetupError(
             f"{packed[0]}: vLLM replaced this weight by a packed kernel ({len(packed)} in all), so training could "
             "not reach inference; this vLLM build packs weights amygdala does not know how to keep")
+    served = checkpoint_named(type(model), served, Path(str(worker.model_config.model)),
+                              bool(getattr(worker.model_config.hf_text_config, "tie_word_embeddings", False)))
     optimizer, delay, threads = settings()
     control, events = finetune_addresses()
     spec = WorkerSpec(str(worker.model_config.model), control, events, optimizer, delay, threads)
