@@ -34,6 +34,9 @@ SYNC_DELAY_ENV = "AMYGDALA_SYNC_DELAY"
 DEFAULT_SYNC_DELAY = 600.0
 #: apollo-mini (default) | apollo | adamw: fixed for a folder (its saved state depends on it).
 OPTIMIZER_ENV = "AMYGDALA_TRAIN_OPTIMIZER"
+#: Which decoder layers / block modules train (amygdala.finetune.trainable; unset: all).
+TRAIN_LAYERS_ENV = "AMYGDALA_TRAIN_LAYERS"
+TRAIN_MODULES_ENV = "AMYGDALA_TRAIN_MODULES"
 #: torch threads of the training worker (default: torch's choice).
 THREADS_ENV = "AMYGDALA_TRAIN_THREADS"
 #: ipc:// addresses of the training worker's socket and of the API server's reset socket.

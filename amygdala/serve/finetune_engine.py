@@ -33,8 +33,8 @@ from pathlib import Path
 
 from amygdala import AmygdalaError
 from amygdala.serve.config import (
-    API_KEY_ENV, DEFAULT_SYNC_DELAY, OPTIMIZER_ENV, PLUGIN_NAME, SYNC_DELAY_ENV, THREADS_ENV, TRAINING_NEEDS_ONE_WORKER,
-    api_key, finetune_addresses,
+    API_KEY_ENV, DEFAULT_SYNC_DELAY, OPTIMIZER_ENV, PLUGIN_NAME, SYNC_DELAY_ENV, THREADS_ENV, TRAIN_LAYERS_ENV,
+    TRAIN_MODULES_ENV, TRAINING_NEEDS_ONE_WORKER, api_key, finetune_addresses,
 )
 from amygdala.serve.patching import FINETUNE_TAG, after_engine_config, after_load_model, not_eager, plugin_allowed, wrap_method
 
@@ -65,6 +65,13 @@ def settings() -> tuple[str, float, int]:
     return optimizer, delay, int(raw) if raw else 0
 
 
+def trainable():
+    """The trainable set from AMYGDALA_TRAIN_LAYERS / AMYGDALA_TRAIN_MODULES (docs/finetuning.md)."""
+    from amygdala.finetune.trainable import Trainable
+
+    return Trainable(os.environ.get(TRAIN_LAYERS_ENV, "").strip(), os.environ.get(TRAIN_MODULES_ENV, "").strip())
+
+
 def register() -> None:
     """Install the engine side when ``AMYGDALA_API_KEY`` is set (called in every vLLM process)."""
     if api_key() is None:
@@ -93,6 +100,10 @@ def check_engine_config(vllm_config) -> None:
     pc = vllm_config.parallel_config
     if pc.tensor_parallel_size * pc.pipeline_parallel_size * pc.data_parallel_size > 1:
         raise TrainingSetupError(f"{TRAINING_NEEDS_ONE_WORKER} (docs/scale.md)")
+    try:  # the layer indices against the model's depth, before any weight loads
+        trainable().layer_indices(vllm_config.model_config.hf_text_config.num_hidden_layers)
+    except AmygdalaError as e:
+        raise TrainingSetupError(str(e)) from None
     folder = Path(str(vllm_config.model_config.model))
     if not folder.is_dir() or not any(folder.glob("*.safetensors")):
         raise TrainingSetupError(
@@ -164,6 +175,8 @@ def start_worker(worker) -> None:
                               bool(getattr(worker.model_config.hf_text_config, "tie_word_embeddings", False)))
     optimizer, delay, threads = settings()
     control, events = finetune_addresses()
-    spec = WorkerSpec(str(worker.model_config.model), control, events, optimizer, delay, threads)
+    chosen = trainable()
+    spec = WorkerSpec(str(worker.model_config.model), control, events, optimizer, delay, threads,
+                      train_layers=chosen.layers, train_modules=chosen.modules)
     worker._amygdala_training = spawn(served, spec)  # keep the Popen: the worker lives as long as this process
     log.info("amygdala: training worker started on %d served tensors (pid %d)", len(served), worker._amygdala_training.pid)
