@@ -10,8 +10,11 @@ vLLM tests, on the CPU build with the tiny random Llama, started the way users s
 
 - pipeline parallel size 2: first, alone (it needs both cores). vLLM 0.32's CPU build starts
   but its engine dies on the first request (a KeyError on the request id in the scheduler's
-  ``update_from_output``: the model runner's output lacks the request), so on a CPU build the test is a strict xfail: it fails loudly the day vLLM fixes this, so the
-  marker and docs/scale.md's "Limits" get updated then. On a GPU build it is an ordinary test.
+  ``update_from_output``: the model runner's output lacks the request), plugin or not. So on
+  such a build the plugin refuses PP at start (tested), and a plain-vLLM PP test is a strict
+  xfail: it fails loudly the day a fix lands in such a release, so the refusal's version bound
+  gets raised. Elsewhere (a GPU build, a later release) the PP test checks the merged readout
+  end to end.
 - tensor parallel size 2, one server for the module: readout equals transformers' teacher-forced
   block outputs on the tokens the server generated (the quantity the TP=1 tests check), exactly
   one rank sends scores while every rank hooks, steering stays per request in a mixed batch, and
@@ -207,20 +210,63 @@ def teacher_forced(hf, readout: Readout, prompt_ids: list[int], gen_ids: list[in
     return session.scores()[0][p - 1 : p - 1 + len(gen_ids)]
 
 
-def _on_cpu_build() -> bool:
+def _pipeline_broken() -> bool:
     try:
-        from vllm.platforms import current_platform
+        from amygdala.serve.hooks import cpu_pipeline_broken
+
+        return cpu_pipeline_broken()
     except ImportError:
         return False
-    return current_platform.is_cpu()
+
+
+def _complete(server: sh.Server, model) -> tuple[int | None, dict | str]:
+    try:
+        return server.post("/completions", {"model": str(model), "prompt": sh.prompt_words(12), "max_tokens": 6,
+                                            "temperature": 0, "return_token_ids": True}, timeout=120)
+    except OSError as e:  # the server went away mid-request
+        return None, repr(e)
+
+
+@vllm
+@pytest.mark.skipif(not _pipeline_broken(), reason="this vLLM is not a CPU build known to fail pipeline parallelism")
+def test_pipeline_parallel_on_a_cpu_build_that_cannot_is_refused_at_start(files):
+    """Refused at engine configuration, before any worker starts: not a server that dies later."""
+    server = start(files, "pp2-refused", ["--pipeline-parallel-size", "2"])
+    try:
+        rc = server.proc.wait(240)
+    finally:
+        server.stop()
+    log = server.log.read_text()
+    assert rc != 0
+    assert "vLLM's CPU build up to 0.32 cannot serve pipeline parallelism" in log, log[-3000:]
 
 
 @vllm
 @pytest.mark.xfail(
-    _on_cpu_build(), strict=True, raises=AssertionError,
+    _pipeline_broken(), strict=True, raises=AssertionError,
     reason="vLLM 0.32's CPU build: pipeline parallelism starts, then the engine dies on the first request "
            "(KeyError on the request id in the scheduler's update_from_output); docs/scale.md",
 )
+def test_plain_vllm_serves_pipeline_parallel(files):
+    """The watch on vLLM itself, no plugin: on the broken CPU builds a strict xfail, so the day a
+    fix lands in such a release this fails, saying to raise hooks.CPU_PIPELINE_BROKEN_UP_TO."""
+    pytest.importorskip("vllm")
+    root, model, _ = files
+    from amygdala.serve.cli import cpu_binding
+
+    bind = cpu_binding(2, sorted(os.sched_getaffinity(0)), numa_nodes=1)  # as amygdala serve would
+    env = sh.server_env(None, VLLM_PLUGINS="", VLLM_CPU_OMP_THREADS_BIND=bind)
+    server = sh.start_server(model, root / "pp2-plain.log", env=env, args=["--pipeline-parallel-size", "2"], wait=False)
+    try:
+        sh.wait_ready(server, 420)
+        code, r = _complete(server, model)
+        assert code == 200, f"{r}\n{server.log.read_text()[-2000:]}"
+    finally:
+        server.stop()
+
+
+@vllm
+@pytest.mark.skipif(_pipeline_broken(), reason="vLLM's CPU build up to 0.32 cannot serve pipeline parallelism (refused above)")
 def test_pipeline_parallel_readout_merges_the_stages(files, hf):
     """Two stages, readout layers 1 and 2 of 4 (stage 0 owns layers 0-1, stage 1 owns 2-3): the
     merged rows equal transformers' teacher-forced block outputs."""
@@ -228,11 +274,7 @@ def test_pipeline_parallel_readout_merges_the_stages(files, hf):
     server = start(files, "pp2", ["--pipeline-parallel-size", "2"])
     try:
         sh.wait_ready(server, 420)
-        try:
-            code, r = server.post("/completions", {"model": str(files[1]), "prompt": sh.prompt_words(12), "max_tokens": 6,
-                                                   "temperature": 0, "return_token_ids": True}, timeout=120)
-        except OSError as e:  # the server went away mid-request
-            code, r = None, repr(e)
+        code, r = _complete(server, files[1])
         assert code == 200, f"{r}\n{server.log.read_text()[-2000:]}"
         choice = r["choices"][0]
         want = teacher_forced(hf, Readout.load(files[2]), choice["prompt_token_ids"], choice["token_ids"])

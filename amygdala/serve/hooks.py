@@ -214,6 +214,26 @@ def check_supported(vllm_config) -> None:
         )
     if vllm_config.speculative_config is not None:
         raise ReadoutError("amygdala's readout does not support speculative decoding; drop --speculative-config")
+    if vllm_config.parallel_config.pipeline_parallel_size > 1 and cpu_pipeline_broken():
+        raise ReadoutError(
+            "vLLM's CPU build up to 0.32 cannot serve pipeline parallelism (its engine dies on the first request): "
+            "use --tensor-parallel-size instead, or a GPU build (docs/scale.md)")
+
+
+#: The last vLLM release (major, minor) whose CPU build dies on the first pipeline-parallel
+#: request (KeyError in the scheduler's update_from_output); tests/test_serve_parallel.py
+#: watches plain vLLM for the fix.
+CPU_PIPELINE_BROKEN_UP_TO = (0, 32)
+
+
+def cpu_pipeline_broken() -> bool:
+    """Whether this vLLM is a CPU build known to fail pipeline parallelism, so we refuse at
+    start rather than let the engine die on the first request. Later releases are let through."""
+    import vllm
+    from vllm.platforms import current_platform
+
+    release = tuple(int(x) for x in vllm.__version__.split(".")[:2] if x.isdigit())
+    return current_platform.is_cpu() and release <= CPU_PIPELINE_BROKEN_UP_TO
 
 
 def owned_layers(layers) -> list[int]:
