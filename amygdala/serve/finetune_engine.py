@@ -6,13 +6,14 @@ On only when ``AMYGDALA_API_KEY`` is set (the routes change the weights everyone
 would hold the folder and cost the packed kernels for nothing). It patches three vLLM points:
 
 - ``EngineArgs.create_engine_config``: before vLLM builds the engine, check that fine-tuning can
-  work (eager mode, one worker, a local writable model folder with safetensors that no other
-  training worker holds) and replay an interrupted checkpoint sync
+  work (eager mode, one worker, the trainable set's layers, a local writable model folder
+  with safetensors that no other training worker holds) and replay an interrupted checkpoint sync
   (:func:`amygdala.finetune.checkpoint.recover`) *before* vLLM reads the folder;
 - ``UnquantizedLinearMethod.process_weights_after_loading``: keep the linear layers' plain weights
   (below);
 - ``Worker.load_model``: once the weights are in, start the training worker
-  (:mod:`amygdala.finetune.worker`) on views of vLLM's parameters.
+  (:mod:`amygdala.finetune.worker`) on views of vLLM's parameters under the folder's names
+  (:func:`checkpoint_named`: split by the model class's ``packed_modules_mapping``).
 
 Plain weights, and their cost: vLLM's CPU build packs every linear layer's weight into a
 oneDNN (or sgl) handle when loading and *removes* ``layer.weight``
