@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from amygdala.models import load_model, resolve_model
 from amygdala.finetune import checkpoint
@@ -139,7 +139,7 @@ def bench_sync_bf16(data: list[Sample], jobs: int, sets: list[tuple[str, Trainab
                             "trained_blocks": -(-trained // checkpoint.BLOCK), "written": r.bytes_written,
                             "journal": r.journal_bytes, "seconds": r.seconds})
         full = Path(tmp) / "full"
-        model, _, _ = load_model(bf16, "cpu", dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(bf16, dtype=torch.bfloat16)
         t0 = time.perf_counter()
         model.save_pretrained(full)
         for f in full.iterdir():

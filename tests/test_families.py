@@ -136,11 +136,19 @@ def _family_params():
 
 @pytest.mark.parametrize("arch", list(_family_params()))
 def test_readout_and_steering_hook_the_blocks_of_each_family(arch, root):
+    """fp32 where vLLM's CPU build allows; the hybrid in bf16 (its CPU gated-delta-net kernel
+    requires it), with the reference in fp32 on the same bf16 weights and a bf16 tolerance."""
     pytest.importorskip("vllm")
     folder = root / arch
-    hf, _ = make_family(arch, folder)
+    bf16 = arch == HYBRID
+    hf, tok = make_family(arch)
+    if bf16:
+        hf = hf.to(torch.bfloat16).float()  # the weights vLLM will serve, exactly
+    hf.save_pretrained(folder)
+    tok.save_pretrained(folder)
     readout = Readout.load(sh.make_readout(root / f"{arch}-readout"))
-    server = sh.start_server(folder, root / f"{arch}.log", readout=root / f"{arch}-readout", timeout=420)
+    server = sh.start_server(folder, root / f"{arch}.log", readout=root / f"{arch}-readout", timeout=420,
+                             args=["--dtype", "bfloat16"] if bf16 else [])
     try:
         steer = {"afraid": 8.0}
         for steering in (None, Steering.from_concepts(readout, steer, readout.layers)):
@@ -154,8 +162,18 @@ def test_readout_and_steering_hook_the_blocks_of_each_family(arch, root):
                 logits = hf(torch.tensor([ids])).logits[0]
             p = len(choice["prompt_token_ids"])
             want = session.scores()[0][p - 1 : p - 1 + len(choice["token_ids"])]
-            torch.testing.assert_close(torch.tensor(choice["readout"]), want, atol=2e-3, rtol=1e-4)
-            # vLLM's greedy tokens are the (steered) transformers model's argmax: steering reached the same site.
-            assert logits[p - 1 : len(ids) - 1].argmax(-1).tolist() == choice["token_ids"]
+            got = torch.tensor(choice["readout"])
+            atol = 0.05 * float(want.abs().max()) if bf16 else 2e-3
+            if bf16:  # bf16 activations: relative error ~2^-8 per rounding, a few roundings deep
+                torch.testing.assert_close(got, want, atol=atol, rtol=0.05)
+            else:
+                torch.testing.assert_close(got, want, atol=2e-3, rtol=1e-4)
+                # vLLM's greedy tokens are the (steered) transformers model's argmax: steering reached the same site.
+                assert logits[p - 1 : len(ids) - 1].argmax(-1).tolist() == choice["token_ids"]
+            if steering is None:
+                plain = want
+            else:  # the first token (same context) moved by far more than the tolerance, so the parity above
+                # could not hold with steering missing or elsewhere
+                assert float((want[0] - plain[0]).abs().max()) > 4 * atol
     finally:
         server.stop()
