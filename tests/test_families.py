@@ -49,7 +49,8 @@ HYBRID = "qwen3_next"
 
 
 def make_family(arch: str, path=None, *, seed: int = 0):
-    """(model, tokenizer) of a tiny random ``arch`` that vLLM's CPU build accepts (head_dim 64)."""
+    """(model, tokenizer) of a tiny random ``arch`` that vLLM's CPU build accepts (head_dim 64, its CPU
+    attention's and gated-delta-net kernels' smallest)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -62,7 +63,7 @@ def make_family(arch: str, path=None, *, seed: int = 0):
         config = AutoConfig.for_model(
             arch, **extra, hidden_size=128, intermediate_size=256, num_hidden_layers=sh.NUM_LAYERS,
             num_attention_heads=2, num_key_value_heads=1, head_dim=64, vocab_size=len(tok),
-            linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32,
+            linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=64, linear_value_head_dim=64,
             linear_conv_kernel_dim=4, layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
             tie_word_embeddings=False, pad_token_id=0, bos_token_id=2, eos_token_id=3,
         )
