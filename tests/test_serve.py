@@ -558,14 +558,15 @@ def test_cache_salt_is_keyed_by_steering():
 
 def test_row_store_waits_and_maps_choices():
     async def scenario():
-        store = RowStore(timeout=0.2)
+        store = RowStore(2, timeout=0.2)
         store.open("t")
         waiting = asyncio.ensure_future(store.take("t", 1, 2, 0, 2))
         await asyncio.sleep(0.01)
-        store.deliver("t", "0_req-ab12", 0, np.zeros((2, 3), np.float32))
-        store.deliver("t", "1_req-ab12", 0, np.ones((2, 3), np.float32))
-        store.deliver("t", "1_req-ab12", 1, np.full((2, 3), 2, np.float32))
-        store.deliver("closed", "x", 0, np.zeros((2, 3), np.float32))  # dropped
+        both = [0, 1]
+        store.deliver("t", "0_req-ab12", 0, np.zeros((2, 3), np.float32), both)
+        store.deliver("t", "1_req-ab12", 0, np.ones((2, 3), np.float32), both)
+        store.deliver("t", "1_req-ab12", 1, np.full((2, 3), 2, np.float32), both)
+        store.deliver("closed", "x", 0, np.zeros((2, 3), np.float32), both)  # dropped
         rows = await waiting
         assert [float(r[0, 0]) for r in rows] == [1.0, 2.0]
         t0 = asyncio.get_running_loop().time()

@@ -26,6 +26,7 @@ from amygdala.finetune import checkpoint
 from amygdala.finetune.apollo import OptimizerSettings, build_optimizer, state_nbytes
 from amygdala.finetune.inputs import JobConfig, Limits, Sample, parse_request
 from amygdala.finetune.objectives import reference_logprobs, sample_losses
+from amygdala.finetune.trainable import Trainable
 from amygdala.finetune.state import STATE_FILE, encode_state, load_state
 
 
@@ -101,6 +102,8 @@ class Trainer:
     the model's own parameters. ``train_embeddings``: embeddings and lm_head are frozen by
     default (the paper fine-tunes the attention and MLP projections; a plain-AdamW state for
     a 50k x d embedding would outweigh the rest of APOLLO-Mini's state many times).
+    ``trainable``: the layers and modules that train (:mod:`amygdala.finetune.trainable`; all by
+    default); in bf16 the sync writes about what this set holds, every job.
     """
 
     model: nn.Module
@@ -108,6 +111,7 @@ class Trainer:
     settings: OptimizerSettings = field(default_factory=OptimizerSettings)
     served: Mapping[str, torch.Tensor] | None = None
     train_embeddings: bool = False
+    trainable: Trainable = field(default_factory=Trainable)
     limits: Limits = field(init=False)
     optimizer: torch.optim.Optimizer = field(init=False)
     names: list[str] = field(init=False)  # trainable parameters, in optimizer order
@@ -122,6 +126,7 @@ class Trainer:
             for module in (self.model.get_input_embeddings(), self.model.get_output_embeddings()):
                 if module is not None:
                     module.weight.requires_grad_(False)
+        self.trainable.apply(self.model)
         if self.served is None:
             self.served = {n: p.detach() for n, p in self.model.named_parameters()}
         self.limits = Limits.from_config(self.model.config)
@@ -168,6 +173,7 @@ class Trainer:
                 "state_bytes": state_nbytes(self.optimizer),
                 "trainable_tensors": len(self.names),
             },
+            "trainable": self.trainable.describe(),
             "last_sync": last,
             "model_dir": os.fspath(self.model_dir),
         }

@@ -395,6 +395,8 @@ class WorkerSpec:
     optimizer: str = "apollo-mini"
     sync_delay: float = 600.0
     threads: int = 0  # torch threads; 0: torch's default
+    train_layers: str = ""  # AMYGDALA_TRAIN_LAYERS (amygdala.finetune.trainable); "": all
+    train_modules: str = ""  # AMYGDALA_TRAIN_MODULES; "": all
 
 
 def spawn(served: Mapping[str, torch.Tensor], spec: WorkerSpec, *, timeout: float = 300.0) -> subprocess.Popen:
@@ -459,6 +461,7 @@ def _start(payload: dict, stack: contextlib.ExitStack) -> tuple[TrainingService,
     from transformers import AutoConfig
 
     from amygdala.finetune.apollo import OptimizerSettings
+    from amygdala.finetune.trainable import Trainable
     from amygdala.finetune.views import import_handles, view_model
 
     spec = WorkerSpec(**payload["spec"])
@@ -467,7 +470,8 @@ def _start(payload: dict, stack: contextlib.ExitStack) -> tuple[TrainingService,
     stack.enter_context(folder_lock(spec.model_dir))
     served = import_handles(payload["handles"])
     model = view_model(AutoConfig.from_pretrained(spec.model_dir), served)
-    trainer = Trainer(model, Path(spec.model_dir), settings=OptimizerSettings(spec.optimizer), served=served)
+    trainer = Trainer(model, Path(spec.model_dir), settings=OptimizerSettings(spec.optimizer), served=served,
+                      trainable=Trainable(spec.train_layers, spec.train_modules))
     reset = CacheResetter(spec.events) if spec.events else None
     return TrainingService(trainer, sync_delay=spec.sync_delay, reset_cache=reset), spec
 

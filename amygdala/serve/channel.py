@@ -6,8 +6,11 @@ pushes scores on a side channel. It sends them right after the forward pass, bef
 returns the tokens, so the rows are normally waiting when the API server sees the token; the
 API side still waits for them (:class:`amygdala.serve.proxy.RowStore`).
 
-One message per forward step: a JSON header (tags, request ids, token indices) and the
-float32 rows ``[m, n_layers, n_concepts]`` as raw bytes.
+One message per forward step and sender: a JSON header (tags, request ids, token indices, and
+the readout layers the rows cover, as positions in the manifest's layer list) and the float32
+rows ``[m, n_covered, n_concepts]`` as raw bytes. One sender per pipeline stage (its tensor
+rank 0): each covers the readout layers its stage owns, and the API side merges them
+(:class:`amygdala.serve.proxy.RowStore`).
 """
 
 from __future__ import annotations
@@ -29,15 +32,18 @@ log = logging.getLogger("vllm.amygdala")  # under vLLM's logger: its format and 
 HIGH_WATER_MARK = 100_000
 
 
-def encode(tags: list[str], req_ids: list[str], ks: list[int], rows: np.ndarray) -> list[bytes]:
-    header = {"t": tags, "r": req_ids, "k": ks, "shape": list(rows.shape)}
+def encode(tags: list[str], req_ids: list[str], ks: list[int], rows: np.ndarray, layers: list[int]) -> list[bytes]:
+    """``layers``: the positions (in the manifest's layer order) of ``rows``' second axis."""
+    header = {"t": tags, "r": req_ids, "k": ks, "l": list(layers), "shape": list(rows.shape)}
     return [json.dumps(header).encode(), np.ascontiguousarray(rows, dtype=np.float32).tobytes()]
 
 
-def decode(frames: list[bytes]) -> tuple[list[str], list[str], list[int], np.ndarray]:
+def decode(frames: list[bytes]) -> tuple[list[str], list[str], list[int], np.ndarray, list[int]]:
     header = json.loads(frames[0])
     rows = np.frombuffer(frames[1], dtype=np.float32).reshape(header["shape"])
-    return header["t"], header["r"], header["k"], rows
+    if len(header["l"]) != rows.shape[1]:
+        raise ValueError(f"scores message covers layers {header['l']} but has {rows.shape[1]} per row")
+    return header["t"], header["r"], header["k"], rows, header["l"]
 
 
 class Sender:
@@ -51,9 +57,9 @@ class Sender:
         self._sock.connect(address)
         self._warned = False
 
-    def send(self, tags: list[str], req_ids: list[str], ks: list[int], rows: np.ndarray) -> None:
+    def send(self, tags: list[str], req_ids: list[str], ks: list[int], rows: np.ndarray, layers: list[int]) -> None:
         try:
-            self._sock.send_multipart(encode(tags, req_ids, ks, rows), flags=zmq.NOBLOCK, copy=False)
+            self._sock.send_multipart(encode(tags, req_ids, ks, rows, layers), flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
             if not self._warned:
                 log.warning("amygdala: the API server is not reading scores; dropping them")
@@ -63,7 +69,7 @@ class Sender:
 class Receiver:
     """The API server's end: binds the socket and hands every row to ``deliver``."""
 
-    def __init__(self, address: str, deliver: Callable[[str, str, int, np.ndarray], None]):
+    def __init__(self, address: str, deliver: Callable[[str, str, int, np.ndarray, list[int]], None]):
         self.address = address
         self._deliver = deliver
         self._ctx = zmq.asyncio.Context.instance()
@@ -80,12 +86,12 @@ class Receiver:
         while True:
             frames = await self._sock.recv_multipart()
             try:
-                tags, req_ids, ks, rows = decode(frames)
+                tags, req_ids, ks, rows, layers = decode(frames)
             except (ValueError, KeyError, json.JSONDecodeError):
                 log.exception("amygdala: bad scores message")
                 continue
             for i, (tag, rid, k) in enumerate(zip(tags, req_ids, ks)):
-                self._deliver(tag, rid, k, rows[i])
+                self._deliver(tag, rid, k, rows[i], layers)
 
     def close(self) -> None:
         if self._task is not None:

@@ -10,6 +10,9 @@ points are installed), then replaces itself with vLLM's server process. vLLM fla
 What it sets: ``AMYGDALA_READOUT`` (the readout file), ``VLLM_PLUGINS`` (vLLM loads endpoint
 plugins only when named there; ``amygdala`` is added to any list you already have), and
 ``--enforce-eager`` (the hooks need eager mode). It binds to 127.0.0.1 unless ``--host`` says.
+With vLLM's CPU build and ``--tensor-parallel-size``/``--pipeline-parallel-size`` above 1, it
+also sets ``VLLM_CPU_OMP_THREADS_BIND`` when you have not (docs/scale.md): vLLM's automatic
+binding gives each worker one NUMA node and refuses to start with fewer nodes than workers.
 With ``AMYGDALA_API_KEY`` set it also serves the training routes (``--readout`` is then
 optional; docs/finetuning.md).
 """
@@ -23,7 +26,7 @@ import sys
 from pathlib import Path
 
 from amygdala import AmygdalaError
-from amygdala.serve.config import API_KEY_ENV, PAGE_ENV, PLUGIN_NAME, READOUT_ENV, api_key
+from amygdala.serve.config import API_KEY_ENV, PAGE_ENV, PLUGIN_NAME, READOUT_ENV, TRAINING_NEEDS_ONE_WORKER, api_key
 
 SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
 
@@ -83,6 +86,10 @@ def build(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     extra = list(args.vllm_args or [])
     if extra[:1] == ["--"]:
         extra = extra[1:]
+    world = parallel_size(extra)
+    if world > 1 and api_key() is not None:
+        # The same refusal the engine makes (finetune_engine.check_engine_config), without starting vLLM.
+        raise AmygdalaError(f"{API_KEY_ENV} is set: {TRAINING_NEEDS_ONE_WORKER} (docs/scale.md)")
     # -P keeps the working directory off sys.path: in a source checkout a stale
     # amygdala.egg-info there would hide the installed entry points from vLLM.
     argv = [sys.executable, "-P", "-m", SERVER_MODULE, "--model", str(path), "--host", args.host, "--port", str(args.port)]
@@ -100,7 +107,56 @@ def build(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     if "VLLM_PLUGINS" in env and PLUGIN_NAME not in plugins:
         plugins.append(PLUGIN_NAME)
     env["VLLM_PLUGINS"] = ",".join(plugins or [PLUGIN_NAME])
+    if world > 1 and BIND_ENV not in env and _cpu_build():
+        binding = cpu_binding(world, sorted(os.sched_getaffinity(0)), _numa_nodes())
+        if binding is not None:
+            env[BIND_ENV] = binding
     return argv, env
+
+
+#: vLLM's CPU build: which CPUs each worker's OpenMP threads use ("0-3|4-7": one list per worker).
+BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
+_PARALLEL_FLAGS = {"--tensor-parallel-size": "tp", "-tp": "tp", "--pipeline-parallel-size": "pp", "-pp": "pp"}
+
+
+def parallel_size(vllm_args: list[str]) -> int:
+    """Workers per data-parallel rank (tensor x pipeline size) that ``vllm_args`` ask for."""
+    sizes = {"tp": 1, "pp": 1}
+    for i, arg in enumerate(vllm_args):
+        flag, eq, value = arg.partition("=")
+        if flag not in _PARALLEL_FLAGS:
+            continue
+        if not eq:
+            value = vllm_args[i + 1] if i + 1 < len(vllm_args) else ""
+        if not value.isdigit() or int(value) < 1:
+            raise AmygdalaError(f"{flag} {value!r}: give a whole number >= 1")
+        sizes[_PARALLEL_FLAGS[flag]] = int(value)
+    return sizes["tp"] * sizes["pp"]
+
+
+def cpu_binding(world: int, cpus: list[int], numa_nodes: int) -> str | None:
+    """A ``VLLM_CPU_OMP_THREADS_BIND`` value for ``world`` CPU workers: None when vLLM's own
+    "auto" works (a NUMA node per worker), else the allowed CPUs split into ``world`` equal runs."""
+    if numa_nodes >= world:
+        return None
+    if len(cpus) < world:
+        raise AmygdalaError(
+            f"{world} vLLM CPU workers (tensor x pipeline parallel size) need at least {world} CPUs, "
+            f"this process may use {len(cpus)}; lower the parallel size or set {BIND_ENV} yourself")
+    per = len(cpus) // world
+    return "|".join(",".join(str(c) for c in cpus[i * per : (i + 1) * per]) for i in range(world))
+
+
+def _numa_nodes() -> int:
+    """NUMA nodes with CPUs, as vLLM's automatic binding counts them (1 when Linux does not say)."""
+    nodes = list(Path("/sys/devices/system/node").glob("node[0-9]*"))
+    return max(1, sum(1 for n in nodes if (n / "cpulist").is_file() and (n / "cpulist").read_text().strip()))
+
+
+def _cpu_build() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
 
 
 def _check_entry_points() -> None:
@@ -131,7 +187,8 @@ def run(args: argparse.Namespace) -> int:
     argv, env = build(args)
     if args.dry_run:
         readout = f"{READOUT_ENV}={shlex.quote(env[READOUT_ENV])} " if READOUT_ENV in env else ""
-        print(f"{readout}VLLM_PLUGINS={env['VLLM_PLUGINS']} {shlex.join(argv)}")
+        bind = f"{BIND_ENV}={shlex.quote(env[BIND_ENV])} " if env.get(BIND_ENV) and BIND_ENV not in os.environ else ""
+        print(f"{readout}{bind}VLLM_PLUGINS={env['VLLM_PLUGINS']} {shlex.join(argv)}")
         return 0
     sys.stdout.flush()
     sys.stderr.flush()

@@ -34,6 +34,9 @@ SYNC_DELAY_ENV = "AMYGDALA_SYNC_DELAY"
 DEFAULT_SYNC_DELAY = 600.0
 #: apollo-mini (default) | apollo | adamw: fixed for a folder (its saved state depends on it).
 OPTIMIZER_ENV = "AMYGDALA_TRAIN_OPTIMIZER"
+#: Which decoder layers / block modules train (amygdala.finetune.trainable; unset: all).
+TRAIN_LAYERS_ENV = "AMYGDALA_TRAIN_LAYERS"
+TRAIN_MODULES_ENV = "AMYGDALA_TRAIN_MODULES"
 #: torch threads of the training worker (default: torch's choice).
 THREADS_ENV = "AMYGDALA_TRAIN_THREADS"
 #: ipc:// addresses of the training worker's socket and of the API server's reset socket.
@@ -41,6 +44,9 @@ CONTROL_ENV = "AMYGDALA_TRAIN_CONTROL"
 EVENTS_ENV = "AMYGDALA_TRAIN_EVENTS"
 #: ``0`` leaves out the page (``GET /amygdala/``) the endpoint plugin serves by default.
 PAGE_ENV = "AMYGDALA_PAGE"
+#: Why training refuses tensor/pipeline/data parallelism (docs/scale.md); said by the engine and by `amygdala serve`.
+TRAINING_NEEDS_ONE_WORKER = ("training runs on one worker holding the whole model: drop tensor/pipeline/data parallelism, "
+                             f"or unset {API_KEY_ENV} to serve on several devices without training")
 #: Name of both entry points; what ``VLLM_PLUGINS`` must list.
 PLUGIN_NAME = "amygdala"
 #: Key in ``SamplingParams.extra_args`` under which the API server hands a request's spec to workers.

@@ -20,6 +20,14 @@ add into the next layer's RMSNorm, so the block output in the transformers sense
 ``hidden_states + residual``; steering is added to ``residual``, which the next norm (or the
 final norm) adds in. Layers that return a single tensor are handled as block outputs directly.
 
+Parallelism (docs/scale.md). Under tensor parallelism every rank of a stage holds the same
+block output after the all-reduce, so every rank steers (each must, or the ranks' activations
+would differ) and only tensor rank 0 sends scores. Under pipeline parallelism a stage's model
+holds ``PPMissingLayer`` placeholders for the layers other stages own and runs only its own, so
+steering reaches the stage that owns the layer by construction, and each stage's tensor rank 0
+sends the scores of the readout layers it owns, labelled with their manifest positions; the API
+side merges the stages' parts (:class:`amygdala.serve.proxy.RowStore`).
+
 Hooks need eager mode: a compiled graph or CUDA graph would freeze the per-step data.
 """
 
@@ -65,7 +73,7 @@ class _Plan:
 class WorkerState:
     """Hooks and per-step state on one model runner; created once the model is loaded."""
 
-    def __init__(self, runner, readout: Readout, rank: int):
+    def __init__(self, runner, readout: Readout, sends: bool):
         vllm_config = runner.vllm_config
         model_config = runner.model_config
         check_supported(vllm_config)
@@ -75,15 +83,20 @@ class WorkerState:
         self.device = runner.device
         self.dtype = model_config.dtype
         self.zero = torch.zeros(model_config.get_hidden_size(), device=self.device, dtype=self.dtype)
-        self.read_pos = {l: i for i, l in enumerate(readout.layers)}
-        self.vt = {l: readout.vectors[l].to(self.device, torch.float32).T.contiguous() for l in readout.layers}
+        owned = owned_layers(self.layers)
+        # This stage's readout layers: (layer, its position in the manifest), in manifest order.
+        mine = [(l, pos) for pos, l in enumerate(readout.layers) if l in owned]
+        self.read_pos = {l: j for j, (l, _) in enumerate(mine)}  # layer -> column of this stage's scores
+        self.manifest_pos = [pos for _, pos in mine]
+        self.vt = {l: readout.vectors[l].to(self.device, torch.float32).T.contiguous() for l, _ in mine}
         self.requests: dict[str, _Request | None] = {}
         self.plan: _Plan | None = None
         address = os.environ.get(CHANNEL_ENV)
-        self.sender = Sender(address) if address and rank == 0 else None
-        for i, layer in enumerate(self.layers):
-            layer.register_forward_hook(self._make_hook(i))
-        log.info("amygdala: readout hooks on %d layers; reading layers %s", len(self.layers), readout.layers)
+        self.sender = Sender(address) if address and sends and mine else None
+        for i in owned:
+            self.layers[i].register_forward_hook(self._make_hook(i))
+        log.info("amygdala: readout hooks on %d of %d layers; reading layers %s%s", len(owned), len(self.layers),
+                 [l for l, _ in mine], " (sending scores)" if self.sender is not None else "")
 
     # ------------------------------------------------------------------ per step
     def begin_step(self, runner) -> None:
@@ -118,7 +131,7 @@ class WorkerState:
                         kj = first + j - int(qsl[i])
                         if kj < 0:
                             reads.append((j, (req.tag, rid, kj)))
-        if not steered and not reads:
+        if not steered and not (reads and self.read_pos):
             return
         plan = _Plan(num_tokens=int(qsl[num_reqs]))
         if steered:
@@ -129,7 +142,7 @@ class WorkerState:
             layers = sorted({l for _, req in steered for l in req.deltas})
             for l in layers:
                 plan.steer_tables[l] = torch.stack([self.zero] + [req.deltas.get(l, self.zero) for _, req in steered])
-        if reads:
+        if reads and self.read_pos:
             plan.read_rows = torch.tensor([r for r, _ in reads], device=self.device)
             plan.read_keys = [key for _, key in reads]
             plan.scores = torch.empty(len(reads), len(self.read_pos), len(self.readout.concepts), device=self.device)
@@ -140,7 +153,7 @@ class WorkerState:
         if not send or plan is None or plan.scores is None or self.sender is None:
             return
         tags, rids, ks = (list(x) for x in zip(*plan.read_keys))
-        self.sender.send(tags, rids, ks, plan.scores.cpu().numpy())
+        self.sender.send(tags, rids, ks, plan.scores.cpu().numpy(), self.manifest_pos)
 
     # ------------------------------------------------------------------ hooks
     def _make_hook(self, layer: int):
@@ -212,17 +225,45 @@ def check_supported(vllm_config) -> None:
         )
     if vllm_config.speculative_config is not None:
         raise ReadoutError("amygdala's readout does not support speculative decoding; drop --speculative-config")
-    if vllm_config.parallel_config.pipeline_parallel_size > 1:
-        raise ReadoutError("amygdala's readout does not support pipeline parallelism; use tensor parallelism")
+    if vllm_config.parallel_config.pipeline_parallel_size > 1 and cpu_pipeline_broken():
+        raise ReadoutError(
+            "vLLM's CPU build up to 0.32 cannot serve pipeline parallelism (its engine dies on the first request): "
+            "use --tensor-parallel-size instead, or a GPU build (docs/scale.md)")
+
+
+#: The last vLLM release (major, minor) whose CPU build dies on the first pipeline-parallel
+#: request (KeyError in the scheduler's update_from_output); tests/test_serve_parallel.py
+#: watches plain vLLM for the fix.
+CPU_PIPELINE_BROKEN_UP_TO = (0, 32)
+
+
+def cpu_pipeline_broken() -> bool:
+    """Whether this vLLM is a CPU build known to fail pipeline parallelism, so we refuse at
+    start rather than let the engine die on the first request. Later releases are let through."""
+    import vllm
+    from vllm.platforms import current_platform
+
+    release = tuple(int(x) for x in vllm.__version__.split(".")[:2] if x.isdigit())
+    return current_platform.is_cpu() and release <= CPU_PIPELINE_BROKEN_UP_TO
+
+
+def owned_layers(layers) -> list[int]:
+    """Indices of the decoder layers this pipeline stage runs: vLLM's ``make_layers`` fills the
+    other stages' slots with ``PPMissingLayer`` (all layers are real without pipeline parallelism)."""
+    return [i for i, layer in enumerate(layers) if type(layer).__name__ != "PPMissingLayer"]
 
 
 def install(worker) -> None:
     """Attach the hooks to ``worker``'s freshly loaded model (called after ``load_model``)."""
+    from vllm.distributed import get_tensor_model_parallel_rank
+
     from amygdala.serve.config import load_readout
 
     readout = load_readout()
     if readout is not None:
-        worker.model_runner._amygdala = WorkerState(worker.model_runner, readout, worker.rank)
+        # Tensor rank 0 of each pipeline stage sends: the other tensor ranks hold the same block outputs.
+        sends = get_tensor_model_parallel_rank() == 0
+        worker.model_runner._amygdala = WorkerState(worker.model_runner, readout, sends)
 
 
 def model_forward_wrapper(original):

@@ -11,6 +11,11 @@ carries and files them under (prompt, choice). The route then reads them back in
 
 Worker rows name the engine's internal request id; for ``n > 1`` vLLM's child requests are
 ``"{index}_{parent id}"``, which is how a row finds its choice.
+
+Under pipeline parallelism each stage sends the scores of the readout layers it owns, as rows
+covering some positions of the manifest's layer list; :meth:`RowStore.deliver` merges them, and a
+token's row is ready only once every layer's part has arrived (in whatever order the stages
+sent them). Without pipeline parallelism one message covers all layers and nothing waits.
 """
 
 from __future__ import annotations
@@ -37,8 +42,17 @@ Row = np.ndarray  # [n_layers, n_concepts] float32
 
 
 @dataclass
+class _Partial:
+    """A token's row while some pipeline stages' layers are still missing."""
+
+    row: Row
+    missing: set[int]
+
+
+@dataclass
 class _TagRows:
     rows: dict[str, dict[int, Row]] = field(default_factory=dict)  # engine request id -> k -> row
+    partial: dict[tuple[str, int], _Partial] = field(default_factory=dict)  # (request id, k) -> parts so far
     event: asyncio.Event = field(default_factory=asyncio.Event)
     broken: bool = False
 
@@ -52,7 +66,8 @@ class _TagRows:
 class RowStore:
     """Score rows per tag (one tag per prompt of an HTTP request), from open to close."""
 
-    def __init__(self, timeout: float = ROW_TIMEOUT_S):
+    def __init__(self, n_layers: int, timeout: float = ROW_TIMEOUT_S):
+        self.n_layers = n_layers
         self.timeout = timeout
         self._tags: dict[str, _TagRows] = {}
 
@@ -62,11 +77,25 @@ class RowStore:
     def close(self, tag: str) -> None:
         self._tags.pop(tag, None)
 
-    def deliver(self, tag: str, req_id: str, k: int, row: Row) -> None:
-        """Called for every row that arrives; rows of closed or unknown tags are dropped."""
+    def deliver(self, tag: str, req_id: str, k: int, row: Row, layers: list[int]) -> None:
+        """Called for every (part of a) row that arrives: ``row[j]`` is the scores of manifest
+        layer ``layers[j]``. Rows of closed or unknown tags are dropped."""
         entry = self._tags.get(tag)
-        if entry is not None:
-            entry.rows.setdefault(req_id, {})[k] = row
+        if entry is None:
+            return
+        if len(layers) == self.n_layers and list(layers) == list(range(self.n_layers)):
+            entry.rows.setdefault(req_id, {})[k] = row  # one stage read every layer
+            entry.event.set()
+            return
+        part = entry.partial.get((req_id, k))
+        if part is None:
+            part = entry.partial[(req_id, k)] = _Partial(
+                np.zeros((self.n_layers, row.shape[-1]), np.float32), set(range(self.n_layers)))
+        part.row[list(layers)] = row
+        part.missing.difference_update(layers)
+        if not part.missing:
+            del entry.partial[(req_id, k)]
+            entry.rows.setdefault(req_id, {})[k] = part.row
             entry.event.set()
 
     async def take(self, tag: str, choice: int, n: int, start: int, end: int) -> list[Row | None]:

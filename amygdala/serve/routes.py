@@ -51,7 +51,7 @@ class AmygdalaEndpoints:
     def __init__(self) -> None:
         self.readout = load_readout()
         self.formatter = Formatter(self.readout) if self.readout is not None else None
-        self.store = RowStore()
+        self.store = RowStore(len(self.readout.layers) if self.readout is not None else 0)
         self.shape: ModelShape | None = None
         self.receiver: Receiver | None = None
         self.training = TrainingRoutes()  # /train, /train/status, /checkpoint with AMYGDALA_API_KEY
