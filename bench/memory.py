@@ -18,6 +18,9 @@ import json
 from amygdala.finetune import memory
 
 #: Qwen3.5-27B's text config (its config.json, text_config), the 27B hybrid the original system served.
+#: The attention, MLP, layer-count and vocabulary sizes agree with the model arguments of a public
+#: training recipe for it (THUDM/slime, scripts/models/qwen3.5-27B.sh); the linear-attention head
+#: counts were not checked against a second source: pass --config with the real file to be sure.
 QWEN35_27B = dict(
     model_type="qwen3_5_text", hidden_size=5120, intermediate_size=17408, num_hidden_layers=64,
     num_attention_heads=24, num_key_value_heads=4, head_dim=256, vocab_size=248320,
