@@ -3,10 +3,11 @@
 Two ``ipc://`` sockets, JSON bodies, one request and one reply each:
 
 - API server -> worker (the worker's ROUTER): ``submit`` (a ``/train`` body), ``status``,
-  ``checkpoint`` (answered after the sync, which waits for the running job).
+  ``checkpoint`` (answered after the sync, which waits for the running job), ``cancel`` (a job id).
 - worker -> API server (the server's ROUTER): ``reset_prefix_cache`` after a job changed weights.
 
-Every reply is ``{"ok": true, <payload key>: ...}`` or ``{"ok": false, "error": {"message", "field"}}``.
+Every reply is ``{"ok": true, <payload key>: ...}`` or ``{"ok": false, "error": {"message", "field", "status"}}``
+(``status``: the HTTP status the route should answer; 400 when absent).
 Keeping ops, shapes and the client here is what lets each end change without guessing the other.
 """
 
@@ -14,9 +15,9 @@ from __future__ import annotations
 
 import json
 
-SUBMIT, STATUS, CHECKPOINT, RESET_PREFIX_CACHE = "submit", "status", "checkpoint", "reset_prefix_cache"
+SUBMIT, STATUS, CHECKPOINT, CANCEL, RESET_PREFIX_CACHE = "submit", "status", "checkpoint", "cancel", "reset_prefix_cache"
 #: The payload key of each op's successful reply.
-PAYLOAD = {SUBMIT: "job", STATUS: "status", CHECKPOINT: "sync", RESET_PREFIX_CACHE: None}
+PAYLOAD = {SUBMIT: "job", STATUS: "status", CHECKPOINT: "sync", CANCEL: "job", RESET_PREFIX_CACHE: None}
 
 
 class Unanswered(Exception):
@@ -32,8 +33,11 @@ def ok(op: str, payload=None) -> dict:
     return {"ok": True} if key is None else {"ok": True, key: payload}
 
 
-def failed(message: str, field: str | None = None) -> dict:
-    return {"ok": False, "error": {"message": message, "field": field}}
+def failed(message: str, field: str | None = None, status: int | None = None) -> dict:
+    error = {"message": message, "field": field}
+    if status is not None:
+        error["status"] = status
+    return {"ok": False, "error": error}
 
 
 def encode(message: dict) -> bytes:
