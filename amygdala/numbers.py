@@ -28,3 +28,9 @@ def finite(x: Any) -> float | None:
     except OverflowError:
         return None
     return value if math.isfinite(value) else None
+
+
+def short(value: Any) -> str:
+    """``repr(value)`` for an error message, cut short: a 400-digit integer would bury the message."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"

@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from amygdala import AmygdalaError
-from amygdala.numbers import finite, is_int
+from amygdala.numbers import finite, is_int, short
 
 OBJECTIVES = ("sft", "orpo", "dpo")
 SAMPLE_KEYS = ("context_ids", "continuation_ids", "rejected_ids")
@@ -85,9 +85,9 @@ def _ids(value: Any, field: str, limits: Limits, *, allow_empty: bool = False) -
         raise TrainInputError(field, "empty; give at least one token ID")
     for i, t in enumerate(value):
         if not is_int(t):
-            raise TrainInputError(f"{field}[{i}]", f"{_short(t)} is not an integer token ID")
+            raise TrainInputError(f"{field}[{i}]", f"{short(t)} is not an integer token ID")
         if not 0 <= t < limits.vocab_size:
-            raise TrainInputError(f"{field}[{i}]", f"{_short(t)} is outside the vocabulary (0..{limits.vocab_size - 1})")
+            raise TrainInputError(f"{field}[{i}]", f"{short(t)} is outside the vocabulary (0..{limits.vocab_size - 1})")
     return tuple(value)
 
 
@@ -133,22 +133,17 @@ def parse_config(raw: Any, limits: Limits) -> JobConfig:
     if cfg.objective not in OBJECTIVES:
         raise TrainInputError("config.objective", f"{cfg.objective!r} is not one of {', '.join(OBJECTIVES)}")
     if not ((lr := finite(cfg.learning_rate)) is not None and 0 < lr <= 1):
-        raise TrainInputError("config.learning_rate", f"{_short(cfg.learning_rate)} must be a number in (0, 1]; 1e-5 is a usual start")
+        raise TrainInputError("config.learning_rate", f"{short(cfg.learning_rate)} must be a number in (0, 1]; 1e-5 is a usual start")
     if not (is_int(cfg.steps) and 1 <= cfg.steps <= limits.max_steps):
-        raise TrainInputError("config.steps", f"{_short(cfg.steps)} must be an integer in 1..{limits.max_steps}")
+        raise TrainInputError("config.steps", f"{short(cfg.steps)} must be an integer in 1..{limits.max_steps}")
     if not ((beta := finite(cfg.beta)) is not None and 0 < beta <= MAX_BETA):
-        raise TrainInputError("config.beta", f"{_short(cfg.beta)} must be a number in (0, {MAX_BETA:g}]; 0.1 is usual")
+        raise TrainInputError("config.beta", f"{short(cfg.beta)} must be a number in (0, {MAX_BETA:g}]; 0.1 is usual")
     if not ((lam := finite(cfg.orpo_lambda)) is not None and 0 <= lam <= MAX_ORPO_LAMBDA):
-        raise TrainInputError("config.orpo_lambda", f"{_short(cfg.orpo_lambda)} must be a number in [0, {MAX_ORPO_LAMBDA:g}]; 0.1 is usual")
+        raise TrainInputError("config.orpo_lambda", f"{short(cfg.orpo_lambda)} must be a number in [0, {MAX_ORPO_LAMBDA:g}]; 0.1 is usual")
     if not (is_int(cfg.micro_batch) and 1 <= cfg.micro_batch <= limits.max_samples):
-        raise TrainInputError("config.micro_batch", f"{_short(cfg.micro_batch)} must be an integer in 1..{limits.max_samples}")
+        raise TrainInputError("config.micro_batch", f"{short(cfg.micro_batch)} must be an integer in 1..{limits.max_samples}")
     return replace(cfg, learning_rate=lr, beta=beta, orpo_lambda=lam)
 
-
-def _short(value: Any) -> str:
-    """A value for an error message: a 400-digit integer would bury the message."""
-    text = repr(value)
-    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
 
 
 def batch_shape(samples: list[Sample], objective: str) -> tuple[int, int]:

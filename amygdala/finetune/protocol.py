@@ -58,9 +58,10 @@ def error_message(reply: dict) -> str:
     return error.get("message", "") if isinstance(error, dict) else str(error)
 
 
-async def ask(address: str, message: dict, timeout: float) -> dict:
+async def ask(address: str, message: dict | bytes, timeout: float) -> dict:
     """One exchange on a fresh REQ socket from an event loop (a timeout never leaves a socket
-    mid-exchange); raises :class:`Unanswered`."""
+    mid-exchange); raises :class:`Unanswered`. ``message`` may come encoded already (a large
+    one is encoded off the event loop)."""
     import asyncio
 
     import zmq
@@ -71,7 +72,7 @@ async def ask(address: str, message: dict, timeout: float) -> dict:
     sock.connect(address)
 
     async def exchange() -> dict:
-        await sock.send(encode(message))
+        await sock.send(message if isinstance(message, bytes) else encode(message))
         return decode(await sock.recv()) or failed("the reply was not a JSON object")
 
     try:

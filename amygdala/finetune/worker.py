@@ -287,7 +287,9 @@ class TrainingService:
         except Exception as e:  # the folder is unchanged or recoverable (crash-safe); say why, retry later
             log.exception("checkpoint sync failed")
             message = str(e) if isinstance(e, AmygdalaError) else f"{type(e).__name__}: {e}"
-            report, result = None, protocol.failed(f"checkpoint sync failed: {message}")
+            # a refusal (non-finite weights, a busy folder) is a conflict the caller can act on; anything else is ours
+            report, result = None, protocol.failed(f"checkpoint sync failed: {message}",
+                                                   status=409 if isinstance(e, checkpoint.CheckpointError) else 500)
         snapshot = self.trainer.status()
         with self._cond:
             self._syncing, self._snapshot = False, snapshot

@@ -11,7 +11,8 @@ What it sets: ``AMYGDALA_READOUT`` (the readout file), ``VLLM_PLUGINS`` (vLLM lo
 plugins only when named there; ``amygdala`` is added to any list you already have), and
 ``--enforce-eager`` (the hooks need eager mode). It binds to 127.0.0.1 unless ``--host`` says.
 With ``AMYGDALA_API_KEY`` set it also serves the training routes (``--readout`` is then
-optional; docs/finetuning.md).
+optional; docs/finetuning.md), and then refuses a non-loopback ``--host`` unless
+``--allow-remote-training`` says that putting them on the network is meant.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import sys
 from pathlib import Path
 
 from amygdala import AmygdalaError
-from amygdala.serve.config import API_KEY_ENV, PLUGIN_NAME, READOUT_ENV, api_key
+from amygdala.serve.config import ALLOW_REMOTE_ENV, API_KEY_ENV, PLUGIN_NAME, READOUT_ENV, api_key, is_loopback
 
 SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
 
@@ -41,6 +42,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "(the training routes, docs/finetuning.md)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--allow-remote-training", action="store_true",
+                   help=f"with {API_KEY_ENV} set, allow a --host other than loopback: the training routes (which change "
+                        "the served weights) are then reachable from the network")
     p.add_argument("--dry-run", action="store_true", help="check, print the vLLM command line, start nothing")
     p.add_argument("vllm_args", nargs=argparse.REMAINDER, metavar="-- VLLM_FLAGS", help="passed to vLLM unchanged")
     p.set_defaults(func=run)
@@ -55,6 +59,12 @@ def build(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
 
     if args.readout is None and api_key() is None:
         raise AmygdalaError(f"nothing to serve: give --readout, or set {API_KEY_ENV} to serve the training routes")
+    remote = api_key() is not None and not is_loopback(args.host)
+    if remote and not args.allow_remote_training:
+        raise AmygdalaError(
+            f"--host {args.host}: with {API_KEY_ENV} set the training routes, which change the served weights, would be "
+            "reachable from the network over plain HTTP; bind 127.0.0.1 (and put a TLS proxy in front), or add "
+            "--allow-remote-training if you mean it")
     readout = Readout.load(args.readout) if args.readout is not None else None
     path = resolve_model(args.model)
     info = model_info(path)
@@ -73,6 +83,9 @@ def build(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         argv += ["--served-model-name", DEFAULT_MODEL_NAME, "default"]
     argv += extra
     env = dict(os.environ)
+    env.pop(ALLOW_REMOTE_ENV, None)
+    if remote:
+        env[ALLOW_REMOTE_ENV] = "1"  # the plugin then logs a plain note rather than its warning
     if args.readout is not None:
         env[READOUT_ENV] = str(Path(args.readout).resolve())
     plugins = [p.strip() for p in env.get("VLLM_PLUGINS", "").split(",") if p.strip()]

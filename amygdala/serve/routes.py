@@ -26,7 +26,7 @@ from fastapi.routing import APIRoute
 
 from amygdala.readout import Readout
 from amygdala.serve.channel import Receiver
-from amygdala.serve.config import PLUGIN_NAME, channel_address, load_readout
+from amygdala.serve.config import PLUGIN_NAME, channel_address, load_readout, max_steer_strength
 from amygdala.serve.respond import Formatter, rewrite_body, rewrite_stream
 from amygdala.serve.proxy import CURRENT, EngineClientProxy, Exchange, RowStore
 from amygdala.serve.spec import FIELDS, ModelShape, RequestSpec, SpecError, parse
@@ -63,6 +63,7 @@ class AmygdalaEndpoints:
         self.readout = load_readout()
         self.formatter = Formatter(self.readout) if self.readout is not None else None
         self.store = RowStore()
+        self.max_strength = max_steer_strength()  # a bad AMYGDALA_MAX_STEER_STRENGTH stops the server at start
         self.shape: ModelShape | None = None
         self.receiver: Receiver | None = None
         self.training = TrainingRoutes()  # /train, /train/status, /checkpoint with AMYGDALA_API_KEY
@@ -99,11 +100,11 @@ class AmygdalaEndpoints:
         self.training.attach(app)
 
     async def init_state(self, engine_client, state, args: Namespace) -> None:
-        await self.training.init_state(engine_client)
+        await self.training.init_state(engine_client, getattr(args, "host", None))
         if engine_client is None or self.readout is None:
             return
         config = engine_client.model_config
-        self.shape = ModelShape(config.hf_text_config.num_hidden_layers, config.get_hidden_size())
+        self.shape = ModelShape(config.hf_text_config.num_hidden_layers, config.get_hidden_size(), self.max_strength)
         self.readout.check_model(self.shape.num_layers, self.shape.hidden_size, str(config.model))
         self.receiver = Receiver(channel_address(), self.store.deliver)
         self.receiver.start()
@@ -152,7 +153,7 @@ class AmygdalaEndpoints:
         if xargs and any(k in xargs for k in FIELDS):
             request.vllm_xargs = {k: v for k, v in xargs.items() if k not in FIELDS} or None
         extra = request.model_extra or {}
-        shape = self.shape or ModelShape(0, 0)
+        shape = self.shape or ModelShape(0, 0, self.max_strength)
         spec = parse(extra, xargs, self.readout, shape)
         if getattr(request, "use_beam_search", False) and spec.active:
             if spec.steer or any(k in extra or k in (xargs or {}) for k in FIELDS):
