@@ -520,11 +520,13 @@ def _check_stamp(model_dir: Path, journal: Path, file: str, size: int, digest: b
             "files and was not replayed. Put the original files back, or move the journal away to load the folder as it is")
 
 
-def recover(model_dir: str | os.PathLike) -> int | None:
-    """Finish or undo an interrupted sync. Returns the blocks replayed (None: nothing pending)."""
+def recover(model_dir: str | os.PathLike, *, wait: float = LOCK_WAIT_S) -> int | None:
+    """Finish or undo an interrupted sync. Returns the blocks replayed (None: nothing pending).
+
+    Waits up to ``wait`` seconds for the folder's writer lock (:class:`FolderBusy` after)."""
     model_dir = Path(model_dir)
     _check_folder(model_dir)
-    with writer_lock(model_dir, holder="checkpoint recovery"):
+    with writer_lock(model_dir, wait=wait, holder="checkpoint recovery"):
         return _recover(model_dir)
 
 
@@ -548,16 +550,18 @@ def sync(
     served: Mapping[str, torch.Tensor],
     *,
     sidecars: Mapping[str, bytes] | None = None,
+    wait: float = LOCK_WAIT_S,
 ) -> SyncReport:
     """Write ``served`` into the folder's safetensors files, changed 4 KiB blocks only, crash-safe.
 
     ``sidecars``: small files (name -> contents) written in the same transaction, e.g. the
     optimizer state (:mod:`amygdala.finetune.state`). Nothing may write to ``served`` during the
-    call (the trainer runs no job while it syncs); inference reading it is fine.
+    call (the trainer runs no job while it syncs); inference reading it is fine. Waits up to
+    ``wait`` seconds for the folder's writer lock; refuses a non-finite tensor before writing.
     """
     model_dir = Path(model_dir)
     _check_folder(model_dir)
-    with writer_lock(model_dir, holder="checkpoint sync"):
+    with writer_lock(model_dir, wait=wait, holder="checkpoint sync"):
         return _sync(model_dir, served, sidecars)
 
 

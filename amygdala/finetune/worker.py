@@ -285,7 +285,10 @@ class TrainingService:
                 "steps": self.trainer.counters["steps"]})
             log.info("checkpoint sync: %s", report.summary())
         except Exception as e:  # the folder is unchanged or recoverable (crash-safe); say why, retry later
-            log.exception("checkpoint sync failed")
+            if isinstance(e, AmygdalaError):
+                log.error("checkpoint sync refused: %s", e)
+            else:
+                log.exception("checkpoint sync failed")
             message = str(e) if isinstance(e, AmygdalaError) else f"{type(e).__name__}: {e}"
             # a refusal (non-finite weights, a busy folder) is a conflict the caller can act on; anything else is ours
             report, result = None, protocol.failed(f"checkpoint sync failed: {message}",
