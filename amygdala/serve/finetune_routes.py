@@ -40,6 +40,19 @@ ANSWER_TIMEOUT_S = 30.0
 SYNC_TIMEOUT_S = 600.0
 
 
+_IDS = {"type": "array", "items": {"type": "integer"}}
+#: The body of POST /train in the server's OpenAPI schema (the route reads the raw body itself,
+#: to cap and parse it off the event loop, so FastAPI cannot derive it): clients and fuzzers see it.
+TRAIN_OPENAPI = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["samples"], "properties": {
+        "samples": {"type": "array", "items": {"type": "object", "required": ["context_ids", "continuation_ids"],
+                                               "properties": {"context_ids": _IDS, "continuation_ids": _IDS, "rejected_ids": _IDS}}},
+        "config": {"type": "object", "properties": {
+            "objective": {"type": "string", "enum": ["sft", "orpo", "dpo"]}, "learning_rate": {"type": "number"},
+            "steps": {"type": "integer"}, "beta": {"type": "number"}, "orpo_lambda": {"type": "number"},
+            "micro_batch": {"type": "integer"}}}}}}}}}
+
+
 class TrainingRoutes:
     """The routes, attached to vLLM's app by the endpoint plugin when ``AMYGDALA_API_KEY`` is set."""
 
@@ -56,7 +69,7 @@ class TrainingRoutes:
         from fastapi import APIRouter
 
         router = APIRouter()
-        router.add_api_route(TRAIN, self.train, methods=["POST"])
+        router.add_api_route(TRAIN, self.train, methods=["POST"], openapi_extra=TRAIN_OPENAPI)
         router.add_api_route(STATUS, self.status, methods=["GET"])
         router.add_api_route(CHECKPOINT, self.checkpoint, methods=["POST"])
         router.add_api_route(JOB, self.cancel, methods=["DELETE"])
