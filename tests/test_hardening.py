@@ -8,7 +8,6 @@ trials) is tests/test_hardening_live.py.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
@@ -26,7 +25,6 @@ import zmq
 from safetensors.torch import load_file, save_file
 
 import tiny
-from amygdala import AmygdalaError
 from amygdala.cli.main import main as cli
 from amygdala.finetune import checkpoint, layout, protocol, views, worker
 from amygdala.finetune.checkpoint import JOURNAL, CheckpointError
@@ -400,24 +398,30 @@ def test_every_socket_lives_in_a_private_runtime_folder(monkeypatch, tmp_path):
 # --------------------------------------------------------------------------- 7. remote training
 def test_amygdala_serve_refuses_a_public_host_with_training_unless_allowed(tmp_path, monkeypatch, capsys):
     pytest.importorskip("vllm")
-    from amygdala.serve import cli as serve_cli, config
+    from amygdala.serve import config
 
     folder = tmp_path / "model"
     tiny.make_model("llama", folder)
-    parser = argparse.ArgumentParser()
-    serve_cli.add_parser(parser.add_subparsers(dest="command"))
     monkeypatch.setenv(config.API_KEY_ENV, KEY)
     monkeypatch.delenv(config.ALLOW_REMOTE_ENV, raising=False)
+    serve = ["serve", "--model", str(folder), "--dry-run", "--host"]
     for host in ("0.0.0.0", "::", "192.168.1.5", "myhost.example"):
-        args = parser.parse_args(["serve", "--model", str(folder), "--host", host, "--dry-run"])
-        with pytest.raises(AmygdalaError, match=rf"^--host {host}: with AMYGDALA_API_KEY set the training routes"):
-            args.func(args)
+        assert cli([*serve, host]) != 0
+        assert f"--host {host}: with AMYGDALA_API_KEY set the training routes" in capsys.readouterr().err
     for host in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
-        args = parser.parse_args(["serve", "--model", str(folder), "--host", host, "--dry-run"])
-        assert args.func(args) == 0
-    args = parser.parse_args(["serve", "--model", str(folder), "--host", "0.0.0.0", "--allow-remote-training", "--dry-run"])
-    assert args.func(args) == 0 and "--host 0.0.0.0" in capsys.readouterr().out
-    assert serve_cli.build(args)[1][config.ALLOW_REMOTE_ENV] == "1"
+        assert cli([*serve, host]) == 0
+    assert "AMYGDALA_ALLOW_REMOTE_TRAINING" not in capsys.readouterr().out
+    assert cli([*serve, "0.0.0.0", "--allow-remote-training"]) == 0
+    assert "--host 0.0.0.0" in capsys.readouterr().out
+    monkeypatch.delenv(config.API_KEY_ENV)  # no training routes: any host, as before
+    assert cli(["serve", "--model", str(folder), "--readout", str(_readout_dir(tmp_path)), "--dry-run", "--host", "0.0.0.0"]) == 0
+
+
+def _readout_dir(tmp_path: Path) -> Path:
+    from serve_helpers import make_readout
+
+    tiny_hidden = 64  # tiny.make_model's hidden size
+    return make_readout(tmp_path / "readout", hidden=tiny_hidden)
 
 
 def test_plain_vllm_with_training_on_a_public_host_warns_loudly(monkeypatch, caplog):

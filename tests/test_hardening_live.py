@@ -66,20 +66,7 @@ def _env() -> dict[str, str]:
 
 
 def call(port: int, method: str, path: str, body=None, key: str | None = KEY, timeout: float = 120) -> tuple[int, dict]:
-    headers = {"Content-Type": "application/json"}
-    if key is not None:
-        headers["Authorization"] = f"Bearer {key}"
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read() or b"{}")
-    except urllib.error.HTTPError as e:
-        raw = e.read() or b"{}"
-        try:
-            return e.code, json.loads(raw)
-        except ValueError:
-            return e.code, {"raw": raw[:200].decode(errors="replace")}
+    return sh.call(port, method, path, body, key, timeout)
 
 
 def stream(port: int, body: dict, timeout: float = 120) -> tuple[int, str, list]:
