@@ -341,7 +341,8 @@ def _fuzz(port: int, root: Path, name: str, key: str | None) -> dict:
     if key is not None:
         cmd += ["--header", f"Authorization: Bearer {key}"]
     t0 = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=FUZZ_S + 240)
+    # cwd: Schemathesis keeps a cache folder where it runs, which must not be the checkout
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=FUZZ_S + 240, cwd=root)
     found: list = []
     for line in report.read_text().splitlines() if report.exists() else []:
         _exchanges(json.loads(line), found)
