@@ -90,12 +90,16 @@ class TrainingRoutes:
         sock.setsockopt(zmq.LINGER, 0)
         sock.bind(finetune_addresses()[1])
         self._events_task = asyncio.get_running_loop().create_task(self._answer_resets(sock), name="amygdala-train-events")
-        log.info("amygdala: training routes on (%s, %s, %s)", TRAIN, STATUS, CHECKPOINT)
+        log.info("amygdala: training routes on (%s, %s, DELETE %s, %s)", TRAIN, STATUS, JOB, CHECKPOINT)
 
     async def _answer_resets(self, sock) -> None:
         """The worker asks after each job; preempted running requests are recomputed with the new weights."""
         while True:
-            ident, _, body = await sock.recv_multipart()
+            frames = await sock.recv_multipart()
+            if len(frames) != 3:  # not a REQ socket's message: skip it, the loop must outlive garbage
+                log.warning("amygdala: skipped a training event of %d frames", len(frames))
+                continue
+            ident, _, body = frames
             message = protocol.decode(body)
             if message is None or message.get("op") != protocol.RESET_PREFIX_CACHE:
                 reply = protocol.failed(f"unknown op {message.get('op') if message else None!r}")
