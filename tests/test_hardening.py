@@ -433,3 +433,46 @@ def test_plain_vllm_with_training_on_a_public_host_warns_loudly(monkeypatch, cap
         assert caplog.records == []
         finetune_routes.warn_if_remote(None)  # vLLM's default: every interface
     assert len(caplog.records) == 1 and "WARNING: the training routes (/train, /checkpoint) are reachable from the network on every interface" in caplog.text
+
+
+# --------------------------------------------------------------------------- wrapped routes' body check
+from fastapi import Request  # noqa: E402 - for the endpoint's annotations below (resolved at module level)
+from pydantic import BaseModel, model_validator  # noqa: E402
+
+
+class _Body(BaseModel):
+    """A request model with a validator that breaks on a malformed body, as vLLM's CompletionRequest's does."""
+
+    options: dict | None = None
+    fail: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def count(cls, data):
+        return {**data, "n": len(data["options"]).get("x")} if isinstance(data.get("options"), dict) else data
+
+
+async def _endpoint(body: _Body, raw: Request):
+    from amygdala.serve.routes import BodyCheckedRoute
+
+    setattr(raw.state, BodyCheckedRoute.STARTED, True)
+    if body.fail:
+        raise RuntimeError("a server bug after the body was read")
+    return {"ok": True}
+
+
+def test_a_request_model_that_raises_on_a_malformed_body_is_a_400_not_a_500():
+    """What the fuzzer found: vLLM's CompletionRequest raises AttributeError on ``structured_outputs: 1.5``."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from amygdala.serve.routes import BodyCheckedRoute
+
+    app = FastAPI()
+    app.router.add_api_route("/x", _endpoint, methods=["POST"], route_class_override=BodyCheckedRoute)
+    client = TestClient(app, raise_server_exceptions=False)
+    r = client.post("/x", json={"options": {"a": 1}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "body" and "AttributeError" in r.json()["error"]["message"]
+    assert client.post("/x", json={"options": 3}).status_code == 422  # FastAPI's own validation answer, unchanged
+    assert client.post("/x", json={}).json() == {"ok": True}
+    assert client.post("/x", json={"fail": True}).status_code == 500  # after the endpoint started: not the body's fault

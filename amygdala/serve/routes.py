@@ -21,8 +21,10 @@ from argparse import Namespace
 from http import HTTPStatus
 
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
 
 from amygdala.readout import Readout
 from amygdala.serve.channel import Receiver
@@ -38,6 +40,36 @@ log = logging.getLogger("vllm.amygdala")  # under vLLM's logger: its format and 
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
 MANIFEST = "/v1/readout/manifest"
+
+
+class BodyCheckedRoute(APIRoute):
+    """A wrapped route whose request-body check can only answer 4xx.
+
+    vLLM's request models run their own validators while FastAPI reads the body, and some of
+    them raise plain Python errors on malformed input (``structured_outputs: 1.5`` gives an
+    AttributeError in ``CompletionRequest.check_structured_outputs_count``), which would be a
+    500. An error raised before the endpoint starts is the body's fault: a 400 naming it. Once
+    the endpoint has started (``STARTED`` in the request's state), errors are the server's and
+    pass through unchanged.
+    """
+
+    STARTED = "amygdala_endpoint_started"
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def checked(request: Request):
+            try:
+                return await handler(request)
+            except Exception as e:
+                # FastAPI's own answers (422/400 validation errors, HTTP errors) keep their handlers
+                if getattr(request.state, self.STARTED, False) or isinstance(e, (HTTPException, RequestValidationError)):
+                    raise
+                log.info("amygdala: %s %s: the body failed vLLM's request check: %r", request.method, request.url.path, e)
+                return error_response(f"body: rejected by the request check ({type(e).__name__}: {str(e)[:200]}); "
+                                      "see the API reference for the fields' types", "body")
+
+        return checked
 
 
 def manifest_body(readout: Readout) -> dict:
@@ -86,16 +118,20 @@ class AmygdalaEndpoints:
             original = core[COMPLETIONS]
 
             async def create_completion(request: CompletionRequest, raw_request: Request):
+                setattr(raw_request.state, BodyCheckedRoute.STARTED, True)
                 return await self.handle(request, raw_request, original, chat=False)
 
-            router.add_api_route(COMPLETIONS, create_completion, methods=["POST"], dependencies=json_only)
+            router.add_api_route(COMPLETIONS, create_completion, methods=["POST"], dependencies=json_only,
+                                 route_class_override=BodyCheckedRoute)
         if CHAT in core:
             original_chat = core[CHAT]
 
             async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request):
+                setattr(raw_request.state, BodyCheckedRoute.STARTED, True)
                 return await self.handle(request, raw_request, original_chat, chat=True)
 
-            router.add_api_route(CHAT, create_chat_completion, methods=["POST"], dependencies=json_only)
+            router.add_api_route(CHAT, create_chat_completion, methods=["POST"], dependencies=json_only,
+                                 route_class_override=BodyCheckedRoute)
         app.include_router(router)
         self.training.attach(app)
 
