@@ -122,7 +122,7 @@ def _parse_readout(fields: dict, readout: Readout | None) -> str | None:
     elif key in ("zscore", "z"):
         mode = "zscore"
     else:
-        raise SpecError("readout", f"expected true, false, 'raw' or 'zscore', got {str(value)[:40] if plain else type(value).__name__}")
+        raise SpecError("readout", f"expected true, false, 'raw' or 'zscore', got {short(value) if plain else type(value).__name__}")
     if readout is None:
         raise SpecError("readout", "this server has no readout file loaded (start it with AMYGDALA_READOUT)")
     if mode == "zscore" and not readout.has_stats:
