@@ -27,6 +27,10 @@ def test_build_recovers_planted_direction(planted, tmp_path, caplog):
         torch.testing.assert_close(r.vectors[l].norm(dim=1), torch.ones(3))
     info = json.loads((out / "readout.json").read_text())
     assert info["model"] == {"name": "model", "num_layers": 4} and info["corpus"]["sha256"]
+    # Per concept, what the live page shows: cluster, valence/arousal (None: the corpus gives none), description.
+    for key in ("clusters", "valence", "arousal", "descriptions"):
+        assert len(info[key]) == 3, key
+    assert r.manifest()["descriptions"] == info["descriptions"]
 
 
 def test_relative_layers_and_read_json(planted, tmp_path, capsys):

@@ -208,6 +208,9 @@ def test_cli_round_trip_adds_the_concept_with_statistics(built, readout_copy, tm
     if fmt != "steering-vectors":  # the GGUF carries amygdala's origin record; the pickle stays the library's object
         assert record["origin"]["concepts"] == {"alpha": 1.0, "beta": -0.5} and record["origin"]["strength"] == 3.0
     assert info["clusters"][-2:] == ["imported", "imported"]
+    # The per-concept lists stay aligned with the concepts (the page reads them by index).
+    assert info["valence"][-2:] == [None, None] and info["descriptions"][-2:] == ["", ""]
+    assert all(len(info[k]) == len(info["concepts"]) for k in ("clusters", "valence", "arousal", "descriptions"))
 
 
 def test_import_into_a_new_readout_keeps_the_files_layers(built, tmp_path):

@@ -87,3 +87,17 @@ def test_zscore_uses_statistics():
     r = make(layers=(1,))
     raw = r.mean[1] + 2 * r.std[1]
     torch.testing.assert_close(r.zscore(raw[None]), torch.full((1, 3), 2.0))
+
+
+def test_manifest_describes_concepts_only_with_aligned_lists():
+    """What /v1/readout/manifest and the page get: per-concept metadata only when it has one
+    entry per concept (a stale list from an edited file is left out rather than misread)."""
+    vectors = {3: torch.nn.functional.normalize(torch.randn(2, 8), dim=1)}
+    meta = {"model": {"name": "m", "num_layers": 4}, "clusters": ["x", "y"], "valence": [0.5, None],
+            "descriptions": ["one"]}  # too short: dropped
+    r = Readout(["a", "b"], [3], vectors, {3: torch.zeros(2)}, {3: torch.ones(2)}, meta=meta)
+    m = r.manifest()
+    assert m["concepts"] == ["a", "b"] and m["layers"] == [3] and m["hidden_size"] == 8 and m["zscore"]
+    assert m["clusters"] == ["x", "y"] and m["valence"] == [0.5, None] and "descriptions" not in m
+    assert m["model"] == "m" and m["mean"] == [[0.0, 0.0]] and m["std"] == [[1.0, 1.0]]
+    assert "mean" not in r.manifest(stats=False)

@@ -171,12 +171,20 @@ def _print_rows(rows: list[dict], unit: str) -> None:
 def cmd_read(args: argparse.Namespace) -> int:
     from amygdala.models import load_model
     from amygdala.pipeline import matching_model
-    from amygdala.readout import Readout, read_text
+    from amygdala.readout import Readout, score_text, token_rows
 
     readout = Readout.load(args.readout)
     info = matching_model(readout, args.model)
     model, tokenizer, _ = load_model(info.path, args.device)
-    rows = read_text(model, tokenizer, readout, args.text, args.top)
+    scored = score_text(model, tokenizer, readout, args.text)
+    rows = token_rows(scored, readout, args.top)
+    if args.html is not None:
+        from amygdala.view import conversation_of_text, snapshot_html
+
+        conversation = conversation_of_text(readout, scored, text=args.text, model=info.name)
+        args.html.parent.mkdir(parents=True, exist_ok=True)
+        args.html.write_text(snapshot_html(conversation), encoding="utf-8")
+        print(f"wrote {args.html} (open it in a browser; no server needed)", file=sys.stderr)
     if args.json:
         json.dump({"layers": readout.layers, "zscore": readout.has_stats, "tokens": rows}, sys.stdout, indent=1)
         print()
@@ -397,6 +405,12 @@ DEMO_CONCEPTS = ["terrified", "calm", "furious", "grief_stricken", "joyful", "bo
                  "grateful", "proud", "lonely", "curious", "amused", "disgusted"]
 
 
+#: Part of the demo cache's key: bumped when ``build`` starts writing something new into
+#: readout.json (2: per-concept valence, arousal and descriptions, which the live page uses), so
+#: a readout cached by an older amygdala is built again instead of reused without them.
+DEMO_CACHE_FORMAT = 2
+
+
 def _demo_readout(args: argparse.Namespace):
     """(readout folder, loaded model or None, how it was obtained): a cached readout when one
     was built from the same corpus texts, model and settings, else a fresh build cached there."""
@@ -413,7 +427,9 @@ def _demo_readout(args: argparse.Namespace):
     if not args.all:
         corpus = corpus.subset(DEMO_CONCEPTS)
     info = model_info(resolve_model("default"))
-    key = hashlib.sha256(f"{corpus.sha256()} {info.name} {args.layers} {args.method} {args.pooling}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        f"{corpus.sha256()} {info.name} {args.layers} {args.method} {args.pooling} {DEMO_CACHE_FORMAT}".encode()
+    ).hexdigest()[:16]
     cached = amygdala_home() / "readouts" / f"demo-{key}"
     what = f"{len(corpus.concepts)} concepts" + ("" if args.all else " (a named subset; --all for every concept)")
     if cached.is_dir() and not args.rebuild:
@@ -508,6 +524,8 @@ def _add_read(sub) -> None:
     _model_arg(p)
     p.add_argument("--top", type=int, default=3)
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--html", type=Path, default=None, metavar="FILE",
+                   help="also write a self-contained page of the text's readout (the live page's snapshot, opens offline)")
     p.set_defaults(func=cmd_read)
 
 
@@ -607,6 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
                 _add_checkpoint):
         add(sub)
     serve_cli.add_parser(sub)
+    serve_cli.add_view_parser(sub)
     _add_demo(sub)
     return parser
 

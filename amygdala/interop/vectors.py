@@ -165,8 +165,9 @@ def add_concept(
         mean = {l: torch.cat([readout.mean[l], nan]) for l in readout.layers}
         std = {l: torch.cat([readout.std[l], nan]) for l in readout.layers}
     meta = dict(readout.meta)
-    if isinstance(meta.get("clusters"), list):
-        meta["clusters"] = [*meta["clusters"], "imported"]
+    for key, value in (("clusters", "imported"), ("valence", None), ("arousal", None), ("descriptions", "")):
+        if isinstance(meta.get(key), list):  # per-concept lists stay aligned with the concepts
+            meta[key] = [*meta[key], value]
     imported = dict(meta.get("imported") or {})
     unused = [l for l in vectors.layers if l not in readout.layers]
     imported[name] = {**provenance, "layers_in_file": vectors.layers, "layers_unused": unused, "norms": norms,

@@ -186,6 +186,10 @@ def build(corpus: Corpus, config: BuildConfig, out: str | Path | None = None, lo
             "chat_template": config.chat_template,
             "corpus": {"path": str(corpus.root) if corpus.root else None, "sha256": corpus.sha256()},
             "clusters": corpus.cluster_of(),
+            # Per concept, for readers that show the vectors (the page colours tokens by valence).
+            "valence": corpus.valence(),
+            "arousal": corpus.arousal(),
+            "descriptions": [corpus.descriptions.get(c, "") for c in corpus.concepts],
             **_fit_notes(fitted.extras),
         },
     )

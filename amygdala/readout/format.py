@@ -77,6 +77,34 @@ class Readout:
             near = difflib.get_close_matches(name, self.concepts, n=3, cutoff=0.0)
             raise ReadoutError(f"unknown concept {name!r}; nearest: {', '.join(near)}") from None
 
+    def concept_info(self, key: str) -> list | None:
+        """A per-concept list of the metadata (``clusters``, ``valence``, ``arousal``,
+        ``descriptions``) when the file has one of the right length, else ``None``."""
+        value = self.meta.get(key)
+        return list(value) if isinstance(value, list) and len(value) == len(self.concepts) else None
+
+    def manifest(self, stats: bool = True) -> dict:
+        """What a client needs to show this readout: names, layers, and per concept its cluster,
+        valence, arousal and description where the file records them (``GET
+        /v1/readout/manifest`` and the page). ``stats``: include the neutral-text mean/std."""
+        body = {
+            "concepts": list(self.concepts),
+            "layers": list(self.layers),
+            "hidden_size": self.hidden_size,
+            "site": self.meta.get("site", "block_output"),
+            "zscore": self.has_stats,
+        }
+        if isinstance(self.meta.get("model"), dict) and self.meta["model"].get("name"):
+            body["model"] = str(self.meta["model"]["name"])
+        for key in ("clusters", "valence", "arousal", "descriptions"):
+            value = self.concept_info(key)
+            if value is not None:
+                body[key] = value
+        if stats and self.has_stats:
+            body["mean"] = [self.mean[l].tolist() for l in self.layers]
+            body["std"] = [self.std[l].tolist() for l in self.layers]
+        return body
+
     def check_model(self, num_layers: int, hidden_size: int, model_name: str = "the model") -> None:
         """Raise when the file cannot fit a model with this shape (names both sides)."""
         if hidden_size != self.hidden_size:

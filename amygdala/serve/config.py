@@ -51,6 +51,8 @@ MAX_STRENGTH_ENV = "AMYGDALA_MAX_STEER_STRENGTH"
 DEFAULT_MAX_STRENGTH = 1000.0
 #: Set by ``amygdala serve --allow-remote-training``: the training routes on a non-loopback host were meant.
 ALLOW_REMOTE_ENV = "AMYGDALA_ALLOW_REMOTE_TRAINING"
+#: ``0`` leaves out the page (``GET /amygdala/``) the endpoint plugin serves by default.
+PAGE_ENV = "AMYGDALA_PAGE"
 #: Name of both entry points; what ``VLLM_PLUGINS`` must list.
 PLUGIN_NAME = "amygdala"
 #: Key in ``SamplingParams.extra_args`` under which the API server hands a request's spec to workers.

@@ -11,7 +11,8 @@ load tracking, keep-alive and all) and only:
 3. mark the request (:data:`amygdala.serve.proxy.CURRENT`) for the engine-client proxy;
 4. add ``readout`` to the response or to every streamed chunk.
 
-``GET /v1/readout/manifest`` describes the loaded readout (404 when there is none). vLLM only
+``GET /v1/readout/manifest`` describes the loaded readout (404 when there is none);
+``GET /amygdala/`` is the live page (:mod:`amygdala.serve.page`). vLLM only
 loads endpoint plugins named in ``VLLM_PLUGINS``. With ``AMYGDALA_API_KEY`` set, the training
 routes (:mod:`amygdala.serve.finetune_routes`) are attached here too.
 """
@@ -33,6 +34,7 @@ from amygdala.serve.respond import Formatter, rewrite_body, rewrite_stream
 from amygdala.serve.proxy import CURRENT, EngineClientProxy, Exchange, RowStore
 from amygdala.serve.spec import FIELDS, ModelShape, RequestSpec, SpecError, parse
 from amygdala.serve.errors import error_response
+from amygdala.serve import page
 from amygdala.serve.finetune_routes import TrainingRoutes
 
 log = logging.getLogger("vllm.amygdala")  # under vLLM's logger: its format and level
@@ -70,19 +72,6 @@ class BodyCheckedRoute(APIRoute):
                                       "see the API reference for the fields' types", "body")
 
         return checked
-
-
-def manifest_body(readout: Readout) -> dict:
-    body = {
-        "concepts": list(readout.concepts),
-        "layers": list(readout.layers),
-        "hidden_size": readout.hidden_size,
-        "site": readout.meta.get("site", "block_output"),
-    }
-    if readout.has_stats:
-        body["mean"] = [readout.mean[l].tolist() for l in readout.layers]
-        body["std"] = [readout.std[l].tolist() for l in readout.layers]
-    return body
 
 
 class AmygdalaEndpoints:
@@ -133,6 +122,7 @@ class AmygdalaEndpoints:
             router.add_api_route(CHAT, create_chat_completion, methods=["POST"], dependencies=json_only,
                                  route_class_override=BodyCheckedRoute)
         app.include_router(router)
+        page.attach(app)
         self.training.attach(app)
 
     async def init_state(self, engine_client, state, args: Namespace) -> None:
@@ -154,7 +144,7 @@ class AmygdalaEndpoints:
     async def manifest(self) -> JSONResponse:
         if self.readout is None:
             return error_response("no readout file is loaded on this server (start it with AMYGDALA_READOUT)", status=HTTPStatus.NOT_FOUND)
-        return JSONResponse(manifest_body(self.readout))
+        return JSONResponse(self.readout.manifest())
 
     async def handle(self, request, raw_request: Request, original, *, chat: bool):
         """Run vLLM's own handler ``original`` with the request's readout and steering applied."""

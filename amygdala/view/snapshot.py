@@ -1,0 +1,85 @@
+"""The conversation format the page exports, and the self-contained HTML snapshot of one.
+
+A conversation (``amygdala-conversation``, version 1) is JSON::
+
+    {"format": "amygdala-conversation", "version": 1, "created": "2026-11-29T14:00:00Z",
+     "source": "page" | "amygdala read", "model": "...",
+     "manifest": {...the readout's manifest, without mean/std...},
+     "readout": "zscore" | "raw",
+     "alignment": "sampled" | "own",
+     "messages": [{"role": "user" | "assistant" | "text", "content": "...", "steer": [...],
+                   "tokens": [{"text": "...", "readout": [[...n_concepts...], ...n_layers]}]}]}
+
+``alignment`` says which residual stream a token's matrix is: ``sampled`` (generated tokens:
+the position whose forward pass sampled the token, as the server streams it) or ``own`` (a
+teacher-forced text: the token's own position, as ``amygdala read`` reports it).
+
+The snapshot is the page itself (the same ``index.html``, ``style.css`` and ``app.js``) with
+both files inlined and the conversation embedded, so it opens from disk with no server and no
+network, read-only.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from importlib.resources import files
+
+from amygdala.readout import Readout, TextScores
+
+CONVERSATION_FORMAT = "amygdala-conversation"
+CONVERSATION_VERSION = 1
+ASSETS = ("index.html", "style.css", "app.js")
+#: Where index.html links its assets; replaced by their inline text in a snapshot.
+_STYLE_LINK = '<link rel="stylesheet" href="style.css">'
+_SCRIPT_TAG = '<script src="app.js"></script>'
+_DATA_SLOT = "<!--snapshot-data-->"
+
+
+def asset(name: str) -> bytes:
+    """One of the page's files, from the installed package."""
+    if name not in ASSETS:
+        raise KeyError(name)
+    return files("amygdala.view").joinpath("assets", name).read_bytes()
+
+
+def manifest_of(readout: Readout) -> dict:
+    """The readout's manifest as a conversation carries it (statistics left out: values are
+    already z-scored or raw, as ``readout`` says)."""
+    return readout.manifest(stats=False)
+
+
+def conversation_of_text(readout: Readout, scored: TextScores, *, text: str, model: str = "") -> dict:
+    """A teacher-forced readout of ``text`` as a one-message conversation."""
+    rows = scored.scores.numpy().round(4)
+    return {
+        "format": CONVERSATION_FORMAT,
+        "version": CONVERSATION_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": "amygdala read",
+        "model": model,
+        "manifest": manifest_of(readout),
+        "readout": "zscore" if scored.zscore else "raw",
+        "alignment": "own",
+        "messages": [{
+            "role": "text",
+            "content": text,
+            "steer": [],
+            "tokens": [{"text": t, "readout": rows[i].tolist()} for i, t in enumerate(scored.tokens)],
+        }],
+    }
+
+
+def snapshot_html(conversation: dict) -> str:
+    """The page with its assets inlined and ``conversation`` embedded: one file, no network."""
+    page = asset("index.html").decode()
+    style = asset("style.css").decode()
+    script = asset("app.js").decode()
+    # "</" inside a <script> element would end it early; JSON allows the escaped form.
+    data = json.dumps(conversation, separators=(",", ":")).replace("</", "<\\/")
+    for needle in (_STYLE_LINK, _SCRIPT_TAG, _DATA_SLOT):
+        if needle not in page:
+            raise RuntimeError(f"amygdala/view/assets/index.html lost its {needle!r} marker; reinstall amygdala")
+    page = page.replace(_STYLE_LINK, f"<style>\n{style}\n</style>")
+    page = page.replace(_DATA_SLOT, f'<script type="application/json" id="amygdala-snapshot">{data}</script>')
+    return page.replace(_SCRIPT_TAG, f"<script>\n{script}\n</script>")

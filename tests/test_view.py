@@ -1,0 +1,426 @@
+"""The live page (amygdala.view, served by the plugin at /amygdala/) in a real headless Chromium.
+
+A live ``amygdala view`` on the tiny model (tests/serve_helpers.py) streams a chat; the test
+sends the same request itself and checks the page against that stream: one coloured span per
+token (the colour's sign is the valence computed here), panel numbers equal to the streamed
+z-scores, the hysteresis list equal to a Python oracle of the rule, steering from a slider
+equal to the same steered request sent directly. The exported JSON and HTML snapshot, and
+``amygdala read --html``, are opened in the browser with the network blocked.
+
+Chromium is Debian's (``./dev test`` installs it); a machine without it fails these tests
+instead of skipping them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import serve_helpers as sh
+from amygdala.readout import Readout
+
+vllm = pytest.mark.vllm
+
+CHROMIUM = os.environ.get("AMYGDALA_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+#: Without the background-networking flags Chromium keeps dialling Google's hosts, which a
+#: closed network refuses; --no-sandbox because CI runs as root.
+BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--no-first-run", "--disable-quic"]
+# The page's settings (app.js): the panel's K and hysteresis thresholds, the valence colour scale.
+PANEL_K, ENTER_Z, EXIT_Z = 8, 1.0, 0.5
+PROMPT = "w1 w2 w3 w4"
+CLUSTERS = ["peaceful", "hostile", "joy", "fear", "engaged"]
+VALENCE = [0.6, -0.7, 0.9, -0.8, 0.2]
+DESCRIPTIONS = ["settled and at ease", "hot with rage", "bright with delight", "dread of harm", "wanting to know more"]
+
+
+# --------------------------------------------------------------------------- oracles
+def hysteresis(listed: list[int], values, k: int, enter: float, exit: float) -> list[int]:
+    """The panel's rule, written independently of app.js."""
+    order = sorted(range(len(values)), key=lambda c: -values[c])
+    out = []
+    for rank, c in enumerate(order):
+        if (rank < k and values[c] >= enter) or (c in listed and rank < 2 * k and values[c] >= exit):
+            out.append(c)
+    return out
+
+
+def valence(row) -> float:
+    w = np.array(VALENCE) - np.mean(VALENCE)
+    return float(np.mean([(w * np.array(layer)).sum() / np.abs(w).sum() for layer in row]))
+
+
+def nonblank(png: Path, box: dict) -> float:
+    """Standard deviation of the pixels inside ``box`` (a blank region gives 0)."""
+    import matplotlib.image
+
+    img = matplotlib.image.imread(png)
+    x0, y0 = int(box["x"]), int(box["y"])
+    region = img[y0 : y0 + int(box["height"]), x0 : x0 + int(box["width"]), :3]
+    return float(region.std())
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("view")
+    model = sh.make_tiny_model(root / "model")
+    path = sh.make_readout(root / "readout")
+    readout = Readout.load(path)
+    readout.meta.update(clusters=CLUSTERS, valence=VALENCE, arousal=[0.2, 0.9, 0.7, 0.9, 0.5], descriptions=DESCRIPTIONS)
+    readout.save(path)
+    return root, model, path
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if CHROMIUM is None:
+        pytest.fail("no Chromium on this machine: ./dev test installs Debian's chromium (or set AMYGDALA_CHROMIUM)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def servers(files):
+    """(``amygdala view`` on the tiny model and its URL, a plugin server without a readout)."""
+    pytest.importorskip("vllm")
+    root, model, readout = files
+    port = sh.free_port()
+    log = root / "view.log"
+    cmd = [sys.executable, "-m", "amygdala", "view", "--model", str(model), "--readout", str(readout),
+           "--port", str(port), "--timeout", "300", "--", "--dtype", "float32", "--max-model-len", "1024",
+           "--max-num-seqs", "16"]
+    view = subprocess.Popen(cmd, env=sh.server_env(None), stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    bare = sh.start_server(model, root / "bare.log", env=sh.server_env(None, VLLM_PLUGINS="amygdala"), wait=False)
+    try:
+        deadline = time.monotonic() + 320
+        url = None
+        while url is None:
+            if view.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"amygdala view did not print its address:\n{log.read_text()[-4000:]}")
+            found = re.search(r"amygdala view: open (\S+)", log.read_text())
+            url = found.group(1) if found else time.sleep(0.5)
+        sh.wait_ready(bare, 300)
+        yield url, sh.Server(view, port, log), bare
+    finally:
+        view.send_signal(signal.SIGINT)  # amygdala view stops its server on Ctrl-C
+        try:
+            view.wait(40)
+        except subprocess.TimeoutExpired:
+            view.kill()
+        bare.stop()
+
+
+@pytest.fixture()
+def page(browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 800}, accept_downloads=True)
+    pg = context.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.errors = errors
+    yield pg
+    context.close()
+    assert not errors, f"the page raised: {errors}"
+
+
+def open_page(page, url):
+    page.goto(url)
+    page.wait_for_function("window.amygdala && window.amygdala.state.model !== null")
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "10")
+
+
+def chat(page, text: str) -> None:
+    before = page.evaluate("window.amygdala.state.messages.length")
+    page.fill("#prompt", text)
+    page.press("#prompt", "Enter")
+    page.wait_for_function(f"window.amygdala.state.messages.length >= {before + 2} && !window.amygdala.state.busy", timeout=60_000)
+    page.wait_for_function("!window.amygdala.state.dirty")  # the last frame is drawn
+
+
+def streamed(server: sh.Server, messages: list[dict], **extra) -> tuple[str, list]:
+    """The same chat request the page sends, streamed: (text, one readout matrix per token)."""
+    body = {"model": "", "messages": messages, "temperature": 0, "max_tokens": 10, "readout": "zscore",
+            "logprobs": True, **extra}
+    body["model"] = server.get("/models")[1]["data"][0]["id"]
+    chunks = server.stream("/chat/completions", body)
+    text, rows = "", []
+    for c in chunks:
+        for ch in c["choices"]:
+            text += (ch.get("delta") or {}).get("content") or ""
+            rows += ch.get("readout_tokens") or ([ch["readout"]] if ch.get("readout") is not None else [])
+    return text, rows
+
+
+# --------------------------------------------------------------------------- the live page
+@vllm
+def test_chat_tokens_colours_and_panel_follow_the_stream(servers, page, tmp_path):
+    url, server, _ = servers
+    open_page(page, url)
+    assert "5 concepts" in page.inner_text("#readout-info")
+    chat(page, PROMPT)
+    text, rows = streamed(server, [{"role": "user", "content": PROMPT}])
+    spans = page.locator(".msg.assistant .tok")
+    assert spans.count() == len(rows) > 0
+    assert "".join(spans.all_inner_texts()) == text
+    # Every token is coloured by the sign of its valence (computed here from the stream).
+    colours = page.evaluate("Array.from(document.querySelectorAll('.msg.assistant .tok'), s => s.style.backgroundColor && getComputedStyle(s).backgroundColor)")
+    for row, colour in zip(rows, colours):
+        v = valence(row)
+        if abs(v) / 1.5 >= 0.05:
+            assert colour.startswith("rgba(34, 150, 90" if v > 0 else "rgba(205, 55, 55"), (v, colour)
+    assert any(colours), "no token got a colour"
+    # The panel: the hysteresis list after the last token, with the streamed z-scores.
+    listed = [[] for _ in sh.LAYERS]
+    for row in rows:
+        listed = [hysteresis(listed[l], row[l], PANEL_K, ENTER_Z, EXIT_Z) for l in range(len(sh.LAYERS))]
+    for l, layer in enumerate(sh.LAYERS):
+        shown = page.locator(f'.pc[data-layer="{layer}"]')
+        names = [shown.nth(i).get_attribute("data-concept") for i in range(shown.count())]
+        assert names == [sh.CONCEPTS[c] for c in listed[l]]
+        values = [float(v) for v in shown.locator(".val").all_inner_texts()]
+        np.testing.assert_allclose(values, [rows[-1][l][c] for c in listed[l]], atol=0.006)
+    # The cluster summary: mean over the cluster's concepts (one each here) and the layers.
+    top = page.locator(".cl").first
+    means = {CLUSTERS[c]: np.mean([rows[-1][l][c] for l in range(len(sh.LAYERS))]) for c in range(len(CLUSTERS))}
+    assert top.get_attribute("data-cluster") == max(means, key=means.get)
+    shot = tmp_path / "page.png"
+    page.screenshot(path=str(shot))
+    for region in ("#messages", "#panel"):
+        assert nonblank(shot, page.locator(region).bounding_box()) > 0.02, f"{region} is blank in {shot}"
+
+
+@vllm
+def test_hover_shows_each_layers_top_concepts(servers, page):
+    url, server, _ = servers
+    open_page(page, url)
+    chat(page, PROMPT)
+    _, rows = streamed(server, [{"role": "user", "content": PROMPT}])
+    page.hover(".msg.assistant .tok >> nth=2")
+    tip = page.locator("#tooltip")
+    tip.wait_for(state="visible")
+    text = tip.inner_text()
+    for l, layer in enumerate(sh.LAYERS):
+        assert f"layer {layer}" in text
+        best = int(np.argmax(rows[2][l]))
+        assert re.search(rf"{sh.CONCEPTS[best]}\s+{rows[2][l][best]:.2f}", text), text
+    page.click(".msg.assistant .tok >> nth=2")  # pins that token in the panel
+    assert "selected token #" in page.inner_text("#panel-token")
+    page.keyboard.press("Escape")
+    assert "latest token" in page.inner_text("#panel-token")
+
+
+@vllm
+def test_slider_steers_the_next_reply_only(servers, page):
+    url, server, _ = servers
+    open_page(page, url)
+    page.fill("#search", "calm")
+    page.press("#search", "Enter")
+    track = page.locator('.track[data-concept="calm"]')
+    assert track.count() == 1
+    assert track.locator("canvas").count() == 1
+    number = track.locator("input[type=number]")
+    number.fill("40")
+    number.dispatch_event("change")
+    assert "calm +40" in page.inner_text("#steer-summary")
+    chat(page, PROMPT)
+    steered = page.locator(".msg.assistant").last
+    assert "steered: calm +40" in steered.locator(".who").inner_text()
+    page_text = "".join(steered.locator(".tok").all_inner_texts())
+    want, _ = streamed(server, [{"role": "user", "content": PROMPT}], steer=[{"concept": "calm", "strength": 40}])
+    plain, _ = streamed(server, [{"role": "user", "content": PROMPT}])
+    assert page_text == want != plain
+    # The slider and the number move together; back at 0 the next reply is unsteered.
+    track.locator("input[type=range]").fill("0")
+    assert page.inner_text("#steer-summary") == ""
+
+
+@vllm
+def test_concept_search_by_name_description_and_nearest_names(servers, page):
+    url, _, _ = servers
+    open_page(page, url)
+    page.fill("#search", "rage")  # a word of angry's description
+    assert page.locator('.sug[data-concept="angry"]').count() == 1
+    page.fill("#search", "calmm")
+    page.press("#search", "Enter")
+    message = page.inner_text("#search-message")
+    assert "unknown concept" in message and "calmm" in message and "calm" in message.split("nearest:")[1]
+    assert page.locator(".track").count() == 0
+    page.click("#search-message a >> text=calm")
+    assert page.locator('.track[data-concept="calm"]').count() == 1
+
+
+@vllm
+def test_exports_json_and_an_offline_html_snapshot(servers, page, browser, tmp_path):
+    url, _, _ = servers
+    open_page(page, url)
+    chat(page, PROMPT)
+    state = page.evaluate("window.amygdala.conversation()")
+    with page.expect_download() as info:
+        page.click("#export-json")
+    data = json.loads(Path(info.value.path()).read_text())
+    assert data["format"] == "amygdala-conversation" and data["version"] == 1 and data["alignment"] == "sampled"
+    assert [m["role"] for m in data["messages"]] == ["user", "assistant"]
+    assert data["messages"][1]["tokens"] == state["messages"][1]["tokens"]
+    assert data["manifest"]["concepts"] == sh.CONCEPTS and "std" not in data["manifest"]
+    with page.expect_download() as info:
+        page.click("#export-html")
+    snap = tmp_path / "snapshot.html"
+    info.value.save_as(snap)
+    n = page.locator(".msg.assistant .tok").count()
+    offline = open_offline(browser, snap)
+    try:
+        assert offline.locator(".msg.assistant .tok").count() == n
+        assert offline.locator("#composer").is_hidden()
+        assert offline.locator(".pc").count() > 0
+        assert offline.evaluate("window.amygdala.conversation().messages[1].tokens") == data["messages"][1]["tokens"]
+    finally:
+        offline.context.close()
+
+
+def open_offline(browser, path: Path):
+    """``path`` in a fresh page whose every non-file request fails (a snapshot must need none)."""
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    pg = context.new_page()
+    errors, requests = [], []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    context.route("**/*", lambda route: route.continue_() if route.request.url.startswith("file:") else (requests.append(route.request.url), route.abort()))
+    pg.goto(path.as_uri())
+    pg.wait_for_function("window.amygdala && window.amygdala.state.manifest !== null")
+    pg.wait_for_function("!window.amygdala.state.dirty")
+    assert not errors and not requests, (errors, requests)
+    return pg
+
+
+@vllm
+def test_server_without_readout_says_so(servers, page):
+    _, _, bare = servers
+    page.goto(f"http://127.0.0.1:{bare.port}/amygdala/")
+    notice = page.locator("#notice")
+    notice.wait_for(state="visible")
+    assert "no readout" in notice.inner_text()
+    assert page.locator("#send").is_disabled()
+
+
+# --------------------------------------------------------------------------- without a server
+def test_hysteresis_rule_in_the_browser(browser):
+    """app.js's rule against the oracle: entry, staying between the thresholds, leaving."""
+    pg = browser.new_page()
+    pg.set_content("<script>" + asset("app.js") + "</script>")
+    step = "(a) => window.amygdala.hysteresisStep(a[0], a[1], {k: a[2], enter: a[3], exit: a[4]})"
+    assert pg.evaluate(step, [[], [2.0, 0.5, 1.2], 1, 1.0, 0.5]) == [0]       # only the top 1 enters
+    assert pg.evaluate(step, [[0], [0.7, 0.5, 1.2], 1, 1.0, 0.5]) == [2, 0]   # 0 stays (0.7 >= exit, rank < 2k)
+    assert pg.evaluate(step, [[0, 2], [0.4, 0.5, 1.2], 1, 1.0, 0.5]) == [2]   # 0 leaves below exit
+    assert pg.evaluate(step, [[0], [0.8, 0.9, 1.2], 1, 1.0, 0.5]) == [2]      # 0 leaves at rank 2 >= 2k
+    assert pg.evaluate(step, [[], [0.9, 0.8], 2, 1.0, 0.5]) == []             # nothing reaches entry
+    rng = np.random.default_rng(0)
+    listed_js, listed_py = [], []
+    for _ in range(200):
+        values = (rng.normal(size=30) * 1.5).round(3).tolist()
+        listed_js = pg.evaluate(step, [listed_js, values, 8, ENTER_Z, EXIT_Z])
+        listed_py = hysteresis(listed_py, values, 8, ENTER_Z, EXIT_Z)
+        assert listed_js == listed_py
+    assert pg.evaluate("window.amygdala.nearestNames('anxius', ['anxious', 'calm', 'angry'], 2)") == ["anxious", "angry"]
+    # A chunk of several tokens: pieces join to the text whatever the tokens' own strings lack.
+    split = "(a) => window.amygdala.splitText(a[0], a[1])"
+    assert pg.evaluate(split, [" w75 w118 w0", ["w75", "w118", "w0"]]) == [" w75", " w118", " w0"]
+    assert pg.evaluate(split, ["Hello, world", ["Hello", ",", " world"]]) == ["Hello", ",", " world"]
+    assert pg.evaluate(split, ["ab", ["x", "y"]]) == ["", "ab"]
+    pg.close()
+
+
+def asset(name: str) -> str:
+    from amygdala.view import asset as read
+
+    return read(name).decode()
+
+
+def test_snapshot_inlines_the_page_safely():
+    from amygdala.view import snapshot_html
+
+    assert "</script" not in asset("app.js").lower() and "<!--" not in asset("app.js")
+    conv = {"format": "amygdala-conversation", "version": 1, "manifest": {"concepts": ["a"], "layers": [0]},
+            "readout": "raw", "alignment": "own", "messages": [{"role": "text", "content": "</script><b>x",
+            "steer": [], "tokens": [{"text": "</script><b>x", "readout": [[1.0]]}]}]}
+    html = snapshot_html(conv)
+    js = asset("app.js")
+    for tag in ('<link rel="stylesheet" href="style.css">', '<script src="app.js">'):
+        assert html.count(tag) == js.count(tag)  # the page's own reference was replaced by the file
+    assert html.count("</script>") == 2  # the data's own "</script>" was escaped
+
+
+def test_read_html_writes_a_snapshot_that_matches_read(files, browser, tmp_path):
+    """``amygdala read --html``: the teacher-forced readout of a text as an offline page."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from amygdala.readout import score_text
+
+    root, model, readout_path = files
+    out = tmp_path / "read.html"
+    text = "w5 w6 w7 w8 w9"
+    proc = subprocess.run([sys.executable, "-m", "amygdala", "read", text, "--readout", str(readout_path),
+                           "--model", str(model), "--html", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    readout = Readout.load(readout_path)
+    hf = AutoModelForCausalLM.from_pretrained(model).eval()
+    scored = score_text(hf, AutoTokenizer.from_pretrained(model), readout, text)
+    pg = open_offline(browser, out)
+    try:
+        assert pg.locator(".msg.text .tok").all_inner_texts() == scored.tokens
+        assert "teacher-forced" in pg.inner_text("#notice").lower()
+        last = scored.scores[-1]
+        for l, layer in enumerate(readout.layers):
+            for row in pg.locator(f'.pc[data-layer="{layer}"]').all():
+                c = readout.concepts.index(row.get_attribute("data-concept"))
+                assert abs(float(row.locator(".val").inner_text()) - float(last[l, c])) < 0.006
+    finally:
+        pg.context.close()
+
+
+def test_page_routes_and_the_off_switch(monkeypatch):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from amygdala.serve import page as page_routes
+    from amygdala.serve.config import PAGE_ENV
+
+    app = FastAPI()
+    page_routes.attach(app)
+    client = TestClient(app)
+    r = client.get("/amygdala/")
+    assert r.status_code == 200 and "text/html" in r.headers["content-type"] and b"app.js" in r.content
+    assert client.get("/amygdala/app.js").headers["content-type"].startswith("text/javascript")
+    assert client.get("/amygdala", follow_redirects=False).status_code in (302, 307)
+    assert client.get("/amygdala/../pyproject.toml").status_code == 404
+    monkeypatch.setenv(PAGE_ENV, "0")
+    off = FastAPI()
+    page_routes.attach(off)
+    assert TestClient(off).get("/amygdala/").status_code == 404
+
+
+def test_serve_no_page_flag_sets_the_switch(files, monkeypatch):
+    from amygdala.cli.main import build_parser
+    from amygdala.serve.cli import build
+    from amygdala.serve.config import PAGE_ENV
+
+    pytest.importorskip("vllm")
+    monkeypatch.delenv(PAGE_ENV, raising=False)
+    _, model, readout = files
+    args = build_parser().parse_args(["serve", "--model", str(model), "--readout", str(readout), "--no-page"])
+    assert build(args)[1][PAGE_ENV] == "0"
+    args = build_parser().parse_args(["serve", "--model", str(model), "--readout", str(readout)])
+    assert PAGE_ENV not in build(args)[1]
