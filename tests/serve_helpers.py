@@ -140,6 +140,25 @@ class Server:
                 self.proc.wait(10)
 
 
+def call(port: int, method: str, path: str, body=None, key: str | None = None, timeout: float = 120) -> tuple[int, dict]:
+    """(status, JSON) of a request to the server's root (the training routes are not under /v1);
+    a non-JSON error body comes back as ``{"raw": its start}``."""
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        raw = e.read() or b"{}"
+        try:
+            return e.code, json.loads(raw)
+        except ValueError:
+            return e.code, {"raw": raw[:200].decode(errors="replace")}
+
+
 def start_server(
     model: Path,
     log: Path,

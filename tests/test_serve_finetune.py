@@ -12,8 +12,6 @@ import json
 import random
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 import torch
@@ -286,16 +284,7 @@ ARGS = ["--enable-prefix-caching", "--enable-prompt-tokens-details", "--block-si
 
 def call(server: sh.Server, method: str, path: str, body: dict | None = None, key: str | None = KEY, timeout: float = 120):
     """(status, JSON) of a request to the server's root (training routes are not under /v1)."""
-    headers = {"Content-Type": "application/json"}
-    if key is not None:
-        headers["Authorization"] = f"Bearer {key}"
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(f"http://127.0.0.1:{server.port}{path}", data=data, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
+    return sh.call(server.port, method, path, body, key, timeout)
 
 
 @pytest.fixture(scope="module")

@@ -25,18 +25,32 @@ removes uncommitted leftovers: after it, every tensor and sidecar is entirely fr
 entirely from after the interrupted sync. Call it before loading a model folder that a sync
 may have been writing (:func:`sync` and the Trainer do; :func:`diagnose` only reports).
 
-Journal format: ``b"AMYJRNL1"``, records, then a trailer. Record ``B``: u16 file-name length,
-name, u64 offset, u64 length, bytes (the new contents of a run of consecutive blocks). Record
-``R``: u16 + staged sidecar name, u16 + final name (a rename). Trailer ``E``: u64 count of
-bytes before it and their CRC-32 (integers little-endian).
+One writer at a time: :func:`sync` and :func:`recover` hold the folder's writer lock
+(:func:`writer_lock`, an ``flock`` on ``.amygdala-train.lock`` that the training worker also
+holds for its life), so the CLI, the server's start-up and the worker never write together.
+A tensor that is not finite (NaN or inf) is never written: the sync is refused before its
+commit point and the folder keeps its last good state.
+
+Journal format: ``b"AMYJRNL2"``, records, then a trailer. Record ``F``: u16 file-name length,
+name, u64 file size, 32-byte SHA-256 of the file's safetensors header (length and JSON): the
+files the journal was written against, before any block of them; a replay onto files that
+differ is refused. Record ``B``: u16 file-name length, name, u64 offset, u64 length, bytes (the
+new contents of a run of consecutive blocks). Record ``R``: u16 + staged sidecar name, u16 +
+final name (a rename). Trailer ``E``: u64 count of bytes before it and their CRC-32 (integers
+little-endian). A ``AMYJRNL1`` journal (no ``F`` records, from an older amygdala) is replayed
+unchecked.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import mmap
 import os
 import struct
+import threading
 import time
 import zlib
 from collections.abc import Iterator, Mapping
@@ -53,7 +67,11 @@ BLOCK = 4096
 JOURNAL = ".amygdala-sync.journal"
 JOURNAL_TMP = JOURNAL + ".tmp"
 SIDECAR_TMP_SUFFIX = ".amygdala-tmp"
-MAGIC = b"AMYJRNL1"
+MAGIC = b"AMYJRNL2"
+OLD_MAGIC = b"AMYJRNL1"  # no file records: replayed without the check
+LOCK_FILE = ".amygdala-train.lock"
+#: Seconds a writer waits for the folder's lock before it gives up (a sync takes seconds).
+LOCK_WAIT_S = 30.0
 _CHUNK = 1 << 24  # bytes compared at a time: bounds the memory of a comparison
 
 DTYPES = {
@@ -131,6 +149,68 @@ def _check_folder(model_dir: Path) -> None:
         raise CheckpointError(f"{model_dir}: not a folder; give the model folder (with config.json and *.safetensors)")
 
 
+# --------------------------------------------------------------------------- the writer lock
+_held: dict[str, int] = {}  # folders this process holds the lock of -> nesting depth
+_held_guard = threading.Lock()
+
+
+class FolderBusy(CheckpointError):
+    """Another process holds the folder's writer lock past the wait."""
+
+
+@contextlib.contextmanager
+def writer_lock(model_dir: str | os.PathLike, *, wait: float = LOCK_WAIT_S, holder: str = "writer") -> Iterator[None]:
+    """Hold the folder's writer lock: one writer (server start-up, training worker, CLI) at a time.
+
+    Waits up to ``wait`` seconds, then raises :class:`FolderBusy` naming the holder (``holder``
+    is what this process writes into the lock file for others to read). Re-entrant within a
+    process: the worker holds it for its life and its syncs take it again. The lock dies with
+    its process, so a writer killed mid-sync never leaves it stale.
+    """
+    model_dir = Path(model_dir)
+    key = os.path.realpath(model_dir)
+    with _held_guard:
+        if key in _held:
+            _held[key] += 1
+            nested = True
+        else:
+            nested = False
+    if nested:
+        try:
+            yield
+        finally:
+            with _held_guard:
+                _held[key] -= 1
+        return
+    _check_folder(model_dir)
+    fd = os.open(model_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    pid, _, who = os.pread(fd, 200, 0).decode(errors="replace").strip().partition(" ")
+                    raise FolderBusy(
+                        f"{model_dir}: another {who or 'writer'} (pid {pid or '?'}) holds this model folder "
+                        f"({LOCK_FILE}; waited {wait:g} s); stop that server or let its sync finish, or serve a "
+                        "copy of the folder") from None
+                time.sleep(0.05)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {holder}".encode(), 0)
+        with _held_guard:
+            _held[key] = 1
+        try:
+            yield
+        finally:
+            with _held_guard:
+                del _held[key]
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def weight_files(model_dir: Path) -> list[Path]:
     """The folder's safetensors weight files (the index's shards, else every *.safetensors)."""
     _check_folder(model_dir)
@@ -143,6 +223,14 @@ def weight_files(model_dir: Path) -> list[Path]:
     if not files:
         raise CheckpointError(f"{model_dir}: no *.safetensors weight files; is this a model folder?")
     return files
+
+
+def file_stamp(path: Path) -> tuple[int, bytes]:
+    """(size, SHA-256 of the safetensors header): what a journal's blocks were computed against."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else 0
+        return os.fstat(f.fileno()).st_size, hashlib.sha256(raw + f.read(min(n, 100 << 20))).digest()
 
 
 def read_entries(model_dir: Path) -> dict[str, Entry]:
@@ -308,11 +396,16 @@ def _name(s: str) -> bytes:
 
 
 class _JournalWriter:
+    """Writes a journal in its folder; its first records stamp the folder's weight files."""
+
     def __init__(self, path: Path):
         self.f = open(path, "wb")
         self.crc = 0
         self.size = 0
         self._write(MAGIC)
+        for weights in weight_files(path.parent):
+            size, digest = file_stamp(weights)
+            self._write(b"F" + _name(weights.name) + struct.pack("<Q", size) + digest)
 
     def _write(self, data: bytes | memoryview) -> None:
         self.f.write(data)
@@ -340,10 +433,11 @@ def _read_name(f) -> str:
 
 
 def _records(path: Path) -> Iterator[tuple]:
-    """The journal's records, after checking its trailer: ("B", file, offset, data) | ("R", tmp, final)."""
+    """The journal's records, after checking its trailer:
+    ("F", file, size, header hash) | ("B", file, offset, data) | ("R", tmp, final)."""
     size = path.stat().st_size
     with open(path, "rb") as f:
-        if size < len(MAGIC) + 13 or f.read(len(MAGIC)) != MAGIC:
+        if size < len(MAGIC) + 13 or f.read(len(MAGIC)) not in (MAGIC, OLD_MAGIC):
             raise CheckpointError(f"{path}: not an amygdala sync journal (bad magic); move it away to load the folder")
         f.seek(size - 13)
         tag, (body, crc) = f.read(1), struct.unpack("<QI", f.read(12))
@@ -370,6 +464,10 @@ def _records(path: Path) -> Iterator[tuple]:
                 yield "B", file, offset, f.read(n)
             elif kind == b"R":
                 yield "R", _read_name(f), _read_name(f)
+            elif kind == b"F":
+                file = _read_name(f)
+                (file_size,) = struct.unpack("<Q", f.read(8))
+                yield "F", file, file_size, f.read(32)
             else:
                 raise CheckpointError(f"{path}: unknown journal record {kind!r} at byte {f.tell() - 1}")
 
@@ -379,10 +477,17 @@ def _apply(model_dir: Path, journal: Path) -> tuple[int, int]:
     fds: dict[str, int] = {}
     blocks = written = 0
     renames = []
+    with open(journal, "rb") as f:
+        checked = None if f.read(len(MAGIC)) == OLD_MAGIC else set()  # files whose stamp matched
     try:
         for record in _records(journal):
-            if record[0] == "B":
+            if record[0] == "F":
+                _check_stamp(model_dir, journal, *record[1:])
+                checked.add(record[1])
+            elif record[0] == "B":
                 _, file, offset, data = record
+                if checked is not None and file not in checked:
+                    raise CheckpointError(f"{journal}: blocks for {file} without its file record; move the journal away")
                 if file not in fds:
                     fds[file] = os.open(model_dir / file, os.O_WRONLY)
                 view = memoryview(data)
@@ -405,10 +510,27 @@ def _apply(model_dir: Path, journal: Path) -> tuple[int, int]:
     return blocks, written
 
 
-def recover(model_dir: str | os.PathLike) -> int | None:
-    """Finish or undo an interrupted sync. Returns the blocks replayed (None: nothing pending)."""
+def _check_stamp(model_dir: Path, journal: Path, file: str, size: int, digest: bytes) -> None:
+    """Refuse to replay onto a file other than the one the journal was written against."""
+    path = model_dir / file
+    if not path.is_file() or file_stamp(path) != (size, digest):
+        found = "is missing" if not path.is_file() else f"differs (size {path.stat().st_size}, header changed or not)"
+        raise CheckpointError(
+            f"{journal}: written against {file} of {size} bytes, but that file {found}; the journal belongs to other "
+            "files and was not replayed. Put the original files back, or move the journal away to load the folder as it is")
+
+
+def recover(model_dir: str | os.PathLike, *, wait: float = LOCK_WAIT_S) -> int | None:
+    """Finish or undo an interrupted sync. Returns the blocks replayed (None: nothing pending).
+
+    Waits up to ``wait`` seconds for the folder's writer lock (:class:`FolderBusy` after)."""
     model_dir = Path(model_dir)
     _check_folder(model_dir)
+    with writer_lock(model_dir, wait=wait, holder="checkpoint recovery"):
+        return _recover(model_dir)
+
+
+def _recover(model_dir: Path) -> int | None:
     replayed = None
     journal = model_dir / JOURNAL
     if journal.exists():
@@ -428,16 +550,33 @@ def sync(
     served: Mapping[str, torch.Tensor],
     *,
     sidecars: Mapping[str, bytes] | None = None,
+    wait: float = LOCK_WAIT_S,
 ) -> SyncReport:
     """Write ``served`` into the folder's safetensors files, changed 4 KiB blocks only, crash-safe.
 
     ``sidecars``: small files (name -> contents) written in the same transaction, e.g. the
     optimizer state (:mod:`amygdala.finetune.state`). Nothing may write to ``served`` during the
-    call (the trainer runs no job while it syncs); inference reading it is fine.
+    call (the trainer runs no job while it syncs); inference reading it is fine. Waits up to
+    ``wait`` seconds for the folder's writer lock; refuses a non-finite tensor before writing.
     """
-    t0 = time.perf_counter()
     model_dir = Path(model_dir)
-    report = SyncReport(replayed_blocks=recover(model_dir))
+    _check_folder(model_dir)
+    with writer_lock(model_dir, wait=wait, holder="checkpoint sync"):
+        return _sync(model_dir, served, sidecars)
+
+
+def _refuse_non_finite(model_dir: Path, name: str, tensor: torch.Tensor) -> None:
+    """A NaN or inf must never reach the folder: it would be served after every restart."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise CheckpointError(
+            f"{model_dir}: served tensor {name} has {bad} non-finite value(s); the sync was refused and the folder "
+            "keeps its last good state (the served weights are damaged: restart the server to serve the folder)")
+
+
+def _sync(model_dir: Path, served: Mapping[str, torch.Tensor], sidecars: Mapping[str, bytes] | None) -> SyncReport:
+    t0 = time.perf_counter()
+    report = SyncReport(replayed_blocks=_recover(model_dir))
     entries = read_entries(model_dir)
     views = checkpoint_views(model_dir, served, entries)
     sidecars = dict(sidecars or {})
@@ -455,6 +594,7 @@ def sync(
 
         blocks = _Blocks(emit)
         for mm, e, name, new, changed in _changes(model_dir, views, entries):
+            _refuse_non_finite(model_dir, name, views[name])
             report.tensors_changed.append(name)
             blocks.add(mm, e, new, changed)
         blocks.flush()
@@ -537,6 +677,8 @@ def diagnose(model_dir: str | os.PathLike, served: Mapping[str, torch.Tensor] | 
         try:
             pending = {"blocks": 0, "bytes": 0, "files": [], "renames": []}
             for record in _records(model_dir / JOURNAL):
+                if record[0] == "F":
+                    continue
                 if record[0] == "B":
                     pending["blocks"] += -(-len(record[3]) // BLOCK)
                     pending["bytes"] += len(record[3])

@@ -11,14 +11,19 @@ continuation only; ``context_ids`` condition it.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from amygdala import AmygdalaError
+from amygdala.numbers import finite, is_int, short
 
 OBJECTIVES = ("sft", "orpo", "dpo")
 SAMPLE_KEYS = ("context_ids", "continuation_ids", "rejected_ids")
+#: Upper bounds of the objectives' weights. DPO papers use beta 0.1-0.5 and ORPO lambda 0.1-1;
+#: 10 is far past both, and keeps the gradient (which scales with them) from overflowing: a
+#: beta of 1e37 gave a finite first loss and an infinite backward.
+MAX_BETA = 10.0
+MAX_ORPO_LAMBDA = 10.0
 
 
 class TrainInputError(AmygdalaError):
@@ -59,6 +64,9 @@ class Limits:
     max_length: int
     max_samples: int = 4096
     max_steps: int = 10_000
+    #: Padded tokens in one forward (rows x longest sequence; orpo/dpo run preferred and rejected
+    #: as 2 rows): bounds the activations and the logits (rows x positions x vocab floats).
+    max_batch_tokens: int = 8192
 
     @classmethod
     def from_config(cls, config) -> Limits:
@@ -70,24 +78,16 @@ class Limits:
         return cls(vocab_size=int(text.vocab_size), max_length=int(length))
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x: Any) -> bool:
-    return (isinstance(x, (int, float)) and not isinstance(x, bool)) and math.isfinite(x)
-
-
 def _ids(value: Any, field: str, limits: Limits, *, allow_empty: bool = False) -> tuple[int, ...]:
     if not isinstance(value, (list, tuple)):
         raise TrainInputError(field, f"expected a list of token IDs (integers), got {type(value).__name__}")
     if not value and not allow_empty:
         raise TrainInputError(field, "empty; give at least one token ID")
     for i, t in enumerate(value):
-        if not _is_int(t):
-            raise TrainInputError(f"{field}[{i}]", f"{t!r} is not an integer token ID")
+        if not is_int(t):
+            raise TrainInputError(f"{field}[{i}]", f"{short(t)} is not an integer token ID")
         if not 0 <= t < limits.vocab_size:
-            raise TrainInputError(f"{field}[{i}]", f"{t} is outside the vocabulary (0..{limits.vocab_size - 1})")
+            raise TrainInputError(f"{field}[{i}]", f"{short(t)} is outside the vocabulary (0..{limits.vocab_size - 1})")
     return tuple(value)
 
 
@@ -132,17 +132,38 @@ def parse_config(raw: Any, limits: Limits) -> JobConfig:
     cfg = JobConfig(**raw)
     if cfg.objective not in OBJECTIVES:
         raise TrainInputError("config.objective", f"{cfg.objective!r} is not one of {', '.join(OBJECTIVES)}")
-    if not (_is_number(cfg.learning_rate) and 0 < cfg.learning_rate <= 1):
-        raise TrainInputError("config.learning_rate", f"{cfg.learning_rate!r} must be a number in (0, 1]; 1e-5 is a usual start")
-    if not (_is_int(cfg.steps) and 1 <= cfg.steps <= limits.max_steps):
-        raise TrainInputError("config.steps", f"{cfg.steps!r} must be an integer in 1..{limits.max_steps}")
-    if not (_is_number(cfg.beta) and cfg.beta > 0):
-        raise TrainInputError("config.beta", f"{cfg.beta!r} must be a positive number")
-    if not (_is_number(cfg.orpo_lambda) and cfg.orpo_lambda >= 0):
-        raise TrainInputError("config.orpo_lambda", f"{cfg.orpo_lambda!r} must be a number >= 0")
-    if not (_is_int(cfg.micro_batch) and cfg.micro_batch >= 1):
-        raise TrainInputError("config.micro_batch", f"{cfg.micro_batch!r} must be an integer >= 1")
-    return replace(cfg, learning_rate=float(cfg.learning_rate), beta=float(cfg.beta), orpo_lambda=float(cfg.orpo_lambda))
+    if not ((lr := finite(cfg.learning_rate)) is not None and 0 < lr <= 1):
+        raise TrainInputError("config.learning_rate", f"{short(cfg.learning_rate)} must be a number in (0, 1]; 1e-5 is a usual start")
+    if not (is_int(cfg.steps) and 1 <= cfg.steps <= limits.max_steps):
+        raise TrainInputError("config.steps", f"{short(cfg.steps)} must be an integer in 1..{limits.max_steps}")
+    if not ((beta := finite(cfg.beta)) is not None and 0 < beta <= MAX_BETA):
+        raise TrainInputError("config.beta", f"{short(cfg.beta)} must be a number in (0, {MAX_BETA:g}]; 0.1 is usual")
+    if not ((lam := finite(cfg.orpo_lambda)) is not None and 0 <= lam <= MAX_ORPO_LAMBDA):
+        raise TrainInputError("config.orpo_lambda", f"{short(cfg.orpo_lambda)} must be a number in [0, {MAX_ORPO_LAMBDA:g}]; 0.1 is usual")
+    if not (is_int(cfg.micro_batch) and 1 <= cfg.micro_batch <= limits.max_samples):
+        raise TrainInputError("config.micro_batch", f"{short(cfg.micro_batch)} must be an integer in 1..{limits.max_samples}")
+    return replace(cfg, learning_rate=lr, beta=beta, orpo_lambda=lam)
+
+
+
+def batch_shape(samples: list[Sample], objective: str) -> tuple[int, int]:
+    """(rows, padded width) of one forward over ``samples``: orpo/dpo run preferred and rejected together."""
+    lengths = [len(s.context_ids) + len(s.continuation_ids) for s in samples]
+    if objective in ("orpo", "dpo"):
+        lengths += [len(s.context_ids) + len(s.rejected_ids or ()) for s in samples]
+    return len(lengths), max(lengths)
+
+
+def _check_batches(samples: list[Sample], config: JobConfig, limits: Limits) -> None:
+    mb = config.micro_batch
+    for b in range(0, len(samples), mb):
+        rows, width = batch_shape(samples[b : b + mb], config.objective)
+        if rows * width > limits.max_batch_tokens:
+            raise TrainInputError(
+                "config.micro_batch",
+                f"samples {b}..{min(b + mb, len(samples)) - 1} make one forward of {rows} rows x {width} tokens = "
+                f"{rows * width}, over the limit of {limits.max_batch_tokens} tokens; lower config.micro_batch "
+                "(or shorten those samples)")
 
 
 def parse_request(raw: Any, limits: Limits) -> tuple[list[Sample], JobConfig]:
@@ -158,4 +179,6 @@ def parse_request(raw: Any, limits: Limits) -> tuple[list[Sample], JobConfig]:
         raise TrainInputError("samples", "expected a non-empty list of samples")
     if len(samples) > limits.max_samples:
         raise TrainInputError("samples", f"{len(samples)} samples, over the limit of {limits.max_samples}; split the job")
-    return [parse_sample(s, i, limits, config.objective) for i, s in enumerate(samples)], config
+    parsed = [parse_sample(s, i, limits, config.objective) for i, s in enumerate(samples)]
+    _check_batches(parsed, config, limits)
+    return parsed, config

@@ -3,11 +3,13 @@
 Two ``ipc://`` sockets, JSON bodies, one request and one reply each:
 
 - API server -> worker (the worker's ROUTER): ``submit`` (a ``/train`` body), ``status``,
-  ``checkpoint`` (answered after the sync, which waits for the running job), ``snapshot`` and
-  ``rollback`` (``{"snapshot": id}``; both answered after the running job, before queued ones).
+  ``checkpoint`` (answered after the sync, which waits for the running job), ``cancel`` (a job id),
+  ``snapshot`` and ``rollback`` (``{"snapshot": id}``; both answered after the running job, before
+  queued ones).
 - worker -> API server (the server's ROUTER): ``reset_prefix_cache`` after a job changed weights.
 
-Every reply is ``{"ok": true, <payload key>: ...}`` or ``{"ok": false, "error": {"message", "field"}}``.
+Every reply is ``{"ok": true, <payload key>: ...}`` or ``{"ok": false, "error": {"message", "field", "status"}}``
+(``status``: the HTTP status the route should answer; 400 when absent).
 Keeping ops, shapes and the client here is what lets each end change without guessing the other.
 """
 
@@ -15,11 +17,11 @@ from __future__ import annotations
 
 import json
 
-SUBMIT, STATUS, CHECKPOINT, RESET_PREFIX_CACHE = "submit", "status", "checkpoint", "reset_prefix_cache"
+SUBMIT, STATUS, CHECKPOINT, CANCEL, RESET_PREFIX_CACHE = "submit", "status", "checkpoint", "cancel", "reset_prefix_cache"
 SNAPSHOT, ROLLBACK = "snapshot", "rollback"
 #: The payload key of each op's successful reply.
-PAYLOAD = {SUBMIT: "job", STATUS: "status", CHECKPOINT: "sync", RESET_PREFIX_CACHE: None, SNAPSHOT: "snapshot",
-           ROLLBACK: "rollback"}
+PAYLOAD = {SUBMIT: "job", STATUS: "status", CHECKPOINT: "sync", CANCEL: "job", RESET_PREFIX_CACHE: None,
+           SNAPSHOT: "snapshot", ROLLBACK: "rollback"}
 
 
 class Unanswered(Exception):
@@ -35,8 +37,11 @@ def ok(op: str, payload=None) -> dict:
     return {"ok": True} if key is None else {"ok": True, key: payload}
 
 
-def failed(message: str, field: str | None = None) -> dict:
-    return {"ok": False, "error": {"message": message, "field": field}}
+def failed(message: str, field: str | None = None, status: int | None = None) -> dict:
+    error = {"message": message, "field": field}
+    if status is not None:
+        error["status"] = status
+    return {"ok": False, "error": error}
 
 
 def encode(message: dict) -> bytes:
@@ -57,9 +62,10 @@ def error_message(reply: dict) -> str:
     return error.get("message", "") if isinstance(error, dict) else str(error)
 
 
-async def ask(address: str, message: dict, timeout: float) -> dict:
+async def ask(address: str, message: dict | bytes, timeout: float) -> dict:
     """One exchange on a fresh REQ socket from an event loop (a timeout never leaves a socket
-    mid-exchange); raises :class:`Unanswered`."""
+    mid-exchange); raises :class:`Unanswered`. ``message`` may come encoded already (a large
+    one is encoded off the event loop)."""
     import asyncio
 
     import zmq
@@ -70,7 +76,7 @@ async def ask(address: str, message: dict, timeout: float) -> dict:
     sock.connect(address)
 
     async def exchange() -> dict:
-        await sock.send(encode(message))
+        await sock.send(message if isinstance(message, bytes) else encode(message))
         return decode(await sock.recv()) or failed("the reply was not a JSON object")
 
     try:

@@ -6,8 +6,11 @@ and the model folder. It is synchronous and single-threaded on purpose: the work
 job at a time and never syncs while a job runs, which is what makes the sync's snapshot of
 the served tensors consistent. Serving (reads) may go on during both.
 
-Failure semantics: every step is checked (finite loss) before it is applied; a job that fails
-at step k has applied steps 1..k-1 in place and raises :class:`TrainJobError` saying so.
+Failure semantics: every step is checked before it is applied (a finite loss, then a finite
+gradient norm: a finite loss can still overflow in the backward, and one non-finite gradient
+would write NaN into the weights everyone is served); a job that fails at step k has applied
+steps 1..k-1 in place and raises :class:`TrainJobError` saying so. A job asked to stop
+(``stop()`` true, checked between steps) ends after the step in flight.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from torch import nn
 from amygdala import AmygdalaError
 from amygdala.finetune import checkpoint
 from amygdala.finetune.apollo import OptimizerSettings, build_optimizer, state_nbytes
+from amygdala.finetune.budget import Dims
 from amygdala.finetune.inputs import JobConfig, Limits, Sample, parse_request
 from amygdala.finetune.objectives import reference_logprobs, sample_losses
 from amygdala.finetune.trainable import Trainable
@@ -51,6 +55,7 @@ def run_job(
     samples: Sequence[Sample],
     config: JobConfig,
     on_step: Callable[[int, float], None] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> JobResult:
     """``config.steps`` updates of ``model`` in place, each on all ``samples``; per-step losses.
 
@@ -69,6 +74,8 @@ def run_job(
     losses: list[float] = []
     try:
         for step in range(1, config.steps + 1):
+            if stop is not None and stop():
+                break
             optimizer.zero_grad(set_to_none=True)
             total = 0.0
             for i, chunk in enumerate(chunks):
@@ -79,6 +86,7 @@ def run_job(
                         "(lower config.learning_rate)", step - 1)
                 loss.backward()
                 total += loss.item()
+            _check_gradients(optimizer, step)
             optimizer.step()
             losses.append(total)
             if on_step is not None:
@@ -86,6 +94,16 @@ def run_job(
     finally:
         optimizer.zero_grad(set_to_none=True)
     return JobResult(len(losses), losses, time.perf_counter() - t0)
+
+
+def _check_gradients(optimizer: torch.optim.Optimizer, step: int) -> None:
+    """Refuse the step when the gradients' norm is not finite (one pass over the gradients)."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
+    if not torch.isfinite(norm):
+        raise TrainJobError(
+            f"step {step}: the gradient norm is {norm.item()}; steps 1..{step - 1} were applied, this one was not "
+            "(lower config.learning_rate, or config.beta / config.orpo_lambda)", step - 1)
 
 
 @dataclass
@@ -113,6 +131,7 @@ class Trainer:
     train_embeddings: bool = False
     trainable: Trainable = field(default_factory=Trainable)
     limits: Limits = field(init=False)
+    dims: Dims = field(init=False)  # for the memory estimate of a job (amygdala.finetune.budget)
     optimizer: torch.optim.Optimizer = field(init=False)
     names: list[str] = field(init=False)  # trainable parameters, in optimizer order
     counters: dict[str, int] = field(init=False)  # "steps", "jobs": continue across restarts
@@ -130,6 +149,7 @@ class Trainer:
         if self.served is None:
             self.served = {n: p.detach() for n, p in self.model.named_parameters()}
         self.limits = Limits.from_config(self.model.config)
+        self.dims = Dims.of(self.model)
         self.optimizer, self.names = build_optimizer(self.model, self.settings)
         self.counters = load_state(self.model_dir, self.optimizer, self.names, self.settings) or {"steps": 0, "jobs": 0}
 
@@ -137,7 +157,8 @@ class Trainer:
         """Check a ``/train`` request body against this model (raises TrainInputError)."""
         return parse_request(request, self.limits)
 
-    def run(self, samples: Sequence[Sample], config: JobConfig, on_step: Callable[[int, float], None] | None = None) -> JobResult:
+    def run(self, samples: Sequence[Sample], config: JobConfig, on_step: Callable[[int, float], None] | None = None,
+            stop: Callable[[], bool] | None = None) -> JobResult:
         def count(step: int, loss: float) -> None:
             self.counters["steps"] += 1
             self.recent_losses = (self.recent_losses + [loss])[-50:]
@@ -145,7 +166,7 @@ class Trainer:
                 on_step(step, loss)
 
         try:
-            return run_job(self.model, self.optimizer, samples, config, count)
+            return run_job(self.model, self.optimizer, samples, config, count, stop)
         finally:
             self.counters["jobs"] += 1
 

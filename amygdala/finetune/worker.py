@@ -24,14 +24,19 @@ Pieces, all in this module so the process has one entry point (``python -m amygd
   (``submit``, ``status``, ``checkpoint``, ``snapshot``, ``rollback``; JSON messages), on its
   own thread, so status is answered while a job trains. It exits when the holder process is gone.
 
-The folder is locked (``flock`` on ``.amygdala-train.lock``) for the worker's life: one writer
-per checkpoint folder.
+The folder's writer lock (:func:`amygdala.finetune.checkpoint.writer_lock`) is held for the
+worker's life: one writer per checkpoint folder; ``amygdala checkpoint sync`` waits for it.
+
+Bounds on work (each refusal names the field or says what to do): at most ``max_queue`` jobs
+waiting (:class:`QueueFull`, a 429 on the route), a memory estimate of one micro-batch checked
+against the memory the machine has before a job is queued (:mod:`amygdala.finetune.budget`),
+and ``cancel`` (``DELETE /train/{id}``): a queued job is dropped, a running one stops after
+the step in flight.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -45,22 +50,23 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from amygdala import AmygdalaError
-from amygdala.finetune import protocol
+from amygdala.finetune import budget, checkpoint, protocol
 from amygdala.finetune.inputs import JobConfig, Sample, TrainInputError
 from amygdala.finetune.trainer import Trainer, TrainJobError
 
 log = logging.getLogger("amygdala.finetune.worker")
 
-LOCK_FILE = ".amygdala-train.lock"
 #: Finished jobs kept for ``GET /train/status``.
 KEEP_FINISHED = 20
+#: Jobs that may wait behind the running one; more is a 429 (the client retries later).
+MAX_QUEUE = 16
 #: Seconds the worker waits for the API server to confirm a prefix-cache reset.
 RESET_TIMEOUT_S = 60.0
 
@@ -69,29 +75,16 @@ class WorkerError(AmygdalaError):
     """The training worker could not start, or its folder is held by another one."""
 
 
-# --------------------------------------------------------------------------- the folder lock
-@contextlib.contextmanager
-def folder_lock(model_dir: str | os.PathLike) -> Iterator[None]:
-    """Hold the folder's training lock (non-blocking): one writer per checkpoint folder.
+class QueueFull(AmygdalaError):
+    """``max_queue`` jobs are already waiting: try again after one finishes."""
 
-    The lock dies with its process, so a worker killed mid-sync never leaves it stale.
-    """
-    path = Path(model_dir) / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            raise WorkerError(
-                f"{model_dir}: another training worker (pid {holder}) holds this model folder; stop that "
-                "server first, or serve a copy of the folder"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
+
+class UnknownJob(AmygdalaError):
+    """A cancel for a job id that is not queued or running (``finished``: it already ended)."""
+
+    def __init__(self, message: str, finished: bool):
+        super().__init__(message)
+        self.finished = finished
 
 
 # --------------------------------------------------------------------------- the queue
@@ -101,18 +94,21 @@ class Job:
     samples: list[Sample]
     config: JobConfig
     submitted_at: float
-    state: str = "queued"  # queued | running | done | failed
+    state: str = "queued"  # queued | running | done | failed | cancelled
     started_at: float | None = None
     finished_at: float | None = None
     step: int = 0
     losses: list[float] = field(default_factory=list)
     error: str | None = None
     prefix_cache_reset: bool | None = None
+    cancel: bool = False  # asked to stop: the job thread ends it after the step in flight
+    estimate_bytes: int = 0
 
     def describe(self) -> dict:
         out = {
             "id": self.id, "state": self.state, "objective": self.config.objective, "samples": len(self.samples),
             "steps": self.config.steps, "learning_rate": self.config.learning_rate, "submitted_at": self.submitted_at,
+            "estimate_bytes": self.estimate_bytes,
         }
         if self.state != "queued":
             out.update(step=self.step, losses=list(self.losses), started_at=self.started_at)
@@ -137,10 +133,15 @@ class TrainingService:
     step, job and sync.
     """
 
-    def __init__(self, trainer: Trainer, *, sync_delay: float = 600.0, reset_cache: CacheReset | None = None):
+    def __init__(self, trainer: Trainer, *, sync_delay: float = 600.0, reset_cache: CacheReset | None = None,
+                 max_queue: int = MAX_QUEUE, memory_limit: Callable[[], int] | None = None):
         self.trainer = trainer
         self.sync_delay = float(sync_delay)
         self.reset_cache = reset_cache
+        self.max_queue = max_queue
+        # bytes a job may use, asked at each submit (the machine's memory changes while serving)
+        self.memory_limit = memory_limit or (lambda: budget.available_bytes(trainer.dims.device))
+        self._sync_error: str | None = None  # the last sync's failure, until a sync succeeds
         self._cond = threading.Condition()
         self._queue: deque[Job] = deque()
         self._current: Job | None = None
@@ -155,14 +156,39 @@ class TrainingService:
 
     # ------------------------------------------------------------------ request thread
     def submit(self, request: object) -> dict:
-        """Queue a ``/train`` request; raises TrainInputError (the field) before queueing anything."""
+        """Queue a ``/train`` request; raises TrainInputError (the field), or QueueFull, before queueing anything."""
         samples, config = self.trainer.parse(request)
-        job = Job(f"job-{uuid.uuid4().hex[:12]}", samples, config, time.time())
+        need = budget.estimate_bytes(samples, config, self.trainer.dims)
+        limit = self.memory_limit()
+        if need > limit:
+            raise TrainInputError("config.micro_batch", f"one micro-batch of this job needs about {need / 2**20:.0f} MiB "
+                                  f"(estimate), over the {limit / 2**20:.0f} MiB the training worker may use now; lower "
+                                  "config.micro_batch or shorten the samples")
+        job = Job(f"job-{uuid.uuid4().hex[:12]}", samples, config, time.time(), estimate_bytes=need)
         with self._cond:
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(f"{len(self._queue)} jobs are queued (the limit); retry after one finishes "
+                                "(GET /train/status), or cancel one (DELETE /train/<id>)")
             ahead = len(self._queue) + (self._current is not None)
             self._queue.append(job)
             self._cond.notify_all()
         return {"job_id": job.id, "state": "queued", "ahead": ahead}
+
+    def cancel(self, job_id: object) -> dict:
+        """Drop a queued job, or ask the running one to stop after its step in flight; raises UnknownJob."""
+        with self._cond:
+            for job in self._queue:
+                if job.id == job_id:
+                    self._queue.remove(job)
+                    job.state, job.finished_at, job.error = "cancelled", time.time(), "cancelled while queued; nothing was applied"
+                    self._finished.append(job)
+                    return job.describe()
+            if self._current is not None and self._current.id == job_id:
+                self._current.cancel = True
+                return self._current.describe()
+            ended = any(j.id == job_id for j in self._finished)
+        raise UnknownJob(f"job {str(job_id)[:40]!r} " + ("has already ended; see GET /train/status" if ended else
+                         "is not queued or running; see GET /train/status for the ids"), ended)
 
     def checkpoint(self, done: Callable[[dict], None]) -> None:
         """Sync after the running job (before queued ones); ``done(result)`` is called on the job thread."""
@@ -188,7 +214,8 @@ class TrainingService:
                 "queue": [j.describe() for j in self._queue],
                 "finished": [j.describe() for j in reversed(self._finished)],
                 "sync": {"delay_s": self.sync_delay, "unsynced_changes": self._dirty,
-                         "due_in_s": None if due is None else round(due, 1), "requested": len(self._waiters)},
+                         "due_in_s": None if due is None else round(due, 1), "requested": len(self._waiters),
+                         "error": self._sync_error},
             }
 
     # ------------------------------------------------------------------ the job thread
@@ -238,8 +265,10 @@ class TrainingService:
                 job.losses.append(loss)
 
         try:
-            self.trainer.run(job.samples, job.config, on_step=on_step)
+            self.trainer.run(job.samples, job.config, on_step=on_step, stop=lambda: job.cancel)
             state, error = "done", None
+            if job.step < job.config.steps:
+                state, error = "cancelled", f"cancelled: steps 1..{job.step} of {job.config.steps} were applied"
         except TrainJobError as e:
             state, error = "failed", str(e)
         except Exception as e:  # a bug or an exhausted machine: report it, keep serving
@@ -303,11 +332,18 @@ class TrainingService:
                 "steps": self.trainer.counters["steps"]})
             log.info("checkpoint sync: %s", report.summary())
         except Exception as e:  # the folder is unchanged or recoverable (crash-safe); say why, retry later
-            log.exception("checkpoint sync failed")
-            report, result = None, protocol.failed(f"checkpoint sync failed: {type(e).__name__}: {e}")
+            if isinstance(e, AmygdalaError):
+                log.error("checkpoint sync refused: %s", e)
+            else:
+                log.exception("checkpoint sync failed")
+            message = str(e) if isinstance(e, AmygdalaError) else f"{type(e).__name__}: {e}"
+            # a refusal (non-finite weights, a busy folder) is a conflict the caller can act on; anything else is ours
+            report, result = None, protocol.failed(f"checkpoint sync failed: {message}",
+                                                   status=409 if isinstance(e, checkpoint.CheckpointError) else 500)
         snapshot = self.trainer.status()
         with self._cond:
             self._syncing, self._snapshot = False, snapshot
+            self._sync_error = None if report is not None else protocol.error_message(result)
             if report is not None:
                 self._dirty, self._sync_due = False, None
             elif self._dirty:
@@ -327,6 +363,13 @@ def handle(service: TrainingService, message: dict | None, defer: Callable[[dict
             return protocol.ok(op, service.submit(message.get("request")))
         except TrainInputError as e:
             return protocol.failed(str(e), e.field)
+        except QueueFull as e:
+            return protocol.failed(str(e), status=429)
+    if op == protocol.CANCEL:
+        try:
+            return protocol.ok(op, service.cancel(message.get("job_id")))
+        except UnknownJob as e:
+            return protocol.failed(str(e), "job_id", status=409 if e.finished else 404)
     if op == protocol.CHECKPOINT:
         service.checkpoint(defer)
         return None
@@ -467,7 +510,7 @@ def _start(payload: dict, stack: contextlib.ExitStack) -> tuple[TrainingService,
     spec = WorkerSpec(**payload["spec"])
     if spec.threads:
         torch.set_num_threads(spec.threads)
-    stack.enter_context(folder_lock(spec.model_dir))
+    stack.enter_context(checkpoint.writer_lock(spec.model_dir, holder="training worker"))
     served = import_handles(payload["handles"])
     model = view_model(AutoConfig.from_pretrained(spec.model_dir), served)
     trainer = Trainer(model, Path(spec.model_dir), settings=OptimizerSettings(spec.optimizer), served=served,

@@ -38,12 +38,32 @@ def encode(tags: list[str], req_ids: list[str], ks: list[int], rows: np.ndarray,
     return [json.dumps(header).encode(), np.ascontiguousarray(rows, dtype=np.float32).tobytes()]
 
 
+class BadMessage(ValueError):
+    """A scores message of the wrong shape (a bug, or a stray sender): skipped, logged and counted."""
+
+
 def decode(frames: list[bytes]) -> tuple[list[str], list[str], list[int], np.ndarray, list[int]]:
-    header = json.loads(frames[0])
-    rows = np.frombuffer(frames[1], dtype=np.float32).reshape(header["shape"])
-    if len(header["l"]) != rows.shape[1]:
-        raise ValueError(f"scores message covers layers {header['l']} but has {rows.shape[1]} per row")
-    return header["t"], header["r"], header["k"], rows, header["l"]
+    """The message's rows; raises BadMessage for any message not shaped like :func:`encode`'s."""
+    try:
+        if len(frames) != 2:
+            raise BadMessage(f"{len(frames)} frames, expected 2")
+        header = json.loads(frames[0])
+        tags, req_ids, ks, layers = header["t"], header["r"], header["k"], header["l"]
+        rows = np.frombuffer(frames[1], dtype=np.float32).reshape(header["shape"])
+    except BadMessage:
+        raise
+    except Exception as e:  # noqa: BLE001 - any shape of garbage is the same kind of bad message
+        raise BadMessage(f"{type(e).__name__}: {e}") from None
+    if not (isinstance(tags, list) and isinstance(req_ids, list) and isinstance(ks, list)
+            and rows.ndim >= 1 and len(tags) == len(req_ids) == len(ks) == rows.shape[0]):
+        raise BadMessage("tags, request ids, token indices and rows do not match")
+    if not all(isinstance(t, str) or t is None for t in tags) or not all(isinstance(r, str) for r in req_ids) \
+            or not all(isinstance(k, int) for k in ks):
+        raise BadMessage("a tag, request id or token index of the wrong type")
+    if not (isinstance(layers, list) and all(isinstance(l, int) for l in layers) and rows.ndim == 3
+            and len(layers) == rows.shape[1]):
+        raise BadMessage(f"scores message covers layers {layers!r} but its rows have shape {list(rows.shape)}")
+    return tags, req_ids, ks, rows, layers
 
 
 class Sender:
@@ -78,20 +98,24 @@ class Receiver:
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.bind(address)
         self._task: asyncio.Task | None = None
+        self.bad_messages = 0  # skipped messages, for the log and for tests
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="amygdala-scores")
 
     async def _run(self) -> None:
+        """Deliver rows until closed. One bad message must not end the loop: every later readout
+        would then wait for rows that never come."""
         while True:
             frames = await self._sock.recv_multipart()
             try:
                 tags, req_ids, ks, rows, layers = decode(frames)
-            except (ValueError, KeyError, json.JSONDecodeError):
-                log.exception("amygdala: bad scores message")
-                continue
-            for i, (tag, rid, k) in enumerate(zip(tags, req_ids, ks)):
-                self._deliver(tag, rid, k, rows[i], layers)
+                for i, (tag, rid, k) in enumerate(zip(tags, req_ids, ks)):
+                    self._deliver(tag, rid, k, rows[i], layers)
+            except Exception as e:  # noqa: BLE001 - a bad message, or a delivery bug: skip it, keep serving
+                self.bad_messages += 1
+                if self.bad_messages <= 10 or self.bad_messages % 1000 == 0:  # bounded: a flood must not flood the log
+                    log.warning("amygdala: skipped a bad scores message (%d so far): %s", self.bad_messages, e)
 
     def close(self) -> None:
         if self._task is not None:

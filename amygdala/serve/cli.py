@@ -14,7 +14,8 @@ With vLLM's CPU build and ``--tensor-parallel-size``/``--pipeline-parallel-size`
 also sets ``VLLM_CPU_OMP_THREADS_BIND`` when you have not (docs/scale.md): vLLM's automatic
 binding gives each worker one NUMA node and refuses to start with fewer nodes than workers.
 With ``AMYGDALA_API_KEY`` set it also serves the training routes (``--readout`` is then
-optional; docs/finetuning.md).
+optional; docs/finetuning.md), and then refuses a non-loopback ``--host`` unless
+``--allow-remote-training`` says that putting them on the network is meant.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ import sys
 from pathlib import Path
 
 from amygdala import AmygdalaError
-from amygdala.serve.config import API_KEY_ENV, PAGE_ENV, PLUGIN_NAME, READOUT_ENV, TRAINING_NEEDS_ONE_WORKER, api_key
+from amygdala.serve.config import (
+    ALLOW_REMOTE_ENV, API_KEY_ENV, PAGE_ENV, PLUGIN_NAME, READOUT_ENV, TRAINING_NEEDS_ONE_WORKER, api_key, is_loopback,
+)
 
 SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
 
@@ -44,6 +47,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "(the training routes, docs/finetuning.md)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--allow-remote-training", action="store_true",
+                   help=f"with {API_KEY_ENV} set, allow a --host other than loopback: the training routes (which change "
+                        "the served weights) are then reachable from the network")
     p.add_argument("--dry-run", action="store_true", help="check, print the vLLM command line, start nothing")
     p.add_argument("--no-page", action="store_true", help="do not serve the live page at /amygdala/")
     p.add_argument("vllm_args", nargs=argparse.REMAINDER, metavar="-- VLLM_FLAGS", help="passed to vLLM unchanged")
@@ -65,7 +71,7 @@ def add_view_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--open", action="store_true", help="also open the page in the default browser")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the server to start (default 600)")
     p.add_argument("vllm_args", nargs=argparse.REMAINDER, metavar="-- VLLM_FLAGS", help="passed to vLLM unchanged")
-    p.set_defaults(func=view, no_page=False, dry_run=False)
+    p.set_defaults(func=view, no_page=False, dry_run=False, allow_remote_training=False)  # view: training stays local
     return p
 
 
@@ -77,6 +83,12 @@ def build(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
 
     if args.readout is None and api_key() is None:
         raise AmygdalaError(f"nothing to serve: give --readout, or set {API_KEY_ENV} to serve the training routes")
+    remote = api_key() is not None and not is_loopback(args.host)
+    if remote and not args.allow_remote_training:
+        raise AmygdalaError(
+            f"--host {args.host}: with {API_KEY_ENV} set the training routes, which change the served weights, would be "
+            "reachable from the network over plain HTTP; bind 127.0.0.1 (and put a TLS proxy in front), or add "
+            "--allow-remote-training if you mean it")
     readout = Readout.load(args.readout) if args.readout is not None else None
     path = resolve_model(args.model)
     info = model_info(path)
@@ -99,6 +111,9 @@ def build(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         argv += ["--served-model-name", DEFAULT_MODEL_NAME, "default"]
     argv += extra
     env = dict(os.environ)
+    env.pop(ALLOW_REMOTE_ENV, None)
+    if remote:
+        env[ALLOW_REMOTE_ENV] = "1"  # the plugin then logs a plain note rather than its warning
     if getattr(args, "no_page", False):
         env[PAGE_ENV] = "0"
     if args.readout is not None:

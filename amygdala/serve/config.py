@@ -13,9 +13,11 @@ import atexit
 import functools
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
+from amygdala import AmygdalaError
 from amygdala.readout import Readout
 
 #: The readout file (folder or either of its files). ``VLLM_READOUT_VECTORS`` is the original
@@ -42,6 +44,16 @@ THREADS_ENV = "AMYGDALA_TRAIN_THREADS"
 #: ipc:// addresses of the training worker's socket and of the API server's reset socket.
 CONTROL_ENV = "AMYGDALA_TRAIN_CONTROL"
 EVENTS_ENV = "AMYGDALA_TRAIN_EVENTS"
+#: Largest ``POST /train`` body in bytes (413 past it): 4096 samples of 1024 tokens fit in 32 MiB.
+MAX_BODY_ENV = "AMYGDALA_TRAIN_MAX_BODY"
+DEFAULT_MAX_BODY = 32 << 20
+#: Largest ``|strength|`` of a steering term (400 past it). Residual-stream norms of the models
+#: amygdala serves are in the tens to hundreds and useful strengths are below them; 1000 is
+#: past any of them yet keeps a float16 residual stream (max 65504) from overflowing.
+MAX_STRENGTH_ENV = "AMYGDALA_MAX_STEER_STRENGTH"
+DEFAULT_MAX_STRENGTH = 1000.0
+#: Set by ``amygdala serve --allow-remote-training``: the training routes on a non-loopback host were meant.
+ALLOW_REMOTE_ENV = "AMYGDALA_ALLOW_REMOTE_TRAINING"
 #: ``0`` leaves out the page (``GET /amygdala/``) the endpoint plugin serves by default.
 PAGE_ENV = "AMYGDALA_PAGE"
 #: Why training refuses tensor/pipeline/data parallelism (docs/scale.md); said by the engine and by `amygdala serve`.
@@ -69,34 +81,89 @@ def load_readout() -> Readout | None:
     return None if path is None else _load(str(path))
 
 
+class ConfigError(AmygdalaError):
+    """A bad environment variable; the message names it."""
+
+
 def runtime_dir() -> Path:
-    """The private socket folder, created (and exported to child processes) on first use."""
+    """The private socket folder, created (and exported to child processes) on first use.
+
+    An inherited one must be a folder of this user with no access for others: its sockets
+    need no key, so a shared folder would let anyone push fake scores or start training.
+    """
     value = os.environ.get(RUNTIME_ENV)
-    if value and Path(value).is_dir():
-        return Path(value)
+    if value:
+        folder = Path(value)
+        try:
+            info = folder.stat()
+        except OSError:
+            info = None
+        if info is None or not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+            raise ConfigError(f"{RUNTIME_ENV}={value}: must be an existing folder of yours with mode 0700 (it holds the "
+                              "server's sockets, which need no key); unset it to get a fresh private one")
+        return folder
     folder = Path(tempfile.mkdtemp(prefix="amygdala-"))  # mkdtemp: mode 0700
     atexit.register(shutil.rmtree, folder, ignore_errors=True)  # the first process outlives its children
     os.environ[RUNTIME_ENV] = str(folder)
     return folder
 
 
+def _socket(env: str, name: str) -> str:
+    """The address in ``env`` (inherited from the first process), or a new one in the private folder."""
+    folder = runtime_dir()
+    address = os.environ.get(env)
+    if not address:
+        address = f"ipc://{folder / name}"
+        os.environ[env] = address
+    elif not (address.startswith("ipc://") and Path(address[len("ipc://"):]).parent == folder):
+        raise ConfigError(f"{env}={address}: every socket of the server lives in {RUNTIME_ENV} ({folder}); unset {env}")
+    return address
+
+
 def channel_address() -> str:
     """The scores socket's address, created (and exported to child processes) on first use."""
-    address = os.environ.get(CHANNEL_ENV)
-    if not address:
-        address = f"ipc://{runtime_dir() / 'scores.sock'}"
-        os.environ[CHANNEL_ENV] = address
-    return address
+    return _socket(CHANNEL_ENV, "scores.sock")
 
 
 def finetune_addresses() -> tuple[str, str]:
     """(training worker control, API server events), created and exported on first use."""
-    if not (os.environ.get(CONTROL_ENV) and os.environ.get(EVENTS_ENV)):
-        folder = runtime_dir()
-        os.environ[CONTROL_ENV] = f"ipc://{folder / 'finetune-worker.sock'}"
-        os.environ[EVENTS_ENV] = f"ipc://{folder / 'finetune-events.sock'}"
-    return os.environ[CONTROL_ENV], os.environ[EVENTS_ENV]
+    return _socket(CONTROL_ENV, "finetune-worker.sock"), _socket(EVENTS_ENV, "finetune-events.sock")
 
 
 def api_key() -> str | None:
     return os.environ.get(API_KEY_ENV) or None
+
+
+def _positive(env: str, default: float, what: str) -> float:
+    raw = os.environ.get(env)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not (0 < value < float("inf")):
+        raise ConfigError(f"{env}={raw!r}: give {what} (a positive number), or unset it for {default:g}")
+    return value
+
+
+def max_body_bytes() -> int:
+    return int(_positive(MAX_BODY_ENV, DEFAULT_MAX_BODY, "the largest /train body in bytes"))
+
+
+def max_steer_strength() -> float:
+    return _positive(MAX_STRENGTH_ENV, DEFAULT_MAX_STRENGTH, "the largest steering |strength|")
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether a bind address reaches this machine only (None and "" bind every interface)."""
+    import ipaddress
+
+    if not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface

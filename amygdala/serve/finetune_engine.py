@@ -92,7 +92,6 @@ def register() -> None:
 def check_engine_config(vllm_config) -> None:
     """Raise (one line) when fine-tuning cannot work with this engine; then replay a cut sync."""
     from amygdala.finetune import checkpoint
-    from amygdala.finetune.worker import folder_lock
 
     if not_eager(vllm_config):
         raise TrainingSetupError(
@@ -112,8 +111,8 @@ def check_engine_config(vllm_config) -> None:
             "serve a folder, e.g. one written by save_pretrained")
     if not os.access(folder, os.W_OK):
         raise TrainingSetupError(f"{folder}: not writable; training syncs its changes into the model folder")
-    with folder_lock(folder):  # no other worker is writing it, so a leftover journal is ours to replay
-        replayed = checkpoint.recover(folder)
+    # under the folder's writer lock: a worker or a CLI sync still writing it is waited for (or named)
+    replayed = checkpoint.recover(folder)
     if replayed is not None:
         log.warning("amygdala: %s: replayed an interrupted checkpoint sync (%d blocks)", folder, replayed)
 

@@ -1,5 +1,6 @@
 """Online fine-tuning on vLLM's server, API side: ``POST /train``, ``GET /train/status``,
-``POST /checkpoint``, ``POST /train/snapshot`` and ``POST /train/rollback`` (undo), attached by the endpoint plugin (:mod:`amygdala.serve.routes`).
+``DELETE /train/{job_id}``, ``POST /checkpoint``, ``POST /train/snapshot`` and ``POST /train/rollback``
+(undo), attached by the endpoint plugin (:mod:`amygdala.serve.routes`).
 
 The routes exist only when ``AMYGDALA_API_KEY`` is set, and every call needs
 ``Authorization: Bearer <key>``: they change the weights everyone is served. A request is
@@ -8,6 +9,10 @@ forwarded to the training worker (:mod:`amygdala.finetune.protocol`); the API se
 loop only awaits sockets, never training. It also answers the worker's "reset the prefix cache"
 after each job (``engine_client.reset_prefix_cache``): KV computed with the old weights must not
 serve new requests.
+
+A ``/train`` body is capped (``AMYGDALA_TRAIN_MAX_BODY``: 413 from its Content-Length, or while
+it is read) and parsed, checked and re-encoded on a thread: a large body must not stall the
+event loop every streaming completion runs on.
 """
 
 from __future__ import annotations
@@ -16,21 +21,37 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 from http import HTTPStatus
 
 from fastapi import Request
 
 from amygdala.finetune import protocol
-from amygdala.serve.config import API_KEY_ENV, api_key, finetune_addresses
+from amygdala.serve.config import (
+    ALLOW_REMOTE_ENV, API_KEY_ENV, MAX_BODY_ENV, api_key, finetune_addresses, is_loopback, max_body_bytes,
+)
 from amygdala.serve.errors import error_response
 
 log = logging.getLogger("vllm.amygdala")  # under vLLM's logger: its format and level
 
-TRAIN, STATUS, CHECKPOINT = "/train", "/train/status", "/checkpoint"
+TRAIN, STATUS, CHECKPOINT, JOB = "/train", "/train/status", "/checkpoint", "/train/{job_id}"
 SNAPSHOT, ROLLBACK = "/train/snapshot", "/train/rollback"
 #: Seconds the API server waits for the worker: to queue a job / report status, and to sync.
 ANSWER_TIMEOUT_S = 30.0
 SYNC_TIMEOUT_S = 600.0
+
+
+_IDS = {"type": "array", "items": {"type": "integer"}}
+#: The body of POST /train in the server's OpenAPI schema (the route reads the raw body itself,
+#: to cap and parse it off the event loop, so FastAPI cannot derive it): clients and fuzzers see it.
+TRAIN_OPENAPI = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["samples"], "properties": {
+        "samples": {"type": "array", "items": {"type": "object", "required": ["context_ids", "continuation_ids"],
+                                               "properties": {"context_ids": _IDS, "continuation_ids": _IDS, "rejected_ids": _IDS}}},
+        "config": {"type": "object", "properties": {
+            "objective": {"type": "string", "enum": ["sft", "orpo", "dpo"]}, "learning_rate": {"type": "number"},
+            "steps": {"type": "integer"}, "beta": {"type": "number"}, "orpo_lambda": {"type": "number"},
+            "micro_batch": {"type": "integer"}}}}}}}}}
 
 
 class TrainingRoutes:
@@ -38,6 +59,7 @@ class TrainingRoutes:
 
     def __init__(self) -> None:
         self.key = api_key()
+        self.max_body = max_body_bytes() if self.key is not None else 0  # a bad value stops the server at start
         self.limits = None  # amygdala.finetune.inputs.Limits of the served model, from init_state
         self.engine_client = None
         self._events_task: asyncio.Task | None = None
@@ -48,16 +70,18 @@ class TrainingRoutes:
         from fastapi import APIRouter
 
         router = APIRouter()
-        router.add_api_route(TRAIN, self.train, methods=["POST"])
+        router.add_api_route(TRAIN, self.train, methods=["POST"], openapi_extra=TRAIN_OPENAPI)
         router.add_api_route(STATUS, self.status, methods=["GET"])
         router.add_api_route(CHECKPOINT, self.checkpoint, methods=["POST"])
+        router.add_api_route(JOB, self.cancel, methods=["DELETE"])
         router.add_api_route(SNAPSHOT, self.snapshot, methods=["POST"])
         router.add_api_route(ROLLBACK, self.rollback, methods=["POST"])
         app.include_router(router)
 
-    async def init_state(self, engine_client) -> None:
+    async def init_state(self, engine_client, host: str | None = "127.0.0.1") -> None:
         if self.key is None or engine_client is None:
             return
+        warn_if_remote(host)
         import zmq
         import zmq.asyncio
 
@@ -69,12 +93,16 @@ class TrainingRoutes:
         sock.setsockopt(zmq.LINGER, 0)
         sock.bind(finetune_addresses()[1])
         self._events_task = asyncio.get_running_loop().create_task(self._answer_resets(sock), name="amygdala-train-events")
-        log.info("amygdala: training routes on (%s, %s, %s, %s, %s)", TRAIN, STATUS, CHECKPOINT, SNAPSHOT, ROLLBACK)
+        log.info("amygdala: training routes on (%s, %s, DELETE %s, %s, %s, %s)", TRAIN, STATUS, JOB, CHECKPOINT, SNAPSHOT, ROLLBACK)
 
     async def _answer_resets(self, sock) -> None:
         """The worker asks after each job; preempted running requests are recomputed with the new weights."""
         while True:
-            ident, _, body = await sock.recv_multipart()
+            frames = await sock.recv_multipart()
+            if len(frames) != 3:  # not a REQ socket's message: skip it, the loop must outlive garbage
+                log.warning("amygdala: skipped a training event of %d frames", len(frames))
+                continue
+            ident, _, body = frames
             message = protocol.decode(body)
             if message is None or message.get("op") != protocol.RESET_PREFIX_CACHE:
                 reply = protocol.failed(f"unknown op {message.get('op') if message else None!r}")
@@ -95,15 +123,16 @@ class TrainingRoutes:
                                   f"server's {API_KEY_ENV}", status=HTTPStatus.UNAUTHORIZED)
         return None
 
-    async def _ask(self, message: dict, timeout: float = ANSWER_TIMEOUT_S):
+    async def _ask(self, message: dict | bytes, timeout: float = ANSWER_TIMEOUT_S, op: str | None = None):
         try:
             return await protocol.ask(finetune_addresses()[0], message, timeout), None
         except protocol.Unanswered:
-            if message["op"] in (protocol.SNAPSHOT, protocol.ROLLBACK):
-                return None, error_response(f"the {message['op']} did not finish within {timeout:.0f} s (it waits for the "
+            which = op or message["op"]
+            if which in (protocol.SNAPSHOT, protocol.ROLLBACK):
+                return None, error_response(f"the {which} did not finish within {timeout:.0f} s (it waits for the "
                                             "running job); it still runs: ask again when GET /train/status is idle",
                                             status=HTTPStatus.GATEWAY_TIMEOUT)
-            if message["op"] == protocol.CHECKPOINT:
+            if which == protocol.CHECKPOINT:
                 return None, error_response(f"the sync did not finish within {timeout:.0f} s (it waits for the running job); "
                                             "it still runs: see GET /train/status's last_sync", status=HTTPStatus.GATEWAY_TIMEOUT)
             return None, error_response(f"the training worker did not answer within {timeout:.0f} s; see the server log",
@@ -112,25 +141,48 @@ class TrainingRoutes:
     async def train(self, request: Request):
         from fastapi.responses import JSONResponse
 
-        from amygdala.finetune.inputs import TrainInputError, parse_request
+        from amygdala.finetune.inputs import TrainInputError
 
         if (denied := self._denied(request)) is not None:
             return denied
+        raw = await self._read_body(request)
+        if not isinstance(raw, bytes):
+            return raw
         try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return error_response(f"body: not JSON ({e}); send {{\"samples\": [...], \"config\": {{...}}}}", "body")
-        if self.limits is not None:
-            try:
-                parse_request(body, self.limits)
-            except TrainInputError as e:
-                return error_response(str(e), e.field)
-        reply, failed = await self._ask(protocol.request(protocol.SUBMIT, request=body))
+            message = await asyncio.to_thread(_checked_submit, raw, self.limits)
+        except TrainInputError as e:
+            return error_response(str(e), e.field)
+        reply, failed = await self._ask(message, op=protocol.SUBMIT)
         if failed is not None:
             return failed
-        if not reply["ok"]:
-            return error_response(protocol.error_message(reply), reply["error"].get("field"))
-        return JSONResponse(reply["job"])
+        return _reply_error(reply) or JSONResponse(reply["job"])
+
+    async def _read_body(self, request: Request):
+        """The body, or a 413 as soon as it is known to pass the cap: declared, or counted while read."""
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body:
+            return self._too_large()
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body:
+                return self._too_large()
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _too_large(self):
+        return error_response(f"body: over this server's limit of {self.max_body} bytes ({MAX_BODY_ENV}); split the job "
+                              "into smaller requests", "body", status=HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+
+    async def cancel(self, request: Request, job_id: str):
+        from fastapi.responses import JSONResponse
+
+        if (denied := self._denied(request)) is not None:
+            return denied
+        reply, failed = await self._ask(protocol.request(protocol.CANCEL, job_id=job_id))
+        if failed is not None:
+            return failed
+        return _reply_error(reply) or JSONResponse(reply["job"])
 
     async def status(self, request: Request):
         from fastapi.responses import JSONResponse
@@ -148,9 +200,7 @@ class TrainingRoutes:
         reply, failed = await self._ask(protocol.request(protocol.CHECKPOINT), SYNC_TIMEOUT_S)
         if failed is not None:
             return failed
-        if not reply["ok"]:
-            return error_response(protocol.error_message(reply), status=HTTPStatus.INTERNAL_SERVER_ERROR)
-        return JSONResponse(reply["sync"])
+        return _reply_error(reply) or JSONResponse(reply["sync"])
 
     async def snapshot(self, request: Request):
         """Copy the weights a job may change (in the worker's memory), for a later rollback."""
@@ -171,10 +221,13 @@ class TrainingRoutes:
 
         if (denied := self._denied(request)) is not None:
             return denied
+        raw = await self._read_body(request)
+        if not isinstance(raw, bytes):
+            return raw
         try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return error_response(f"body: not JSON ({e}); send {{\"snapshot\": \"snap-...\"}}", "body")
+            body = json.loads(raw)
+        except ValueError as e:  # not JSON, not UTF-8, or an integer past Python's digit limit
+            return error_response(f"body: not JSON ({str(e)[:200]}); send {{\"snapshot\": \"snap-...\"}}", "body")
         if not isinstance(body, dict) or not isinstance(body.get("snapshot"), str):
             return error_response("snapshot: expected the id from POST /train/snapshot, e.g. {\"snapshot\": \"snap-...\"}",
                                   "snapshot")
@@ -184,3 +237,41 @@ class TrainingRoutes:
         if not reply["ok"]:
             return error_response(protocol.error_message(reply), reply["error"].get("field"), status=HTTPStatus.CONFLICT)
         return JSONResponse(reply["rollback"])
+
+
+def _reply_error(reply: dict):
+    """The worker's refusal as an error response (its status: 400, 404, 409, 429, or 500 for its own failure)."""
+    if reply["ok"]:
+        return None
+    error = reply.get("error") if isinstance(reply.get("error"), dict) else {}
+    return error_response(protocol.error_message(reply), error.get("field"), status=HTTPStatus(error.get("status") or 400))
+
+
+def _checked_submit(raw: bytes, limits) -> bytes:
+    """On a thread: the body parsed and checked (raises TrainInputError naming the field), then the
+    worker's message encoded, so neither a large parse nor its encoding runs on the event loop."""
+    from amygdala.finetune.inputs import TrainInputError, parse_request
+
+    try:
+        body = json.loads(raw)
+    except ValueError as e:  # not JSON, not UTF-8, or an integer past Python's 4300 digits
+        raise TrainInputError("body", f"not JSON ({str(e)[:200]}); send {{\"samples\": [...], \"config\": {{...}}}}") from None
+    if limits is not None:
+        parse_request(body, limits)
+    return protocol.encode(protocol.request(protocol.SUBMIT, request=body))
+
+
+def warn_if_remote(host: str | None) -> None:
+    """Say loudly that the training routes are reachable from the network (plain ``vllm serve`` binds
+    every interface by default; ``amygdala serve`` refuses without ``--allow-remote-training``)."""
+    if is_loopback(host):
+        return
+    where = host or "every interface"
+    if os.environ.get(ALLOW_REMOTE_ENV) == "1":
+        log.warning("amygdala: the training routes are reachable on %s (--allow-remote-training); anyone with %s can "
+                    "change the served weights", where, API_KEY_ENV)
+        return
+    log.warning("amygdala: WARNING: the training routes (/train, /checkpoint) are reachable from the network on %s: "
+                "anyone who learns %s can change the weights everyone is served, over plain HTTP. Bind --host 127.0.0.1 "
+                "(and put a TLS proxy in front), or start with `amygdala serve --allow-remote-training` if you mean it",
+                where, API_KEY_ENV)

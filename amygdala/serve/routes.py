@@ -22,12 +22,14 @@ from argparse import Namespace
 from http import HTTPStatus
 
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
 
 from amygdala.readout import Readout
 from amygdala.serve.channel import Receiver
-from amygdala.serve.config import PLUGIN_NAME, channel_address, load_readout
+from amygdala.serve.config import PLUGIN_NAME, channel_address, load_readout, max_steer_strength
 from amygdala.serve.respond import Formatter, rewrite_body, rewrite_stream
 from amygdala.serve.proxy import CURRENT, EngineClientProxy, Exchange, RowStore
 from amygdala.serve.spec import FIELDS, ModelShape, RequestSpec, SpecError, parse
@@ -42,6 +44,36 @@ CHAT = "/v1/chat/completions"
 MANIFEST = "/v1/readout/manifest"
 
 
+class BodyCheckedRoute(APIRoute):
+    """A wrapped route whose request-body check can only answer 4xx.
+
+    vLLM's request models run their own validators while FastAPI reads the body, and some of
+    them raise plain Python errors on malformed input (``structured_outputs: 1.5`` gives an
+    AttributeError in ``CompletionRequest.check_structured_outputs_count``), which would be a
+    500. An error raised before the endpoint starts is the body's fault: a 400 naming it. Once
+    the endpoint has started (``STARTED`` in the request's state), errors are the server's and
+    pass through unchanged.
+    """
+
+    STARTED = "amygdala_endpoint_started"
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def checked(request: Request):
+            try:
+                return await handler(request)
+            except Exception as e:
+                # FastAPI's own answers (422/400 validation errors, HTTP errors) keep their handlers
+                if getattr(request.state, self.STARTED, False) or isinstance(e, (HTTPException, RequestValidationError)):
+                    raise
+                log.info("amygdala: %s %s: the body failed vLLM's request check: %r", request.method, request.url.path, e)
+                return error_response(f"body: rejected by the request check ({type(e).__name__}: {str(e)[:200]}); "
+                                      "see the API reference for the fields' types", "body")
+
+        return checked
+
+
 class AmygdalaEndpoints:
     """The endpoint plugin object vLLM instantiates (the entry point is this class)."""
 
@@ -52,6 +84,7 @@ class AmygdalaEndpoints:
         self.readout = load_readout()
         self.formatter = Formatter(self.readout) if self.readout is not None else None
         self.store = RowStore(len(self.readout.layers) if self.readout is not None else 0)
+        self.max_strength = max_steer_strength()  # a bad AMYGDALA_MAX_STEER_STRENGTH stops the server at start
         self.shape: ModelShape | None = None
         self.receiver: Receiver | None = None
         self.training = TrainingRoutes()  # /train, /train/status, /checkpoint with AMYGDALA_API_KEY
@@ -74,26 +107,30 @@ class AmygdalaEndpoints:
             original = core[COMPLETIONS]
 
             async def create_completion(request: CompletionRequest, raw_request: Request):
+                setattr(raw_request.state, BodyCheckedRoute.STARTED, True)
                 return await self.handle(request, raw_request, original, chat=False)
 
-            router.add_api_route(COMPLETIONS, create_completion, methods=["POST"], dependencies=json_only)
+            router.add_api_route(COMPLETIONS, create_completion, methods=["POST"], dependencies=json_only,
+                                 route_class_override=BodyCheckedRoute)
         if CHAT in core:
             original_chat = core[CHAT]
 
             async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request):
+                setattr(raw_request.state, BodyCheckedRoute.STARTED, True)
                 return await self.handle(request, raw_request, original_chat, chat=True)
 
-            router.add_api_route(CHAT, create_chat_completion, methods=["POST"], dependencies=json_only)
+            router.add_api_route(CHAT, create_chat_completion, methods=["POST"], dependencies=json_only,
+                                 route_class_override=BodyCheckedRoute)
         app.include_router(router)
         page.attach(app)
         self.training.attach(app)
 
     async def init_state(self, engine_client, state, args: Namespace) -> None:
-        await self.training.init_state(engine_client)
+        await self.training.init_state(engine_client, getattr(args, "host", None))
         if engine_client is None or self.readout is None:
             return
         config = engine_client.model_config
-        self.shape = ModelShape(config.hf_text_config.num_hidden_layers, config.get_hidden_size())
+        self.shape = ModelShape(config.hf_text_config.num_hidden_layers, config.get_hidden_size(), self.max_strength)
         self.readout.check_model(self.shape.num_layers, self.shape.hidden_size, str(config.model))
         self.receiver = Receiver(channel_address(), self.store.deliver)
         self.receiver.start()
@@ -142,7 +179,7 @@ class AmygdalaEndpoints:
         if xargs and any(k in xargs for k in FIELDS):
             request.vllm_xargs = {k: v for k, v in xargs.items() if k not in FIELDS} or None
         extra = request.model_extra or {}
-        shape = self.shape or ModelShape(0, 0)
+        shape = self.shape or ModelShape(0, 0, self.max_strength)
         spec = parse(extra, xargs, self.readout, shape)
         if getattr(request, "use_beam_search", False) and spec.active:
             if spec.steer or any(k in extra or k in (xargs or {}) for k in FIELDS):

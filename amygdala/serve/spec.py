@@ -23,12 +23,16 @@ import secrets
 from dataclasses import dataclass
 
 from amygdala import AmygdalaError
+from amygdala.numbers import finite, is_int, short
 from amygdala.readout import Readout, ReadoutError
 
 FIELDS = ("readout", "steer", "readout_prompt")
 _ON = {"true", "1", "on", "yes", "raw"}
 _OFF = {"false", "0", "off", "no", "none"}
 _ITEM_KEYS = {"concept", "vector", "strength", "layers"}
+#: A raw vector is normalised in float32 by the worker: outside these lengths that overflows or
+#: loses its direction, and only the direction counts, so a client can always scale into it.
+VECTOR_NORMS = (1e-6, 1e15)
 
 
 class SpecError(AmygdalaError):
@@ -43,6 +47,7 @@ class SpecError(AmygdalaError):
 class ModelShape:
     num_layers: int
     hidden_size: int
+    max_strength: float = math.inf  # the server's bound on |strength| (AMYGDALA_MAX_STEER_STRENGTH)
 
 
 @dataclass(frozen=True)
@@ -130,7 +135,9 @@ def _parse_readout(fields: dict, readout: Readout | None) -> str | None:
     if "readout" not in fields:
         return "raw" if readout is not None else None
     value = fields["readout"]
-    key = str(value).strip().lower()
+    # words, booleans and 0/1 only: str() of any other value (a 5000-digit integer raises) means nothing here
+    plain = value is None or isinstance(value, (str, bool)) or (is_int(value) and value in (0, 1))
+    key = str(value).strip().lower() if plain else ""
     if key in _OFF:
         return None
     if key in _ON:
@@ -138,7 +145,7 @@ def _parse_readout(fields: dict, readout: Readout | None) -> str | None:
     elif key in ("zscore", "z"):
         mode = "zscore"
     else:
-        raise SpecError("readout", f"expected true, false, 'raw' or 'zscore', got {value!r}")
+        raise SpecError("readout", f"expected true, false, 'raw' or 'zscore', got {short(value) if plain else type(value).__name__}")
     if readout is None:
         raise SpecError("readout", "this server has no readout file loaded (start it with AMYGDALA_READOUT)")
     if mode == "zscore" and not readout.has_stats:
@@ -166,13 +173,14 @@ def _parse_steer(value, readout: Readout | None, shape: ModelShape) -> tuple[Ste
 def _parse_item(i: int, item, readout: Readout, shape: ModelShape) -> SteerItem:
     where = f"steer[{i}]"
     if not isinstance(item, dict):
-        raise SpecError(where, f"expected an object with concept or vector, strength and layers, got {item!r}")
+        raise SpecError(where, f"expected an object with concept or vector, strength and layers, got {short(item)}")
     unknown = sorted(set(item) - _ITEM_KEYS)
     if unknown:
         raise SpecError(where, f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_ITEM_KEYS))}")
-    strength = item.get("strength")
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
-        raise SpecError(f"{where}.strength", f"must be a finite number, got {strength!r}")
+    strength = finite(item.get("strength"))
+    if strength is None or abs(strength) > shape.max_strength:
+        raise SpecError(f"{where}.strength", f"must be a number within +-{shape.max_strength:g} (this server's "
+                        f"AMYGDALA_MAX_STEER_STRENGTH), got {short(item.get('strength'))}")
     has_concept, has_vector = "concept" in item, "vector" in item
     if has_concept == has_vector:
         raise SpecError(where, "give exactly one of concept (a name) or vector (hidden-size floats)")
@@ -188,19 +196,23 @@ def _parse_item(i: int, item, readout: Readout, shape: ModelShape) -> SteerItem:
     else:
         vector = _parse_vector(f"{where}.vector", item["vector"], shape.hidden_size)
     layers = _parse_layers(f"{where}.layers", item.get("layers"), readout, shape, needs_readout_layer=has_concept)
-    return SteerItem(float(strength), layers, concept, vector)
+    return SteerItem(strength, layers, concept, vector)
+
 
 
 def _parse_vector(where: str, value, hidden: int) -> tuple[float, ...]:
-    if not isinstance(value, list) or not all(
-        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in value
-    ):
+    numbers = [finite(x) for x in value] if isinstance(value, list) else [None]
+    if None in numbers:
         raise SpecError(where, f"must be a list of {hidden} finite numbers")
-    if len(value) != hidden:
-        raise SpecError(where, f"has {len(value)} numbers; this model's hidden size is {hidden}")
-    if not any(value):
+    if len(numbers) != hidden:
+        raise SpecError(where, f"has {len(numbers)} numbers; this model's hidden size is {hidden}")
+    if not any(numbers):
         raise SpecError(where, "is all zeros; it has no direction")
-    return tuple(float(x) for x in value)
+    norm = math.hypot(*numbers)
+    if not VECTOR_NORMS[0] <= norm <= VECTOR_NORMS[1]:
+        raise SpecError(where, f"has length {norm:.3g}, outside {VECTOR_NORMS[0]:g}..{VECTOR_NORMS[1]:g}; scale it "
+                        "(only its direction is used)")
+    return tuple(numbers)
 
 
 def _parse_layers(where: str, value, readout: Readout, shape: ModelShape, *, needs_readout_layer: bool) -> tuple[int, ...]:
@@ -209,13 +221,13 @@ def _parse_layers(where: str, value, readout: Readout, shape: ModelShape, *, nee
     if isinstance(value, int) and not isinstance(value, bool):
         value = [value]
     if not isinstance(value, list) or not value or not all(isinstance(l, int) and not isinstance(l, bool) for l in value):
-        raise SpecError(where, f"must be a non-empty list of layer indices, got {value!r}")
+        raise SpecError(where, f"must be a non-empty list of layer indices, got {short(value)}")
     n = shape.num_layers
     out = []
     for l in value:
         idx = l + n if l < 0 else l
         if not 0 <= idx < n:
-            raise SpecError(where, f"layer {l} out of range; this model has layers 0-{n - 1}")
+            raise SpecError(where, f"layer {short(l)} out of range; this model has layers 0-{n - 1}")
         if needs_readout_layer and idx not in readout.vectors:
             raise SpecError(where, f"layer {l}: concept vectors exist only at the readout's layers {readout.layers}")
         out.append(idx)

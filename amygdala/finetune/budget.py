@@ -1,0 +1,82 @@
+"""A job's memory, estimated before it is queued, against the memory the machine has.
+
+Why: a training request sets how big one forward is (``micro_batch`` samples of up to the
+model's context, orpo/dpo twice), and a forward's activations and logits grow with it; a job
+too big for the machine would not fail cleanly but push the server (which shares the memory)
+into swap or the OOM killer. The estimate is an upper bound of one micro-batch's peak, meant
+to catch jobs many times too big, not to predict the peak closely:
+
+- activations kept for the backward: rows x width x layers x (16 x hidden + 3 x intermediate
+  + heads x width) values (the last term: attention weights when attention is not fused);
+- logits of the positions that predict continuation tokens: rows x keep x vocab float32
+  values, three times (logits, log-softmax, their gradient);
+- one gradient per trainable parameter.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from amygdala.finetune.inputs import JobConfig, Sample, batch_shape
+
+#: Share of the memory available now that one job may plan to use: the server keeps serving.
+SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class Dims:
+    """What the estimate needs of a model."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    vocab: int
+    value_bytes: int  # bytes per activation value (the weights' dtype)
+    gradient_bytes: int  # bytes of the trainable parameters' gradients
+    device: str = "cpu"
+
+    @classmethod
+    def of(cls, model) -> Dims:
+        text = getattr(model.config, "get_text_config", lambda: model.config)()
+        params = list(model.parameters())
+        hidden = int(text.hidden_size)
+        return cls(
+            hidden=hidden, intermediate=int(getattr(text, "intermediate_size", None) or 4 * hidden),
+            layers=int(text.num_hidden_layers), heads=int(text.num_attention_heads), vocab=int(text.vocab_size),
+            value_bytes=params[0].element_size(),
+            gradient_bytes=sum(p.numel() * p.element_size() for p in params if p.requires_grad),
+            device=params[0].device.type,
+        )
+
+
+def estimate_bytes(samples: Sequence[Sample], config: JobConfig, dims: Dims) -> int:
+    """The largest micro-batch's estimated peak (module docstring), in bytes."""
+    worst = 0
+    for b in range(0, len(samples), config.micro_batch):
+        chunk = list(samples[b : b + config.micro_batch])
+        rows, width = batch_shape(chunk, config.objective)
+        keep = 1 + max(max(len(s.continuation_ids), len(s.rejected_ids or ())) for s in chunk)
+        per_token = dims.layers * (16 * dims.hidden + 3 * dims.intermediate + dims.heads * width)
+        activations = rows * width * per_token * dims.value_bytes
+        logits = 3 * rows * keep * dims.vocab * 4
+        worst = max(worst, activations + logits)
+    return worst + dims.gradient_bytes
+
+
+def available_bytes(device: str = "cpu") -> int:
+    """``SHARE`` of the memory available now: /proc/meminfo's MemAvailable, or a GPU's free memory."""
+    if device == "cuda":
+        import torch
+
+        return int(SHARE * torch.cuda.mem_get_info()[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(SHARE * int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    return int(SHARE * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))

