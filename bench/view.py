@@ -118,7 +118,7 @@ def measure(args) -> str:
         browser.close()
     base, read = results["baseline"], results["readout"]
     lines = [
-        f"Headless Chromium {args.chromium_version}, {n} tokens streamed one per chunk, readout of {args.concepts} "
+        f"Headless {args.chromium_version}, {n} tokens streamed one per chunk, readout of {args.concepts} "
         f"concepts x {args.layers} layers, {args.tracks} tracks; baseline: the same tokens as plain text, same run. "
         "Page work per token (chunk handling + frame), milliseconds:",
         "",

@@ -77,8 +77,11 @@ def free_port() -> int:
 def server_env(readout: Path | None, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL=os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"), TOKENIZERS_PARALLELISM="false")
-    env.pop("AMYGDALA_READOUT", None)
-    env.pop("VLLM_READOUT_VECTORS", None)
+    # Each server makes its own private socket folder: inherited addresses would have two servers
+    # bind one socket, and one would read (and drop) the other's scores.
+    for name in ("AMYGDALA_READOUT", "VLLM_READOUT_VECTORS", "AMYGDALA_RUNTIME_DIR", "AMYGDALA_SERVE_CHANNEL",
+                 "AMYGDALA_TRAIN_CONTROL", "AMYGDALA_TRAIN_EVENTS"):
+        env.pop(name, None)
     if readout is not None:
         env["AMYGDALA_READOUT"] = str(readout)
         env["VLLM_PLUGINS"] = "amygdala"

@@ -378,7 +378,10 @@ def test_every_socket_lives_in_a_private_runtime_folder(monkeypatch, tmp_path):
     from amygdala.serve import config
 
     for env in (config.RUNTIME_ENV, config.CHANNEL_ENV, config.CONTROL_ENV, config.EVENTS_ENV):
-        monkeypatch.delenv(env, raising=False)
+        # setenv first so the undo is recorded even when the variable is absent: channel_address()
+        # exports these, and leaked into this process they would give later test servers one socket.
+        monkeypatch.setenv(env, "")
+        monkeypatch.delenv(env)
     addresses = [config.channel_address(), *config.finetune_addresses()]
     folder = Path(os.environ[config.RUNTIME_ENV])
     assert folder.stat().st_mode & 0o777 == 0o700
