@@ -202,6 +202,17 @@ def start(files, name: str, extra: list[str], **env_extra: str) -> sh.Server:
     return sh.Server(proc, port, log)
 
 
+def refused_at_start(files, name: str, extra: list[str], **env_extra: str) -> str:
+    """Start the server and wait for it to exit; its log (the exit must be a failure)."""
+    server = start(files, name, extra, **env_extra)
+    try:
+        rc = server.proc.wait(240)
+    finally:
+        server.stop()
+    assert rc != 0, f"{name}: the server started instead of refusing"
+    return server.log.read_text()
+
+
 def teacher_forced(hf, readout: Readout, prompt_ids: list[int], gen_ids: list[int]) -> torch.Tensor:
     """transformers' block outputs projected on the readout at the positions that sampled ``gen_ids``."""
     with attach(hf, readout) as session, torch.no_grad():
@@ -231,13 +242,7 @@ def _complete(server: sh.Server, model) -> tuple[int | None, dict | str]:
 @pytest.mark.skipif(not _pipeline_broken(), reason="this vLLM is not a CPU build known to fail pipeline parallelism")
 def test_pipeline_parallel_on_a_cpu_build_that_cannot_is_refused_at_start(files):
     """Refused at engine configuration, before any worker starts: not a server that dies later."""
-    server = start(files, "pp2-refused", ["--pipeline-parallel-size", "2"])
-    try:
-        rc = server.proc.wait(240)
-    finally:
-        server.stop()
-    log = server.log.read_text()
-    assert rc != 0
+    log = refused_at_start(files, "pp2-refused", ["--pipeline-parallel-size", "2"])
     assert "vLLM's CPU build up to 0.32 cannot serve pipeline parallelism" in log, log[-3000:]
 
 
@@ -347,11 +352,5 @@ def test_tp_steering_is_per_request_within_a_batch(tp_server, files):
 @vllm
 def test_tp_with_the_training_key_refuses_to_start_naming_what_works(files):
     """Refused in create_engine_config, before any worker starts or any weight loads."""
-    server = start(files, "tp2-train", ["--tensor-parallel-size", "2"], AMYGDALA_API_KEY="k")
-    try:
-        rc = server.proc.wait(240)
-    finally:
-        server.stop()
-    log = server.log.read_text()
-    assert rc != 0
+    log = refused_at_start(files, "tp2-train", ["--tensor-parallel-size", "2"], AMYGDALA_API_KEY="k")
     assert TRAINING_NEEDS_ONE_WORKER in log, log[-3000:]

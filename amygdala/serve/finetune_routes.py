@@ -139,8 +139,6 @@ class TrainingRoutes:
                                         status=HTTPStatus.SERVICE_UNAVAILABLE)
 
     async def train(self, request: Request):
-        from fastapi.responses import JSONResponse
-
         from amygdala.finetune.inputs import TrainInputError
 
         if (denied := self._denied(request)) is not None:
@@ -152,10 +150,7 @@ class TrainingRoutes:
             message = await asyncio.to_thread(_checked_submit, raw, self.limits)
         except TrainInputError as e:
             return error_response(str(e), e.field)
-        reply, failed = await self._ask(message, op=protocol.SUBMIT)
-        if failed is not None:
-            return failed
-        return _reply_error(reply) or JSONResponse(reply["job"])
+        return await self._relay(message, "job", op=protocol.SUBMIT)
 
     async def _read_body(self, request: Request):
         """The body, or a 413 as soon as it is known to pass the cap: declared, or counted while read."""
@@ -175,50 +170,29 @@ class TrainingRoutes:
                               "into smaller requests", "body", status=HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
 
     async def cancel(self, request: Request, job_id: str):
-        from fastapi.responses import JSONResponse
-
         if (denied := self._denied(request)) is not None:
             return denied
-        reply, failed = await self._ask(protocol.request(protocol.CANCEL, job_id=job_id))
-        if failed is not None:
-            return failed
-        return _reply_error(reply) or JSONResponse(reply["job"])
+        return await self._relay(protocol.request(protocol.CANCEL, job_id=job_id), "job")
 
     async def status(self, request: Request):
-        from fastapi.responses import JSONResponse
-
         if (denied := self._denied(request)) is not None:
             return denied
-        reply, failed = await self._ask(protocol.request(protocol.STATUS))
-        return failed if failed is not None else JSONResponse(reply["status"])
+        return await self._relay(protocol.request(protocol.STATUS), "status")
 
     async def checkpoint(self, request: Request):
-        from fastapi.responses import JSONResponse
-
         if (denied := self._denied(request)) is not None:
             return denied
-        reply, failed = await self._ask(protocol.request(protocol.CHECKPOINT), SYNC_TIMEOUT_S)
-        if failed is not None:
-            return failed
-        return _reply_error(reply) or JSONResponse(reply["sync"])
+        return await self._relay(protocol.request(protocol.CHECKPOINT), "sync", SYNC_TIMEOUT_S)
 
     async def snapshot(self, request: Request):
         """Copy the weights a job may change (in the worker's memory), for a later rollback."""
-        from fastapi.responses import JSONResponse
-
         if (denied := self._denied(request)) is not None:
             return denied
-        reply, failed = await self._ask(protocol.request(protocol.SNAPSHOT), SYNC_TIMEOUT_S)
-        if failed is not None:
-            return failed
-        if not reply["ok"]:
-            return error_response(protocol.error_message(reply), status=HTTPStatus.SERVICE_UNAVAILABLE)
-        return JSONResponse(reply["snapshot"])
+        return await self._relay(protocol.request(protocol.SNAPSHOT), "snapshot", SYNC_TIMEOUT_S,
+                                 refused=HTTPStatus.SERVICE_UNAVAILABLE)
 
     async def rollback(self, request: Request):
         """Restore ``{"snapshot": id}`` in place: served at once, written by the next sync."""
-        from fastapi.responses import JSONResponse
-
         if (denied := self._denied(request)) is not None:
             return denied
         raw = await self._read_body(request)
@@ -231,20 +205,22 @@ class TrainingRoutes:
         if not isinstance(body, dict) or not isinstance(body.get("snapshot"), str):
             return error_response("snapshot: expected the id from POST /train/snapshot, e.g. {\"snapshot\": \"snap-...\"}",
                                   "snapshot")
-        reply, failed = await self._ask(protocol.request(protocol.ROLLBACK, snapshot=body["snapshot"]), SYNC_TIMEOUT_S)
+        return await self._relay(protocol.request(protocol.ROLLBACK, snapshot=body["snapshot"]), "rollback",
+                                 SYNC_TIMEOUT_S, refused=HTTPStatus.CONFLICT)
+
+    async def _relay(self, message: dict | bytes, key: str, timeout: float = ANSWER_TIMEOUT_S, *,
+                     op: str | None = None, refused: HTTPStatus = HTTPStatus.BAD_REQUEST):
+        """Every route's last step: ask the worker, answer its payload ``key``, or its refusal
+        (with the status the worker gives, else ``refused``), or why it did not answer."""
+        from fastapi.responses import JSONResponse
+
+        reply, failed = await self._ask(message, timeout, op)
         if failed is not None:
             return failed
-        if not reply["ok"]:
-            return error_response(protocol.error_message(reply), reply["error"].get("field"), status=HTTPStatus.CONFLICT)
-        return JSONResponse(reply["rollback"])
-
-
-def _reply_error(reply: dict):
-    """The worker's refusal as an error response (its status: 400, 404, 409, 429, or 500 for its own failure)."""
-    if reply["ok"]:
-        return None
-    error = reply.get("error") if isinstance(reply.get("error"), dict) else {}
-    return error_response(protocol.error_message(reply), error.get("field"), status=HTTPStatus(error.get("status") or 400))
+        if reply["ok"]:
+            return JSONResponse(reply[key])
+        error = reply.get("error") if isinstance(reply.get("error"), dict) else {}
+        return error_response(protocol.error_message(reply), error.get("field"), status=HTTPStatus(error.get("status") or refused))
 
 
 def _checked_submit(raw: bytes, limits) -> bytes:
