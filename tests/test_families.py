@@ -30,7 +30,7 @@ import torch
 
 import serve_helpers as sh
 import tiny
-from amygdala.finetune import layout
+from amygdala.checkpoint import layout
 from amygdala.readout import Readout, Steering, attach
 
 vllm = pytest.mark.vllm

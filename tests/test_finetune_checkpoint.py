@@ -20,8 +20,9 @@ from safetensors.torch import load_file, save_file
 
 import tiny
 from amygdala.cli.main import main as cli
-from amygdala.finetune import checkpoint, layout
-from amygdala.finetune.checkpoint import BLOCK, JOURNAL, CheckpointError
+from amygdala import checkpoint
+from amygdala.checkpoint import layout
+from amygdala.checkpoint import BLOCK, JOURNAL, CheckpointError
 
 TESTS = Path(__file__).resolve().parent
 

@@ -26,11 +26,14 @@ from safetensors.torch import load_file, save_file
 
 import tiny
 from amygdala.cli.main import main as cli
-from amygdala.finetune import checkpoint, layout, protocol, views, worker
-from amygdala.finetune.checkpoint import JOURNAL, CheckpointError
-from amygdala.finetune.inputs import JobConfig, Limits, Sample, TrainInputError, parse_request
+from amygdala import checkpoint
+from amygdala.checkpoint import layout
+from amygdala.finetune import protocol, shared_weights, worker
+from amygdala.checkpoint import JOURNAL, CheckpointError
+from amygdala.finetune.inputs import JobConfig, Limits, Sample, parse_request
+from amygdala.fields import FieldError
 from amygdala.finetune.trainer import Trainer, TrainJobError
-from amygdala.finetune.worker import QueueFull, TrainingService, UnknownJob
+from amygdala.finetune.service import QueueFull, TrainingService, UnknownJob
 
 HUGE = 10**400
 KEY = "hardening-key"
@@ -43,7 +46,7 @@ def _trainer(folder: Path) -> tuple[Trainer, dict[str, torch.Tensor]]:
 
     tiny.make_model("llama", folder)
     served = layout.to_served({k: v.clone() for k, v in load_file(folder / "model.safetensors").items()})
-    model = views.view_model(AutoConfig.from_pretrained(folder), served)
+    model = shared_weights.view_model(AutoConfig.from_pretrained(folder), served)
     return Trainer(model, folder, served=served), served
 
 
@@ -73,9 +76,9 @@ def test_dpo_with_a_huge_beta_skips_the_step_and_leaves_the_weights_as_they_were
 
 def test_objective_weights_are_bounded():
     for key, value in (("beta", 1e37), ("beta", 10.5), ("beta", 0), ("orpo_lambda", 11), ("orpo_lambda", -1)):
-        with pytest.raises(TrainInputError) as e:
+        with pytest.raises(FieldError) as e:
             parse_request({"samples": [SAMPLE], "config": {"objective": "dpo", key: value}}, LIMITS)
-        assert e.value.field == f"config.{key}"
+        assert e.value.path == f"config.{key}"
     _, config = parse_request({"samples": [SAMPLE], "config": {"objective": "dpo", "beta": 10, "orpo_lambda": 10}}, LIMITS)
     assert (config.beta, config.orpo_lambda) == (10.0, 10.0)
 
@@ -104,7 +107,7 @@ def test_a_non_finite_tensor_is_never_synced_and_status_says_so(tmp_path, one_th
 # --------------------------------------------------------------------------- 2. one writer lock
 HOLD = """
 import sys, time
-from amygdala.finetune import checkpoint
+from amygdala import checkpoint
 with checkpoint.writer_lock(sys.argv[1], holder="training worker"):
     print("held", flush=True)
     time.sleep(float(sys.argv[2]))
@@ -194,12 +197,12 @@ def test_a_bad_max_body_setting_names_the_variable(monkeypatch):
 # --------------------------------------------------------------------------- 4. job bounds
 def test_tokens_per_micro_batch_are_bounded():
     long = {"context_ids": [5] * 500, "continuation_ids": [6] * 12}
-    with pytest.raises(TrainInputError, match=r"17 rows x 512 tokens = 8704, over the limit of 8192 tokens") as e:
+    with pytest.raises(FieldError, match=r"17 rows x 512 tokens = 8704, over the limit of 8192 tokens") as e:
         parse_request({"samples": [long] * 17, "config": {"micro_batch": 17}}, LIMITS)
-    assert e.value.field == "config.micro_batch"
+    assert e.value.path == "config.micro_batch"
     parse_request({"samples": [long] * 17, "config": {"micro_batch": 16}}, LIMITS)  # 16 x 512 = 8192: at the limit
     pair = {**long, "rejected_ids": [7] * 12}
-    with pytest.raises(TrainInputError, match="16 rows x 512 tokens"):  # orpo/dpo: preferred and rejected rows
+    with pytest.raises(FieldError, match="16 rows x 512 tokens"):  # orpo/dpo: preferred and rejected rows
         parse_request({"samples": [pair] * 8, "config": {"objective": "orpo", "micro_batch": 16}}, Limits(1000, 1024, max_batch_tokens=8000))
 
 
@@ -258,9 +261,9 @@ def test_a_job_past_the_memory_estimate_is_refused_with_both_figures(service):
     svc, _, _ = service
     big = {"samples": [{"context_ids": [5] * 200, "continuation_ids": [6] * 50}] * 8, "config": {"micro_batch": 8}}
     svc.memory_limit = lambda: 30 << 20
-    with pytest.raises(TrainInputError, match=r"needs about \d+ MiB \(estimate\), over the 30 MiB") as e:
+    with pytest.raises(FieldError, match=r"needs about \d+ MiB \(estimate\), over the 30 MiB") as e:
         svc.submit(big)  # 8 rows of 250 tokens: about 60 MiB on the tiny model
-    assert e.value.field == "config.micro_batch" and svc.status()["queue"] == []
+    assert e.value.path == "config.micro_batch" and svc.status()["queue"] == []
     small = svc.submit({**big, "config": {"micro_batch": 1}})  # about 8 MiB
     assert 0 < svc.status()["queue"][0]["estimate_bytes"] <= 30 << 20 and small["state"] == "queued"
 
@@ -278,9 +281,9 @@ def test_huge_numbers_in_a_training_request_are_field_errors(field, value):
     else:
         key, index = field.split(".")[1].split("[")
         body["samples"][0][key][int(index.rstrip("]"))] = value
-    with pytest.raises(TrainInputError) as e:
+    with pytest.raises(FieldError) as e:
         parse_request(body, LIMITS)
-    assert e.value.field == field and len(str(e.value)) < 300
+    assert e.value.path == field and len(str(e.value)) < 300
 
 
 @pytest.fixture(scope="module")
@@ -309,20 +312,20 @@ def _spec(readout, fields: dict, max_strength: float = 1000.0):
     ({"readout": HUGE}, "readout"),
 ])
 def test_huge_numbers_in_readout_and_steering_are_field_errors(readout, fields, param):
-    from amygdala.serve.spec import SpecError
+    from amygdala.fields import FieldError
 
-    with pytest.raises(SpecError) as e:
+    with pytest.raises(FieldError) as e:
         _spec(readout, fields)
-    assert e.value.param == param and len(str(e.value)) < 300
+    assert e.value.path == param and len(str(e.value)) < 300
 
 
 # --------------------------------------------------------------------------- 8. steering strength
 def test_steering_strength_is_bounded_by_the_setting(readout, monkeypatch):
     from amygdala.serve import config
-    from amygdala.serve.spec import SpecError
+    from amygdala.fields import FieldError
 
     for strength in (1e300, 1000.5, -2000, float("inf"), float("nan"), True, "4"):
-        with pytest.raises(SpecError, match=r"^steer\[0\]\.strength: must be a number within \+-1000 "):
+        with pytest.raises(FieldError, match=r"^steer\[0\]\.strength: must be a number within \+-1000 "):
             _spec(readout, {"steer": [{"concept": "calm", "strength": strength}]})
     assert _spec(readout, {"steer": [{"concept": "calm", "strength": -1000}]}).steer[0].strength == -1000.0
     assert _spec(readout, {"steer": [{"concept": "calm", "strength": 5000}]}, max_strength=10_000).steer[0].strength == 5000.0

@@ -41,7 +41,7 @@ import torch
 from safetensors.torch import load_file
 
 import serve_helpers as sh
-from amygdala.finetune import checkpoint
+from amygdala import checkpoint
 from amygdala.finetune.state import STATE_FILE
 
 pytestmark = pytest.mark.vllm

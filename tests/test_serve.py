@@ -22,7 +22,8 @@ import serve_helpers as sh
 from amygdala.readout import Readout, Steering, attach
 from amygdala.serve.respond import Formatter, rewrite_json, rewrite_stream
 from amygdala.serve.proxy import Exchange, RowStore
-from amygdala.serve.spec import ModelShape, RequestSpec, SpecError, SteerItem, parse
+from amygdala.serve.spec import ModelShape, RequestSpec, SteerItem, parse
+from amygdala.fields import FieldError
 
 #: Tests that start vLLM; the others (request parsing, response rewriting) run anywhere.
 vllm = pytest.mark.vllm
@@ -537,9 +538,9 @@ def test_spec_defaults_modes_and_precedence():
     ],
 )
 def test_spec_errors_name_the_field(fields, stats, loaded, param, words):
-    with pytest.raises(SpecError) as e:
+    with pytest.raises(FieldError) as e:
         parse(fields, None, small_readout(stats) if loaded else None, SHAPE)
-    assert e.value.param == param
+    assert e.value.path == param
     for w in words:
         assert w in str(e.value)
 

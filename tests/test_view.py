@@ -375,13 +375,13 @@ def asset(name: str) -> str:
 
 
 def test_snapshot_inlines_the_page_safely():
-    from amygdala.view import snapshot_html
+    from amygdala.view import offline_html
 
     assert "</script" not in asset("app.js").lower() and "<!--" not in asset("app.js")
     conv = {"format": "amygdala-conversation", "version": 1, "manifest": {"concepts": ["a"], "layers": [0]},
             "readout": "raw", "alignment": "own", "messages": [{"role": "text", "content": "</script><b>x",
             "steer": [], "tokens": [{"text": "</script><b>x", "readout": [[1.0]]}]}]}
-    html = snapshot_html(conv)
+    html = offline_html(conv)
     js = asset("app.js")
     for tag in ('<link rel="stylesheet" href="style.css">', '<script src="app.js">'):
         assert html.count(tag) == js.count(tag)  # the page's own reference was replaced by the file

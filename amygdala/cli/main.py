@@ -179,11 +179,11 @@ def cmd_read(args: argparse.Namespace) -> int:
     scored = score_text(model, tokenizer, readout, args.text)
     rows = token_rows(scored, readout, args.top)
     if args.html is not None:
-        from amygdala.view import conversation_of_text, snapshot_html
+        from amygdala.view import conversation_of_text, offline_html
 
         conversation = conversation_of_text(readout, scored, text=args.text, model=info.name)
         args.html.parent.mkdir(parents=True, exist_ok=True)
-        args.html.write_text(snapshot_html(conversation), encoding="utf-8")
+        args.html.write_text(offline_html(conversation), encoding="utf-8")
         print(f"wrote {args.html} (open it in a browser; no server needed)", file=sys.stderr)
     if args.json:
         json.dump({"layers": readout.layers, "zscore": readout.has_stats, "tokens": rows}, sys.stdout, indent=1)
@@ -299,7 +299,7 @@ def cmd_corpus_stats(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- checkpoint sync|diagnose
 def cmd_checkpoint(args: argparse.Namespace) -> int:
     """sync: replay an interrupted sync, or write --from's tensors as changed blocks; diagnose: report."""
-    from amygdala.finetune import checkpoint
+    from amygdala import checkpoint
 
     if args.checkpoint_command == "sync":
         served = checkpoint.load_tensors(args.source) if args.source else {}
