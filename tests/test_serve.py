@@ -419,7 +419,7 @@ def test_cli_checks_before_starting_vllm(files, tmp_path, capsys):
 
     pytest.importorskip("vllm")
     from amygdala import AmygdalaError
-    from amygdala.serve import cli
+    from amygdala.cli import serve as cli
 
     root, model, readout, bad = files
     parser = argparse.ArgumentParser()
@@ -459,7 +459,7 @@ def test_default_model_parity(tmp_path):
     env = sh.server_env(None)
     # `amygdala serve ...`, through the subcommand's own parser (main.py wires it the same way).
     launch = (
-        "import argparse, sys; from amygdala.serve import cli; p = argparse.ArgumentParser(); "
+        "import argparse, sys; from amygdala.cli import serve as cli; p = argparse.ArgumentParser(); "
         "cli.add_parser(p.add_subparsers()); a = p.parse_args(['serve'] + sys.argv[1:]); sys.exit(a.func(a))"
     )
     proc = subprocess.Popen(

@@ -257,7 +257,8 @@ def test_amygdala_serve_trains_without_a_readout_when_the_key_is_set(tmp_path, m
 
     pytest.importorskip("vllm")
     from amygdala import AmygdalaError
-    from amygdala.serve import cli, config
+    from amygdala.cli import serve as cli
+    from amygdala.serve import config
 
     folder = tmp_path / "model"
     tiny.make_model("llama", folder)

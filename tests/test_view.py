@@ -439,13 +439,13 @@ def test_page_routes_and_the_off_switch(monkeypatch):
 
 def test_serve_no_page_flag_sets_the_switch(files, monkeypatch):
     from amygdala.cli.main import build_parser
-    from amygdala.serve.cli import build
+    from amygdala.serve.launch import vllm_argv
     from amygdala.serve.config import PAGE_ENV
 
     pytest.importorskip("vllm")
     monkeypatch.delenv(PAGE_ENV, raising=False)
     _, model, readout = files
     args = build_parser().parse_args(["serve", "--model", str(model), "--readout", str(readout), "--no-page"])
-    assert build(args)[1][PAGE_ENV] == "0"
+    assert vllm_argv(args)[1][PAGE_ENV] == "0"
     args = build_parser().parse_args(["serve", "--model", str(model), "--readout", str(readout)])
-    assert PAGE_ENV not in build(args)[1]
+    assert PAGE_ENV not in vllm_argv(args)[1]
