@@ -36,7 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))  # tests.helpers: the tiny model and server the tests use
 
 from validity import replace_block  # noqa: E402
 
@@ -141,7 +141,7 @@ def screenshot(args) -> None:
     """The page on a real model, for the README."""
     from playwright.sync_api import sync_playwright
 
-    import serve_helpers as sh
+    from tests.helpers import serve as sh
 
     port = sh.free_port()
     log = Path(tempfile.mkdtemp(prefix="bench-view-")) / "view.log"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import tiny
+from helpers import tiny
 from amygdala.finetune.apollo import OptimizerSettings, build_optimizer
 from amygdala.finetune.inputs import JobConfig, Limits, Sample, parse_request
 from amygdala.fields import FieldError

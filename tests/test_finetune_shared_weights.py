@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import tiny
+from helpers import tiny
 from amygdala.checkpoint import layout
 from amygdala.finetune import shared_weights
 from amygdala.finetune.apollo import OptimizerSettings, build_optimizer

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
-import tiny
+from helpers import tiny
 from amygdala.checkpoint import layout
 from amygdala.finetune import shared_weights
 from amygdala.finetune.state import StateError

@@ -8,7 +8,7 @@ import pytest
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import tiny
+from helpers import tiny
 from amygdala import checkpoint
 from amygdala.checkpoint import layout
 from amygdala.finetune import shared_weights

@@ -2,7 +2,7 @@
 
 import torch
 
-import tiny
+from helpers import tiny
 from amygdala.activations import collect
 from amygdala.corpus import load_corpus
 from amygdala.validity.heldout import folds, leave_one_story_out

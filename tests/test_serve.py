@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-import serve_helpers as sh
+from helpers import serve as sh
 from amygdala.readout import Readout, Steering, attach
 from amygdala.serve.respond import Formatter, rewrite_json, rewrite_stream
 from amygdala.serve.proxy import Exchange, RowStore

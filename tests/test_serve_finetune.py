@@ -19,8 +19,8 @@ import zmq
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
-import serve_helpers as sh
-import tiny
+from helpers import serve as sh
+from helpers import tiny
 from amygdala.checkpoint import layout
 from amygdala.finetune import shared_weights
 from amygdala.fields import FieldError

@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 import torch
 
-import serve_helpers as sh
+from helpers import serve as sh
 from amygdala import AmygdalaError
 from amygdala.readout import Readout, attach
 from amygdala.serve.channel import Receiver, Sender, decode, encode

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-import tiny
+from helpers import tiny
 from amygdala.cli.main import main
 from amygdala.teach import convert
 from amygdala.teach.samples import SampleError, TeachSample, read_samples, write_samples

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import tiny
+from helpers import tiny
 from amygdala.activations import Activations, collect
 from amygdala.cli.main import main
 from amygdala.corpus import load_corpus

@@ -1,6 +1,6 @@
 """The live page (amygdala.view, served by the plugin at /amygdala/) in a real headless Chromium.
 
-A live ``amygdala view`` on the tiny model (tests/serve_helpers.py) streams a chat; the test
+A live ``amygdala view`` on the tiny model (tests/helpers/serve.py) streams a chat; the test
 sends the same request itself and checks the page against that stream: one coloured span per
 token (the colour's sign is the valence computed here), panel numbers equal to the streamed
 z-scores, the hysteresis list equal to a Python oracle of the rule, steering from a slider
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import serve_helpers as sh
+from helpers import serve as sh
 from amygdala.readout import Readout
 
 vllm = pytest.mark.vllm

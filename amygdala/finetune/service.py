@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from amygdala import AmygdalaError
 from amygdala import checkpoint
 from amygdala.finetune import budget, protocol
-from amygdala.finetune.inputs import JobConfig, Sample, TrainInputError
+from amygdala.fields import FieldError
+from amygdala.finetune.inputs import JobConfig, Sample
 from amygdala.finetune.trainer import Trainer, TrainJobError
 
 
@@ -128,12 +129,12 @@ class TrainingService:
 
     # ------------------------------------------------------------------ request thread
     def submit(self, request: object) -> dict:
-        """Queue a ``/train`` request; raises TrainInputError (the field), or QueueFull, before queueing anything."""
+        """Queue a ``/train`` request; raises FieldError (the field), or QueueFull, before queueing anything."""
         samples, config = self.trainer.parse(request)
         need = budget.estimate_bytes(samples, config, self.trainer.dims)
         limit = self.memory_limit()
         if need > limit:
-            raise TrainInputError("config.micro_batch", f"one micro-batch of this job needs about {need / 2**20:.0f} MiB "
+            raise FieldError("config.micro_batch", f"one micro-batch of this job needs about {need / 2**20:.0f} MiB "
                                   f"(estimate), over the {limit / 2**20:.0f} MiB the training worker may use now; lower "
                                   "config.micro_batch or shorten the samples")
         job = Job(f"job-{uuid.uuid4().hex[:12]}", samples, config, time.time(), estimate_bytes=need)

@@ -40,7 +40,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import serve_helpers as sh
+from helpers import serve as sh
 from amygdala import checkpoint
 from amygdala.finetune.state import STATE_FILE
 
