@@ -24,7 +24,6 @@ tracked and writes the page to docs/img/view.png (the README's picture).
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import signal
 import statistics

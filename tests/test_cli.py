@@ -1,12 +1,10 @@
 """The CLI end to end on a tiny model: planted-direction recovery, read, generate, bad input."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import tiny
 from amygdala.cli.main import main
 from amygdala.readout import Readout
 

@@ -1,7 +1,6 @@
 """The real default model (SmolLM2-135M-Instruct from PyPI): vectors that generalise to held-out text."""
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 import torch

@@ -1,6 +1,5 @@
 """Leave-one-story-out evaluation on planted concepts."""
 
-import torch
 
 from helpers import tiny
 from amygdala.activations import collect

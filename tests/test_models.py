@@ -1,7 +1,6 @@
 """Layer discovery across architectures and --layers parsing."""
 
 import pytest
-import torch
 from torch import nn
 
 from helpers import tiny

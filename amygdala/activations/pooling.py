@@ -33,7 +33,7 @@ class Pooling:
     skip: int = 0  # mean_from: content tokens skipped at the start
 
     @classmethod
-    def parse(cls, spec: "str | Pooling") -> "Pooling":
+    def parse(cls, spec: str | Pooling) -> Pooling:
         """``last`` | ``mean`` | ``mean_from=K``; AmygdalaError naming ``--pooling`` otherwise."""
         if isinstance(spec, Pooling):
             return spec

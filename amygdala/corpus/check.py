@@ -15,8 +15,6 @@ from pathlib import Path
 
 from amygdala.corpus.loader import (
     BASELINE,
-    DIRECT,
-    NEUTRAL,
     PAIRED,
     STORY,
     Corpus,

@@ -135,7 +135,7 @@ class Corpus:
     def neutral_texts(self) -> list[Text]:
         return [t for t in self.texts if t.kind in (BASELINE, NEUTRAL)]
 
-    def subset(self, concepts: list[str]) -> "Corpus":
+    def subset(self, concepts: list[str]) -> Corpus:
         """The corpus as if the manifest listed only ``concepts`` (their negatives shrink too)."""
         unknown = [c for c in concepts if c not in self.concept_cluster]
         if unknown:

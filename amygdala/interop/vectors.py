@@ -59,7 +59,7 @@ class LayerVectors:
     def hidden_size(self) -> int:
         return int(next(iter(self.directions.values())).numel())
 
-    def check(self, where: str) -> "LayerVectors":
+    def check(self, where: str) -> LayerVectors:
         """Raise unless there is at least one layer and every vector is finite, 1-D and the same size."""
         if not self.directions:
             raise InteropError(f"{where}: holds no layer vectors; nothing to import")

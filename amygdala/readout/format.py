@@ -165,7 +165,7 @@ class Readout:
 
     # ------------------------------------------------------------------ reading
     @classmethod
-    def load(cls, path: str | Path) -> "Readout":
+    def load(cls, path: str | Path) -> Readout:
         """Load and validate a readout folder (or either of its two files)."""
         path = Path(path)
         folder = path.parent if path.name in (TENSORS, MANIFEST) else path

@@ -34,7 +34,7 @@ class Steering:
     @classmethod
     def from_concepts(
         cls, readout: Readout, strengths: Mapping[str, float], layers: list[int] | None = None
-    ) -> "Steering":
+    ) -> Steering:
         layers = readout.layers if layers is None else layers
         missing = [l for l in layers if l not in readout.vectors]
         if missing:
@@ -49,18 +49,18 @@ class Steering:
         return cls(deltas)
 
     @classmethod
-    def from_vector(cls, vector: torch.Tensor, strength: float, layers: list[int]) -> "Steering":
+    def from_vector(cls, vector: torch.Tensor, strength: float, layers: list[int]) -> Steering:
         """A raw direction (normalised here) added with ``strength`` at ``layers``."""
         v = vector.float() / vector.float().norm().clamp_min(1e-12)
         return cls({l: strength * v for l in layers})
 
-    def __add__(self, other: "Steering") -> "Steering":
+    def __add__(self, other: Steering) -> Steering:
         deltas = dict(self.deltas)
         for l, d in other.deltas.items():
             deltas[l] = deltas[l] + d if l in deltas else d
         return Steering(deltas)
 
-    def __mul__(self, k: float) -> "Steering":
+    def __mul__(self, k: float) -> Steering:
         return Steering({l: k * d for l, d in self.deltas.items()})
 
     __rmul__ = __mul__

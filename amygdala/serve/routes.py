@@ -27,7 +27,6 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
-from amygdala.readout import Readout
 from amygdala.serve.channel import Receiver
 from amygdala.serve.config import PLUGIN_NAME, channel_address, load_readout, max_steer_strength
 from amygdala.serve.respond import Formatter, rewrite_body, rewrite_stream
