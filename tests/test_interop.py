@@ -391,7 +391,7 @@ def _bad_files(tmp_path: Path) -> dict[str, Path]:
     [
         (["export", "--concept", "alpah", "--format", "gguf"], "unknown concept 'alpah'; nearest: alpha"),
         (["export", "--concept", "alpha", "--format", "ggml"], "--format 'ggml': unknown; expected one of gguf, repeng, steering-vectors (nearest: gguf)"),
-        (["export", "--concept", "alpha=lots", "--format", "gguf"], "--concept 'alpha=lots': weight 'lots' is not a number"),
+        (["export", "--concept", "alpha=lots", "--format", "gguf"], "--concept: 'alpha=lots': 'lots' is not a number"),
         (["export", "--concept", "alpha", "--format", "gguf", "--layers", "3"], "--layers [3]: not in the readout (it has layers [1, 2])"),
         (["export", "--concept", "alpha", "--format", "gguf", "--strength", "nan"], "--strength nan: must be a finite number"),
         (["import", "--from", "model", "--name", "x"], "general.architecture is 'llama', not 'controlvector'"),

@@ -200,7 +200,7 @@ def test_teach_checks_the_whole_file_before_it_contacts_the_server(tmp_path, cap
                  "--tokenizer", str(tmp_path / "tok")]) == 2
     assert f"error: {data}:2: field 'rejected': missing; objective orpo" in capsys.readouterr().err
     assert main(["dream", "--server", "http://127.0.0.1:9", "--prompts", str(data), "--toward", "calm=x"]) == 2
-    assert "--toward 'calm=x': 'x' is not a number" in capsys.readouterr().err
+    assert "--toward: 'calm=x': 'x' is not a number" in capsys.readouterr().err
     assert main(["rollback", "--server", "http://127.0.0.1:9", "--snapshot", "snap-1", "--api-key", "k"]) == 2
     assert "cannot reach the server" in capsys.readouterr().err
 

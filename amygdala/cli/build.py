@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from amygdala import AmygdalaError
+from amygdala.fields import parse_assignments
 from amygdala.cli.common import _corpus_arg, _load_corpus, _model_arg
 from amygdala.cli.quality import _print_quality, _quality_config, _quality_flags
 from amygdala.cli.read import _print_rows
@@ -18,12 +19,7 @@ log = logging.getLogger("amygdala")
 # --------------------------------------------------------------------------- train
 def _method_params(args: argparse.Namespace) -> dict[str, str | int]:
     """--method-param NAME=VALUE items and --subspace-eigen-k (train() checks names and types)."""
-    params: dict[str, str | int] = {}
-    for item in args.method_param:
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip():
-            raise AmygdalaError(f"--method-param {item!r}: expected NAME=VALUE, e.g. C=0.1")
-        params[name.strip()] = value.strip()
+    params: dict[str, str | int] = parse_assignments(args.method_param, "--method-param", numbers=False, example="C=0.1")
     if args.subspace_eigen_k is not None:
         if args.method != "subspace":
             raise AmygdalaError(f"--subspace-eigen-k applies to --method subspace, not {args.method}")

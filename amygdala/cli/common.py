@@ -33,19 +33,6 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
 
 
-def _parse_steer(items: list[str]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise AmygdalaError(f"--steer {item!r}: expected CONCEPT=STRENGTH, e.g. calm=4")
-        try:
-            out[name.strip()] = out.get(name.strip(), 0.0) + float(value)
-        except ValueError:
-            raise AmygdalaError(f"--steer {item!r}: strength {value!r} is not a number") from None
-    return out
-
-
 def _int_list(flag: str, text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]

@@ -8,7 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
-from amygdala.cli.common import _model_arg, _parse_steer
+from amygdala.fields import parse_assignments
+from amygdala.cli.common import _model_arg
 
 log = logging.getLogger("amygdala")
 
@@ -69,10 +70,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from amygdala.models import load_model
     from amygdala.pipeline import matching_model
-    from amygdala.readout import Readout, Steering, attach, top_concepts
+    from amygdala.readout import Readout, Steering, attach
+    from amygdala.readout.text import TextScores, token_rows
 
+    steer = parse_assignments(args.steer, "--steer", example="calm=4")  # before anything loads
     readout = Readout.load(args.readout)
-    steer = _parse_steer(args.steer)
     steering = Steering.from_concepts(readout, steer) if steer else None  # validates names first
     info = matching_model(readout, args.model)
     model, tokenizer, _ = load_model(info.path, args.device)
@@ -95,11 +97,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         scores = session.zscores() if readout.has_stats else session.scores()
         # The position that sampled generated token i is the one before it.
         first = ids.shape[1] - 1
-        rows = [
-            {"position": first + i, "token": tokenizer.decode([int(t)]),
-             "layers": {str(l): top_concepts(scores[0, first + i, j], readout.concepts, args.top) for j, l in enumerate(readout.layers)}}
-            for i, t in enumerate(new.tolist()) if first + i < scores.shape[1]
-        ]
+        at = [first + i for i in range(len(new)) if first + i < scores.shape[1]]
+        scored = TextScores([tokenizer.decode([int(t)]) for t in new[: len(at)].tolist()], at, scores[0, at], readout.has_stats)
+        rows = token_rows(scored, readout, args.top)
         _print_rows(rows, "z-scores" if readout.has_stats else "raw projections")
     return 0
 

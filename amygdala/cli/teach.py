@@ -10,23 +10,7 @@ import sys
 from pathlib import Path
 
 from amygdala import AmygdalaError
-
-
-def _weights(flag: str, items: list[str], *, signed: bool = True) -> dict[str, float]:
-    """CONCEPT=NUMBER items (repeatable, or comma-separated) -> {concept: number}."""
-    out: dict[str, float] = {}
-    for item in (part for it in items for part in it.split(",") if part.strip()):
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip():
-            raise AmygdalaError(f"{flag} {item!r}: expected CONCEPT=NUMBER, e.g. calm=1")
-        try:
-            x = float(value)
-        except ValueError:
-            raise AmygdalaError(f"{flag} {item!r}: {value!r} is not a number") from None
-        if x != x or x in (float("inf"), float("-inf")) or (not signed and x < 0):
-            raise AmygdalaError(f"{flag} {item!r}: expected a finite{'' if signed else ', non-negative'} number")
-        out[name.strip()] = x
-    return out
+from amygdala.fields import parse_assignments
 
 
 def _server_args(p: argparse.ArgumentParser) -> None:
@@ -76,7 +60,7 @@ def cmd_pairs(args: argparse.Namespace) -> int:
         pairs = sum(s.rejected is not None for s in samples)
         _write(args.out, samples, f"samples ({pairs} chosen/rejected pairs, {len(samples) - pairs} single turns)")
         return 0
-    thresholds = convert.Thresholds(_weights("--min", args.min), _weights("--max", args.max))
+    thresholds = convert.Thresholds(parse_assignments(args.min, "--min"), parse_assignments(args.max, "--max"))
     if not thresholds.concepts:
         raise AmygdalaError("pairs notes: give at least one threshold, e.g. --min calm=0.7")
     if args.score_server and args.score_readout:
@@ -163,7 +147,7 @@ def cmd_dream(args: argparse.Namespace) -> int:
     from amygdala.teach.dream import DreamConfig, dream, train_body
     from amygdala.teach.runs import read_prompts, run_jobs, take_snapshot
 
-    toward, away = _weights("--toward", args.toward, signed=False), _weights("--away", args.away, signed=False)
+    toward, away = parse_assignments(args.toward, "--toward", signed=False), parse_assignments(args.away, "--away", signed=False)
     if not toward and not away:
         raise AmygdalaError("dream: give --toward and/or --away, e.g. --toward calm=1 --away anxious=1")
     try:
@@ -213,7 +197,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from amygdala.teach.distill import DistillConfig, distill, neutral_texts
     from amygdala.teach.runs import read_prompts, take_snapshot
 
-    steer = _weights("--steer", args.steer)
+    steer = parse_assignments(args.steer, "--steer")
     if not steer:
         raise AmygdalaError("distill: give --steer CONCEPT=STRENGTH, e.g. --steer calm=6")
     if not 0 < args.heldout < 1:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from amygdala import AmygdalaError, __version__
+from amygdala.fields import parse_assignments
 from amygdala.readout import Readout, Steering
 
 #: The formats `amygdala export` writes and `amygdala import` reads.
@@ -76,18 +77,8 @@ class LayerVectors:
 
 
 def parse_concepts(items: Sequence[str]) -> dict[str, float]:
-    """``--concept calm`` (weight 1) or ``--concept anxious=-0.5``; repeated names add up."""
-    out: dict[str, float] = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        name = name.strip()
-        if not name:
-            raise InteropError(f"--concept {item!r}: expected CONCEPT or CONCEPT=WEIGHT, e.g. calm or anxious=-0.5")
-        try:
-            weight = float(value) if sep else 1.0
-        except ValueError:
-            raise InteropError(f"--concept {item!r}: weight {value!r} is not a number") from None
-        out[name] = out.get(name, 0.0) + weight
+    """``--concept calm`` (weight 1) or ``--concept anxious=-0.5``; the rules of :func:`amygdala.fields.parse_assignments`."""
+    out = parse_assignments(items, "--concept", bare=1.0, example="calm or anxious=-0.5")
     if not out:
         raise InteropError("--concept: name at least one concept of the readout, e.g. --concept calm")
     return out
