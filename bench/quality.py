@@ -7,8 +7,8 @@ MLP neurons) for ``--concepts`` concepts x ``--layers`` layers, 4 positive texts
 neutral texts, 14 clusters; times the metrics (quality.json) and the HTML with its plots. The
 issue's budget is one minute on CPU for 200 concepts x 4 layers.
 
-``--real``: the default model on the bundled corpus. Times ``train`` without the report (the
-baseline forward), ``train`` with the extra captures the report reads (same forward: the ratio
+``--real``: the default model on the bundled corpus. Times ``build`` without the report (the
+baseline forward), ``build`` with the extra captures the report reads (same forward: the ratio
 is the captures' overhead) and the report itself, and prints the triage table.
 """
 
@@ -97,8 +97,8 @@ def bench_real(layers: str) -> None:
         _, t_write = timed(lambda: write(report, cfg, tmp))
     print(f"real: default model, {len(corpus.concepts)} concepts, layers {result.readout.layers}, "
           f"{len(result.activations.texts)} texts")
-    print(f"  train (baseline forward)          {t_plain:6.1f} s")
-    print(f"  train with the report's captures  {t_sites:6.1f} s  ratio {t_sites / t_plain:.2f}")
+    print(f"  build (baseline forward)          {t_plain:6.1f} s")
+    print(f"  build with the report's captures  {t_sites:6.1f} s  ratio {t_sites / t_plain:.2f}")
     print(f"  metrics                           {t_metrics:6.1f} s  ratio {t_metrics / t_plain:.2f}")
     print(f"  quality.json + report.html        {t_write:6.1f} s  ratio {t_write / t_plain:.2f}")
     print(triage_table(report))
