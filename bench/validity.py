@@ -24,7 +24,7 @@ from amygdala.activations import Activations, Pooling, collect
 from amygdala.corpus import bundled_corpus, load_corpus
 from amygdala.methods import concept_sets, fit
 from amygdala.models import load_model, parse_layers
-from amygdala.validity.geometry import geometry
+from amygdala.validity.geometry import PAPER, geometry
 from amygdala.validity.heldout import held_out
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "validity.md"
@@ -119,7 +119,7 @@ def main() -> None:
             print(f"  {pname} {method}: {time.perf_counter() - t1:.0f} s", flush=True)
     lines += ["", f"Chance: concept top-1 {pct(r0.chance_top1)}, top-5 {pct(r0.chance_top5)}, "
               f"cluster top-1 {pct(r0.chance_cluster_top1)}; held-out texts: {r0.n}. "
-              "The published study's figures: r 0.81 (PC1~valence), 0.66 (PC2~arousal)."]
+              f"The published study's figures: r {PAPER['pc1_valence_r']} (PC1~valence), {PAPER['pc2_arousal_r']} (PC2~arousal)."]
     body = "\n".join(lines)
     print(body, flush=True)
     if args.write:  # the accuracy tables are written before the (slower) steering check

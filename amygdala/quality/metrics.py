@@ -172,18 +172,9 @@ def cohesion(cos: torch.Tensor, labels: torch.Tensor, n_clusters: int) -> torch.
 
 
 def geometry(vectors: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """PCA over the concept vectors (centred across concepts): (explained-variance ratio of the
-    top ``k`` components, scores on the first two [C, 2]). Each component's sign is chosen so
-    that its largest score is positive, which keeps maps comparable across layers and runs.
-    Computed from the C x C Gram matrix: its eigh takes milliseconds where this torch build's
-    SVD of the C x hidden matrix takes seconds."""
-    v = vectors.double()
-    v = v - v.mean(0)
-    eig, u = torch.linalg.eigh(v @ v.T)
-    eig, u = eig.flip(0).clamp_min(0.0), u.flip(1)
-    ratio = eig / eig.sum().clamp_min(1e-12)
-    scores = u[:, :2] * eig[:2].sqrt()
-    if scores.shape[1] < 2:
-        scores = torch.cat([scores, torch.zeros(scores.shape[0], 2 - scores.shape[1], dtype=scores.dtype)], 1)
-    flip = torch.where(scores.gather(0, scores.abs().argmax(0)[None])[0] < 0, -1.0, 1.0)
-    return ratio[:k], scores * flip
+    """PCA over the concept vectors (:func:`amygdala.validity.geometry.pca`): (explained-variance
+    ratio of the top ``k`` components, scores on the first two [C, 2])."""
+    from amygdala.validity.geometry import pca
+
+    scores, ratio = pca(vectors, max(k, 2))
+    return ratio[:k], scores[:, :2]

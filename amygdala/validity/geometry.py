@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import torch
 
-#: The reference figures of the published study, shown beside ours.
-PAPER = {"pc1_valence_r": 0.81, "pc2_arousal_r": 0.66}
+#: The reference figures of the published study, shown beside ours: the one place they are written
+#: (the validity table, its page and bench/validity.py read them from here).
+PAPER = {"pc1_valence_r": 0.81, "pc2_arousal_r": 0.66, "n_concepts": 171}
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -39,13 +40,36 @@ def auc(positive: torch.Tensor, negative: torch.Tensor) -> float:
     return float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean())
 
 
+def pca(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one PCA of concept vectors (the quality report's map and this geometry both use it).
+
+    Args:
+        x: ``[n, d]`` rows, centred here (across rows).
+        k: how many components.
+
+    Returns:
+        ``(scores [n, k], explained-variance ratio [min(n, k)])`` in float64; each component's sign
+        is chosen so that its largest score is positive (comparable across layers and runs), and
+        scores past the rank are zero. Computed from the n x n Gram matrix: its eigh takes
+        milliseconds where this torch build's SVD of the n x d matrix takes seconds.
+    """
+    v = x.double()
+    v = v - v.mean(0)
+    eig, u = torch.linalg.eigh(v @ v.T)
+    eig, u = eig.flip(0).clamp_min(0.0), u.flip(1)
+    ratio = eig / eig.sum().clamp_min(1e-12)
+    scores = u[:, :k] * eig[:k].sqrt()
+    if scores.shape[1] < k:
+        scores = torch.cat([scores, torch.zeros(scores.shape[0], k - scores.shape[1], dtype=scores.dtype)], 1)
+    flip = torch.where(scores.gather(0, scores.abs().argmax(0)[None])[0] < 0, -1.0, 1.0)
+    return scores * flip, ratio[:k]
+
+
 def principal_scores(vectors: torch.Tensor, k: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scores [n, k], explained variance ratio [k]) of the unit-normalised, centred rows."""
+    """(scores [n, k], explained variance ratio [k]) of the unit-normalised rows (:func:`pca`)."""
     x = vectors.double()
-    x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    x = x - x.mean(0)
-    _, s, vh = torch.linalg.svd(x, full_matrices=False)
-    return (x @ vh[:k].T).float(), (s[:k] ** 2 / (s**2).sum()).float()
+    scores, ratio = pca(x / x.norm(dim=1, keepdim=True).clamp_min(1e-12), k)
+    return scores.float(), ratio.float()
 
 
 def decodable_r(vectors: torch.Tensor, target: torch.Tensor, folds: int = 10) -> float | None:

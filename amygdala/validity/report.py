@@ -13,7 +13,7 @@ from html import escape
 from amygdala.activations import Activations
 from amygdala.corpus import Corpus
 from amygdala.methods import METHODS, check_params
-from amygdala.validity.geometry import geometry
+from amygdala.validity.geometry import PAPER, geometry
 from amygdala.validity.heldout import held_out
 from amygdala.readout import Readout
 
@@ -54,7 +54,7 @@ def table(v: dict) -> str:
     elif v.get("heldout_skipped"):
         lines.append(f"held out: skipped ({v['heldout_skipped']})")
     lines.append("geometry   |r| PC1~valence  |r| PC2~arousal  PC1 +/- cluster AUC  decodable valence / arousal r"
-                 "   (paper: 0.81 / 0.66)")
+                 f"   (paper: {PAPER['pc1_valence_r']} / {PAPER['pc2_arousal_r']})")
     for l, g in v["geometry"].items():
         auc = "" if g["pc1_polarity_auc"] is None else f"{g['pc1_polarity_auc']:.2f}"
         dec = " / ".join("-" if g.get(k) is None else f"{g[k]:.2f}" for k in ("decodable_valence_r", "decodable_arousal_r"))
@@ -90,7 +90,8 @@ def html_section(v: dict, concepts: list[str], clusters: list[str]) -> str:
     )
     parts.append("<h3>Emotion geometry</h3><table><tr><th></th><th>|r| PC1 ~ valence</th><th>|r| PC2 ~ arousal</th>"
                  f"<th>PC1 positive/negative-cluster AUC</th><th>valence decodable (cross-validated r)</th><th>concepts rated</th></tr>{rows}"
-                 "<tr><td>published study</td><td class=\"num\">0.81</td><td class=\"num\">0.66</td><td></td><td></td><td>171</td></tr></table>")
+                 f"<tr><td>published study</td><td class=\"num\">{PAPER['pc1_valence_r']}</td><td class=\"num\">{PAPER['pc2_arousal_r']}</td>"
+                 f"<td></td><td></td><td>{PAPER['n_concepts']}</td></tr></table>")
     for l, g in v["geometry"].items():
         parts.append(_figure(f"plot-affect-{l}", affect_map(g["map"], concepts, clusters, int(l)),
                              f"Layer {l}: the concepts on PC1 (oriented to grow with valence) and PC2 (oriented to grow "
