@@ -78,7 +78,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         model=args.model, layers=args.layers, method=args.method, method_params=_method_params(args),
         pooling=args.pooling, min_positives=args.min_positives,
         chat_template=args.chat_template, batch_size=args.batch_size, device=args.device,
-        dtype=args.dtype, progress=not args.quiet,
+        dtype=args.dtype, progress=not args.quiet, construction=args.construction, statistics=args.statistics,
     )
     quality = _quality_config(args) if args.quality_report else None  # bad thresholds fail first
     config.quality_sites = quality is not None
@@ -164,19 +164,25 @@ def _print_rows(rows: list[dict], unit: str) -> None:
         cells = "  ".join(
             f"L{l}: " + ", ".join(f"{c} {v:+.1f}" for c, v in top) for l, top in r["layers"].items()
         )
-        print(f"{r['position']:>4} {r['token']!r:<16} {cells}")
+        tracks = "".join(f"{name[:4]} {v:+.1f}  " for name, v in r.get("tracks", {}).items())
+        print(f"{r['position']:>4} {r['token']!r:<16} {tracks}{cells}")
     print(f"({unit}; top concepts per layer)")
 
 
 def cmd_read(args: argparse.Namespace) -> int:
     from amygdala.models import load_model
     from amygdala.pipeline import matching_model
-    from amygdala.readout import Readout, score_text, token_rows
+    from amygdala.readout import DEFAULT_SMOOTH, Readout, score_text, token_rows
 
     readout = Readout.load(args.readout)
+    smooth = DEFAULT_SMOOTH if args.smooth is None else args.smooth
+    if smooth < 1:
+        raise AmygdalaError(f"--smooth {smooth}: the window is a number of tokens, at least 1")
+    if args.against is not None:
+        readout.stats_for(args.against)  # a readout without that set fails before the model loads
     info = matching_model(readout, args.model)
     model, tokenizer, _ = load_model(info.path, args.device)
-    scored = score_text(model, tokenizer, readout, args.text)
+    scored = score_text(model, tokenizer, readout, args.text, against=args.against, smooth=smooth)
     rows = token_rows(scored, readout, args.top)
     if args.html is not None:
         from amygdala.view import conversation_of_text, snapshot_html
@@ -186,10 +192,17 @@ def cmd_read(args: argparse.Namespace) -> int:
         args.html.write_text(snapshot_html(conversation), encoding="utf-8")
         print(f"wrote {args.html} (open it in a browser; no server needed)", file=sys.stderr)
     if args.json:
-        json.dump({"layers": readout.layers, "zscore": readout.has_stats, "tokens": rows}, sys.stdout, indent=1)
+        json.dump({"layers": readout.layers, "zscore": readout.has_stats, "against": scored.against,
+                   "construction": readout.construction, "smooth": scored.smooth,
+                   "tracks": scored.track_names or [], "tokens": rows}, sys.stdout, indent=1)
         print()
     else:
-        _print_rows(rows, "z-scores over neutral text" if readout.has_stats else "raw projections")
+        unit = f"z-scores over {scored.against} text" if readout.has_stats else "raw projections"
+        if scored.smooth > 1:
+            unit += f", averaged over the last {scored.smooth} tokens"
+        if scored.track_names:
+            unit += "; emot/vale: emotionality and valence tracks, z over neutral text"
+        _print_rows(rows, unit)
     return 0
 
 
@@ -407,8 +420,9 @@ DEMO_CONCEPTS = ["terrified", "calm", "furious", "grief_stricken", "joyful", "bo
 
 #: Part of the demo cache's key: bumped when ``build`` starts writing something new into
 #: readout.json (2: per-concept valence, arousal and descriptions, which the live page uses), so
-#: a readout cached by an older amygdala is built again instead of reused without them.
-DEMO_CACHE_FORMAT = 2
+#: a readout cached by an older amygdala is built again instead of reused without them; 3: the
+#: mean-removed construction, both statistics sets and the emotionality and valence tracks).
+DEMO_CACHE_FORMAT = 3
 
 
 def _demo_readout(args: argparse.Namespace):
@@ -482,6 +496,11 @@ def _add_build(sub) -> None:
         p.add_argument("--chat-template", action="store_true", help="read texts as the assistant turn of a chat")
         p.add_argument("--batch-size", type=int, default=16)
         p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="dtype of stored vectors")
+        p.add_argument("--construction", default="mean_removed", choices=["mean_removed", "as_built"],
+                       help="mean_removed (default): the concepts' shared direction out, kept as the emotionality "
+                            "track; as_built: the method's vectors as they are (docs/readout-format.md)")
+        p.add_argument("--statistics", default="emotional", choices=["emotional", "neutral"],
+                       help="the z-scores' default statistics in the file (both are stored; read --against picks)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         p.add_argument("--quality-report", action="store_true",
                        help="also write OUT/quality.json + OUT/report.html from the same forward pass")
@@ -526,6 +545,12 @@ def _add_read(sub) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--html", type=Path, default=None, metavar="FILE",
                    help="also write a self-contained page of the text's readout (the live page's snapshot, opens offline)")
+    p.add_argument("--against", choices=("neutral", "emotional"), default=None,
+                   help="z-score statistics: neutral (more X than plain prose?) or emotional (X rather than "
+                        "another feeling?); default: the readout file's")
+    p.add_argument("--smooth", type=int, default=None, metavar="N",
+                   help="causal moving average over the last N tokens (1: none; default "
+                        "amygdala.readout.DEFAULT_SMOOTH, 3)")
     p.set_defaults(func=cmd_read)
 
 
