@@ -25,8 +25,8 @@ from amygdala.corpus import bundled_corpus, load_corpus
 from amygdala.corpus.loader import PAIRED, STORY
 from amygdala.methods import concept_sets, fit
 from amygdala.models import load_model, parse_layers
-from amygdala.quality.geometry import geometry
-from amygdala.quality.heldout import held_out
+from amygdala.validity.geometry import geometry
+from amygdala.validity.heldout import held_out
 
 ROOT = Path(__file__).resolve().parents[1]
 

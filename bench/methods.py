@@ -5,7 +5,7 @@
 One forward per unique text collects the pooled activations and, in the same pass, each text's
 token rowspace for ``subspace``; every method then works from those same activations. Per
 method: the time of a full fit (every concept and layer) and its ratio to diffmean's, measured
-in this run, and leave-one-story-out accuracy (amygdala.quality.heldout: fold k holds out the
+in this run, and leave-one-story-out accuracy (amygdala.validity.heldout: fold k holds out the
 k-th scene text of every concept and refits, so the fold time is that many more fits).
 Chance levels are printed beside the accuracies.
 """
@@ -24,7 +24,7 @@ from amygdala.activations import collect
 from amygdala.corpus import load_corpus
 from amygdala.methods import METHODS, TokenSubspaces, concept_sets, fit
 from amygdala.models import load_model, parse_layers
-from amygdala.quality.heldout import leave_one_story_out
+from amygdala.validity.heldout import leave_one_story_out
 
 CORPUS = bundled_corpus()
 

@@ -16,7 +16,7 @@ import collections
 
 import torch
 
-from amygdala.cli.main import DEMO_CONCEPTS, DEMO_SENTENCE
+from amygdala.cli.build import DEMO_CONCEPTS, DEMO_SENTENCE
 from amygdala.corpus import bundled_corpus, load_corpus
 from amygdala.methods import concept_sets, fit
 from amygdala.models import load_model

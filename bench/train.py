@@ -35,7 +35,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from amygdala.models import load_model, resolve_model
-from amygdala.finetune import checkpoint
+from amygdala import checkpoint
 from amygdala.finetune.apollo import OptimizerSettings, build_optimizer, state_nbytes
 from amygdala.finetune.inputs import JobConfig, Sample
 from amygdala.finetune.objectives import sample_losses
@@ -113,8 +113,8 @@ def bench_sync_bf16(data: list[Sample], jobs: int, sets: list[tuple[str, Trainab
     ``jobs`` one-step APOLLO-Mini jobs each followed by a sync; per job the changed-block
     fraction of the trained tensors, bytes written (model files and journal) and seconds; and
     a durable ``save_pretrained`` of the same model in the same run as the baseline."""
-    from amygdala.finetune.layout import to_served
-    from amygdala.finetune.views import view_model
+    from amygdala.checkpoint.layout import to_served
+    from amygdala.finetune.shared_weights import view_model
     from safetensors.torch import load_file
     from transformers import AutoConfig
 

@@ -5,7 +5,7 @@ and (with --steer) steering judged by VADER. Writes its tables into docs/validit
 
 One forward over the corpus collects the mean-pooled rows and, from each text's per-token
 activations in the same pass, the other poolings' rows: every pooling is measured on the same
-activations. Held-out accuracy refits per fold from those rows (amygdala.quality.heldout).
+activations. Held-out accuracy refits per fold from those rows (amygdala.validity.heldout).
 logistic refits are slow (one scikit-learn classifier per concept per fold per layer, about a
 second each here), so it runs at mean pooling only, at the layer where diffmean did best, on
 --logistic-folds folds; the table says so on its rows.
@@ -24,8 +24,8 @@ from amygdala.activations import Activations, Pooling, collect
 from amygdala.corpus import bundled_corpus, load_corpus
 from amygdala.methods import concept_sets, fit
 from amygdala.models import load_model, parse_layers
-from amygdala.quality.geometry import geometry
-from amygdala.quality.heldout import held_out
+from amygdala.validity.geometry import geometry
+from amygdala.validity.heldout import held_out
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "validity.md"
 
@@ -135,7 +135,7 @@ def main() -> None:
 
 def steering_lines(model, tok, corpus, acts, layers) -> list[str]:
     """Steering efficacy of mean-pooled diffmean and denoised vectors at ``layers`` (one at a time)."""
-    from amygdala.quality.steering import SteeringConfig, steering_efficacy
+    from amygdala.validity.steering import SteeringConfig, steering_efficacy
     from amygdala.readout import Readout
 
     out = ["| method | layer | strength (x residual norm) | concept | toward | mean VADER shift | moved as intended | perplexity |",

@@ -36,11 +36,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))  # tests.helpers: the tiny model and server the tests use
 
 from validity import replace_block  # noqa: E402
 
-from amygdala.view import snapshot_html  # noqa: E402
+from amygdala.view import offline_html  # noqa: E402
 
 BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                 "--disable-sync", "--no-first-run", "--disable-quic"]
@@ -90,7 +90,7 @@ def measure(args) -> str:
     m = manifest(args.concepts, args.layers)
     tmp = Path(tempfile.mkdtemp(prefix="bench-view-"))
     empty = tmp / "empty.html"
-    empty.write_text(snapshot_html(empty_snapshot(m)))
+    empty.write_text(offline_html(empty_snapshot(m)))
     n = args.tokens
     windows = [(0, 100), (n // 2 - 50, n // 2 + 50), (n - 100, n)]
     results = {}
@@ -105,7 +105,7 @@ def measure(args) -> str:
             conv = page.evaluate("window.amygdala.conversation()")
             page.close()
             snap = tmp / f"{mode}.html"
-            snap.write_text(snapshot_html(conv))
+            snap.write_text(offline_html(conv))
             page = browser.new_page(viewport={"width": 1280, "height": 800})
             t0 = time.perf_counter()
             page.goto(snap.as_uri())
@@ -141,7 +141,7 @@ def screenshot(args) -> None:
     """The page on a real model, for the README."""
     from playwright.sync_api import sync_playwright
 
-    import serve_helpers as sh
+    from tests.helpers import serve as sh
 
     port = sh.free_port()
     log = Path(tempfile.mkdtemp(prefix="bench-view-")) / "view.log"

@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import tiny  # noqa: E402
+from helpers import tiny  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import tiny
+from helpers import tiny
 from amygdala.cli.main import main
 from amygdala.readout import Readout
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-import tiny
+from helpers import tiny
 from amygdala.corpus import bundled_corpus
 from amygdala.corpus import CorpusError, load_corpus
 from amygdala.corpus.check import check_corpus, concept_word_pattern

@@ -28,9 +28,9 @@ import importlib
 import pytest
 import torch
 
-import serve_helpers as sh
-import tiny
-from amygdala.finetune import layout
+from helpers import serve as sh
+from helpers import tiny
+from amygdala.checkpoint import layout
 from amygdala.readout import Readout, Steering, attach
 
 vllm = pytest.mark.vllm
@@ -70,7 +70,7 @@ def make_family(arch: str, path=None, *, seed: int = 0):
     else:
         config = tiny.make_config(arch, len(tok), hidden=sh.HIDDEN, layers=sh.NUM_LAYERS, heads=2)
     config.max_position_embeddings = 1024
-    config.initializer_range = 0.2  # peaked logits: greedy paths far from ties (as serve_helpers' Llama)
+    config.initializer_range = 0.2  # peaked logits: greedy paths far from ties (as helpers.serve's Llama)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     if path is not None:
         model.save_pretrained(path)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import tiny
+from helpers import tiny
 from amygdala.finetune.apollo import (
     DEFAULT_RANK, MINI_ALPHA, Apollo, OptimizerError, OptimizerSettings, build_optimizer, split_parameters,
     state_nbytes,

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import tiny
+from helpers import tiny
 from amygdala.finetune.apollo import OptimizerSettings, build_optimizer
-from amygdala.finetune.inputs import JobConfig, Limits, Sample, TrainInputError, parse_request
+from amygdala.finetune.inputs import JobConfig, Limits, Sample, parse_request
+from amygdala.fields import FieldError
 from amygdala.finetune.objectives import continuation_logprobs
 from amygdala.finetune.trainer import TrainJobError, run_job
 
@@ -122,9 +123,9 @@ def _request(**sample):
     ([1], "body", "expected an object"),
 ])
 def test_bad_input_names_the_field(body, field, match):
-    with pytest.raises(TrainInputError, match=match) as err:
+    with pytest.raises(FieldError, match=match) as err:
         parse_request(body, LIMITS)
-    assert err.value.field == field
+    assert err.value.path == field
     assert str(err.value).startswith(field + ": ")
 
 

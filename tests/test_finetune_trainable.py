@@ -8,8 +8,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
-import tiny
-from amygdala.finetune import layout, views
+from helpers import tiny
+from amygdala.checkpoint import layout
+from amygdala.finetune import shared_weights
 from amygdala.finetune.state import StateError
 from amygdala.finetune.trainable import Trainable, TrainableError
 from amygdala.finetune.trainer import Trainer
@@ -47,7 +48,7 @@ def _bf16_trainer(tmp_path, name: str, trainable: Trainable) -> Trainer:
     model, tok = tiny.make_model("llama", layers=4, hidden=128)
     model.to(torch.bfloat16).save_pretrained(folder)
     served = layout.to_served({k: v.clone() for k, v in load_file(folder / "model.safetensors").items()})
-    return Trainer(views.view_model(AutoConfig.from_pretrained(folder), served), folder, served=served, trainable=trainable)
+    return Trainer(shared_weights.view_model(AutoConfig.from_pretrained(folder), served), folder, served=served, trainable=trainable)
 
 
 def test_a_bf16_sync_writes_what_the_set_holds_and_no_more(tmp_path):
@@ -74,7 +75,7 @@ def test_the_folders_optimizer_state_belongs_to_its_set(tmp_path):
     trainer.sync()
     folder = trainer.model_dir
     served = layout.to_served({k: v.clone() for k, v in load_file(folder / "model.safetensors").items()})
-    model = views.view_model(AutoConfig.from_pretrained(folder), served)
+    model = shared_weights.view_model(AutoConfig.from_pretrained(folder), served)
     with pytest.raises(StateError, match="saved for other trainable parameters"):
         Trainer(model, folder, served=served, trainable=Trainable("2-3", "mlp"))
     Trainer(model, folder, served=served, trainable=Trainable("3", "mlp"))  # the same set restores

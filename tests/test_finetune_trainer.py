@@ -8,10 +8,12 @@ import pytest
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import tiny
-from amygdala.finetune import checkpoint, layout, views
+from helpers import tiny
+from amygdala import checkpoint
+from amygdala.checkpoint import layout
+from amygdala.finetune import shared_weights
 from amygdala.finetune.apollo import OptimizerSettings
-from amygdala.finetune.inputs import TrainInputError
+from amygdala.fields import FieldError
 from amygdala.finetune.state import STATE_FILE, StateError
 from amygdala.finetune.trainer import Trainer
 
@@ -34,7 +36,7 @@ def _serve(folder):
     """What the vLLM side would hand over: merged tensors, and a trainer model on views of them."""
     config = AutoConfig.from_pretrained(folder)
     served = layout.to_served({k: v.clone() for k, v in load_file(folder / "model.safetensors").items()})
-    return served, views.view_model(config, served)
+    return served, shared_weights.view_model(config, served)
 
 
 def test_train_sync_restart_continues(tmp_path):
@@ -92,9 +94,9 @@ def test_trainer_checks_requests_against_its_model(tmp_path):
     model, tok = tiny.make_model("llama", folder)
     trainer = Trainer(model, folder)
     bad = {**REQUEST, "samples": [{"context_ids": CONTEXT, "continuation_ids": [len(tok)]}]}
-    with pytest.raises(TrainInputError) as err:
+    with pytest.raises(FieldError) as err:
         trainer.parse(bad)
-    assert err.value.field == "samples[0].continuation_ids[0]"
+    assert err.value.path == "samples[0].continuation_ids[0]"
     assert checkpoint.diagnose(folder).clean
 
 

@@ -2,10 +2,10 @@
 
 import torch
 
-import tiny
+from helpers import tiny
 from amygdala.activations import collect
 from amygdala.corpus import load_corpus
-from amygdala.quality.heldout import folds, leave_one_story_out
+from amygdala.validity.heldout import folds, leave_one_story_out
 
 
 def test_folds_hold_each_scene_text_out_once(synthetic_corpus):

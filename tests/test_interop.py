@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-import tiny
+from helpers import tiny
 from amygdala.cli.main import main
 from amygdala.interop import InteropError, add_concept, from_readout, read_vectors, write_vectors
 from amygdala.readout import Readout, Steering, attach

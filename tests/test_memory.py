@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import tiny
+from helpers import tiny
 from amygdala.finetune import memory
 from amygdala.finetune.apollo import OptimizerSettings, build_optimizer, state_nbytes
 

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-import tiny
+from helpers import tiny
 from amygdala import AmygdalaError
 from amygdala.activations import collect, encode
 from amygdala.cli.main import main

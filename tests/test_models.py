@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-import tiny
+from helpers import tiny
 from amygdala import AmygdalaError
 from amygdala.models import find_layers, parse_layers, relative_depth
 from amygdala.models.resolve import model_info, resolve_model

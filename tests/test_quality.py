@@ -8,7 +8,7 @@ import pytest
 import torch
 from sklearn.linear_model import Ridge
 
-import tiny
+from helpers import tiny
 from amygdala.activations import collect, encode
 from amygdala.cli.main import main
 from amygdala.corpus import load_corpus

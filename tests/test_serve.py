@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 import torch
 
-import serve_helpers as sh
+from helpers import serve as sh
 from amygdala.readout import Readout, Steering, attach
 from amygdala.serve.respond import Formatter, rewrite_json, rewrite_stream
 from amygdala.serve.proxy import Exchange, RowStore
-from amygdala.serve.spec import ModelShape, RequestSpec, SpecError, SteerItem, parse
+from amygdala.serve.spec import ModelShape, RequestSpec, SteerItem, parse
+from amygdala.fields import FieldError
 
 #: Tests that start vLLM; the others (request parsing, response rewriting) run anywhere.
 vllm = pytest.mark.vllm
@@ -418,7 +419,7 @@ def test_cli_checks_before_starting_vllm(files, tmp_path, capsys):
 
     pytest.importorskip("vllm")
     from amygdala import AmygdalaError
-    from amygdala.serve import cli
+    from amygdala.cli import serve as cli
 
     root, model, readout, bad = files
     parser = argparse.ArgumentParser()
@@ -458,7 +459,7 @@ def test_default_model_parity(tmp_path):
     env = sh.server_env(None)
     # `amygdala serve ...`, through the subcommand's own parser (main.py wires it the same way).
     launch = (
-        "import argparse, sys; from amygdala.serve import cli; p = argparse.ArgumentParser(); "
+        "import argparse, sys; from amygdala.cli import serve as cli; p = argparse.ArgumentParser(); "
         "cli.add_parser(p.add_subparsers()); a = p.parse_args(['serve'] + sys.argv[1:]); sys.exit(a.func(a))"
     )
     proc = subprocess.Popen(
@@ -537,9 +538,9 @@ def test_spec_defaults_modes_and_precedence():
     ],
 )
 def test_spec_errors_name_the_field(fields, stats, loaded, param, words):
-    with pytest.raises(SpecError) as e:
+    with pytest.raises(FieldError) as e:
         parse(fields, None, small_readout(stats) if loaded else None, SHAPE)
-    assert e.value.param == param
+    assert e.value.path == param
     for w in words:
         assert w in str(e.value)
 

@@ -19,13 +19,15 @@ import zmq
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
-import serve_helpers as sh
-import tiny
-from amygdala.finetune import layout, views
-from amygdala.finetune.inputs import TrainInputError
+from helpers import serve as sh
+from helpers import tiny
+from amygdala.checkpoint import layout
+from amygdala.finetune import shared_weights
+from amygdala.fields import FieldError
 from amygdala.finetune.state import STATE_FILE
 from amygdala.finetune.trainer import Trainer
-from amygdala.finetune.worker import TrainingService, WorkerError, WorkerSpec, spawn
+from amygdala.finetune.service import TrainingService, WorkerError
+from amygdala.finetune.worker import WorkerSpec, spawn
 
 vllm = pytest.mark.vllm
 KEY = "test-key-7"
@@ -41,7 +43,7 @@ def _serve(folder):
     """What vLLM holds: merged tensors (its layout), and a model on views of them."""
     config = AutoConfig.from_pretrained(folder)
     served = layout.to_served({k: v.clone() for k, v in load_file(folder / "model.safetensors").items()})
-    return config, served, views.view_model(config, served)
+    return config, served, shared_weights.view_model(config, served)
 
 
 def _greedy(model, context=CONTEXT, n=len(CONTINUATION)) -> list[int]:
@@ -91,9 +93,9 @@ def test_jobs_run_in_order_queued_ones_are_shown_and_each_resets_the_cache(servi
     assert (a["state"], a["ahead"], b["ahead"]) == ("queued", 0, 1)
     status = svc.status()
     assert [j["id"] for j in status["queue"]] == [a["job_id"], b["job_id"]] and status["current"] is None
-    with pytest.raises(TrainInputError) as bad:
+    with pytest.raises(FieldError) as bad:
         svc.submit({"samples": [{"context_ids": [2], "continuation_ids": []}]})
-    assert bad.value.field == "samples[0].continuation_ids" and len(svc.status()["queue"]) == 2
+    assert bad.value.path == "samples[0].continuation_ids" and len(svc.status()["queue"]) == 2
 
     thread.start()
     status = _wait(lambda: (s := svc.status())["state"] == "idle" and len(s["finished"]) == 2 and s, 120, "two jobs")
@@ -255,7 +257,8 @@ def test_amygdala_serve_trains_without_a_readout_when_the_key_is_set(tmp_path, m
 
     pytest.importorskip("vllm")
     from amygdala import AmygdalaError
-    from amygdala.serve import cli, config
+    from amygdala.cli import serve as cli
+    from amygdala.serve import config
 
     folder = tmp_path / "model"
     tiny.make_model("llama", folder)

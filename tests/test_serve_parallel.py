@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 import torch
 
-import serve_helpers as sh
+from helpers import serve as sh
 from amygdala import AmygdalaError
 from amygdala.readout import Readout, attach
 from amygdala.serve.channel import Receiver, Sender, decode, encode
@@ -120,7 +120,7 @@ def test_a_stage_owns_the_layers_vllm_did_not_replace_by_placeholders():
 
 # --------------------------------------------------------------------------- amygdala serve's binding
 def test_parallel_size_reads_vllms_flags_and_names_a_bad_one():
-    from amygdala.serve.cli import parallel_size
+    from amygdala.serve.launch import parallel_size
 
     assert parallel_size(["--max-num-seqs", "4"]) == 1
     assert parallel_size(["--tensor-parallel-size", "2", "-pp=3"]) == 6
@@ -130,7 +130,7 @@ def test_parallel_size_reads_vllms_flags_and_names_a_bad_one():
 
 
 def test_cpu_binding_splits_the_allowed_cpus_only_where_vllms_auto_binding_fails():
-    from amygdala.serve.cli import cpu_binding
+    from amygdala.serve.launch import cpu_binding
 
     assert cpu_binding(2, [0, 1], numa_nodes=1) == "0|1"
     assert cpu_binding(2, [0, 1, 2, 3, 4], numa_nodes=1) == "0,1|2,3"
@@ -140,19 +140,20 @@ def test_cpu_binding_splits_the_allowed_cpus_only_where_vllms_auto_binding_fails
 
 
 def _serve_command(model, readout, extra: list[str]) -> tuple[list[str], dict[str, str]]:
-    from amygdala.serve import cli
+    from amygdala.cli import serve as cli
+    from amygdala.serve.launch import vllm_argv
 
     parser = argparse.ArgumentParser()
     cli.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["serve", "--model", str(model), "--readout", str(readout),
                               "--port", str(sh.free_port()), "--", *extra])
-    return cli.build(args)
+    return vllm_argv(args)
 
 
 @vllm
 def test_serve_sets_a_binding_for_parallel_cpu_workers_unless_given(files, monkeypatch):
     pytest.importorskip("vllm")
-    from amygdala.serve.cli import BIND_ENV, _numa_nodes
+    from amygdala.serve.launch import BIND_ENV, _numa_nodes
 
     root, model, readout = files
     monkeypatch.delenv(BIND_ENV, raising=False)
@@ -257,7 +258,7 @@ def test_plain_vllm_serves_pipeline_parallel(files):
     fix lands in such a release this fails, saying to raise hooks.CPU_PIPELINE_BROKEN_UP_TO."""
     pytest.importorskip("vllm")
     root, model, _ = files
-    from amygdala.serve.cli import cpu_binding
+    from amygdala.serve.launch import cpu_binding
 
     bind = cpu_binding(2, sorted(os.sched_getaffinity(0)), numa_nodes=1)  # as amygdala serve would
     env = sh.server_env(None, VLLM_PLUGINS="", VLLM_CPU_OMP_THREADS_BIND=bind)

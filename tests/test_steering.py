@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import tiny
+from helpers import tiny
 from amygdala.readout import Readout, ReadoutError, Steering, attach
 
 

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-import tiny
+from helpers import tiny
 from amygdala.cli.main import main
 from amygdala.teach import convert
 from amygdala.teach.samples import SampleError, TeachSample, read_samples, write_samples
@@ -210,14 +210,16 @@ def test_snapshot_and_rollback_restore_the_weights_and_moments_bit_for_bit(tmp_p
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
-    from amygdala.finetune import layout, protocol, views
+    from amygdala.checkpoint import layout
+    from amygdala.finetune import protocol, shared_weights
     from amygdala.finetune.trainer import Trainer
-    from amygdala.finetune.worker import TrainingService, handle
+    from amygdala.finetune.service import TrainingService
+    from amygdala.finetune.worker import handle
 
     folder = tmp_path / "model"
     tiny.make_model("llama", folder)
     served = layout.to_served({k: v.clone() for k, v in load_file(folder / "model.safetensors").items()})
-    model = views.view_model(AutoConfig.from_pretrained(folder), served)
+    model = shared_weights.view_model(AutoConfig.from_pretrained(folder), served)
     resets = []
     svc = TrainingService(Trainer(model, folder, served=served), sync_delay=3600, reset_cache=lambda: (resets.append(1) or True, None))
     stop = threading.Event()

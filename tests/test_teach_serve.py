@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import serve_helpers as sh
-import tiny
+from helpers import serve as sh
+from helpers import tiny
 from amygdala.cli.main import main
 from amygdala.readout import Readout
 from amygdala.teach.client import Server, ServerError

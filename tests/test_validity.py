@@ -7,15 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import tiny
+from helpers import tiny
 from amygdala.activations import Activations, collect
 from amygdala.cli.main import main
 from amygdala.corpus import load_corpus
 from amygdala.corpus.loader import BASELINE, STORY, Corpus, Text
 from amygdala.methods import concept_sets, fit
-from amygdala.quality.geometry import auc, geometry, pearson
-from amygdala.quality.heldout import held_out
-from amygdala.quality.steering import SteeringConfig, steering_efficacy
+from amygdala.validity.geometry import auc, geometry, pearson
+from amygdala.validity.heldout import held_out
+from amygdala.validity.steering import SteeringConfig, steering_efficacy
 from amygdala.readout import Readout
 
 

@@ -1,6 +1,6 @@
 """The live page (amygdala.view, served by the plugin at /amygdala/) in a real headless Chromium.
 
-A live ``amygdala view`` on the tiny model (tests/serve_helpers.py) streams a chat; the test
+A live ``amygdala view`` on the tiny model (tests/helpers/serve.py) streams a chat; the test
 sends the same request itself and checks the page against that stream: one coloured span per
 token (the colour's sign is the valence computed here), panel numbers equal to the streamed
 z-scores, the hysteresis list equal to a Python oracle of the rule, steering from a slider
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import serve_helpers as sh
+from helpers import serve as sh
 from amygdala.readout import Readout
 
 vllm = pytest.mark.vllm
@@ -375,13 +375,13 @@ def asset(name: str) -> str:
 
 
 def test_snapshot_inlines_the_page_safely():
-    from amygdala.view import snapshot_html
+    from amygdala.view import offline_html
 
     assert "</script" not in asset("app.js").lower() and "<!--" not in asset("app.js")
     conv = {"format": "amygdala-conversation", "version": 1, "manifest": {"concepts": ["a"], "layers": [0]},
             "readout": "raw", "alignment": "own", "messages": [{"role": "text", "content": "</script><b>x",
             "steer": [], "tokens": [{"text": "</script><b>x", "readout": [[1.0]]}]}]}
-    html = snapshot_html(conv)
+    html = offline_html(conv)
     js = asset("app.js")
     for tag in ('<link rel="stylesheet" href="style.css">', '<script src="app.js">'):
         assert html.count(tag) == js.count(tag)  # the page's own reference was replaced by the file
@@ -440,13 +440,13 @@ def test_page_routes_and_the_off_switch(monkeypatch):
 
 def test_serve_no_page_flag_sets_the_switch(files, monkeypatch):
     from amygdala.cli.main import build_parser
-    from amygdala.serve.cli import build
+    from amygdala.serve.launch import vllm_argv
     from amygdala.serve.config import PAGE_ENV
 
     pytest.importorskip("vllm")
     monkeypatch.delenv(PAGE_ENV, raising=False)
     _, model, readout = files
     args = build_parser().parse_args(["serve", "--model", str(model), "--readout", str(readout), "--no-page"])
-    assert build(args)[1][PAGE_ENV] == "0"
+    assert vllm_argv(args)[1][PAGE_ENV] == "0"
     args = build_parser().parse_args(["serve", "--model", str(model), "--readout", str(readout)])
-    assert PAGE_ENV not in build(args)[1]
+    assert PAGE_ENV not in vllm_argv(args)[1]

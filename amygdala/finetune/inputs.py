@@ -3,7 +3,7 @@
 Why plain functions over JSON-like values: the HTTP route (``POST /train``) and Python callers
 share them, and a bad request must fail before anything touches the weights, with one error
 that names the field (``samples[3].continuation_ids[5]``) and what to do. The route maps
-:class:`TrainInputError` to a 400 with ``field`` as the parameter.
+:class:`FieldError` to a 400 with its ``path`` as the parameter.
 
 No tokenizer here: the client owns tokenization and sends token IDs. The loss is taken on the
 continuation only; ``context_ids`` condition it.
@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from amygdala import AmygdalaError
-from amygdala.numbers import finite, is_int, short
+from amygdala.fields import FieldError, finite, is_int, short
 
 OBJECTIVES = ("sft", "orpo", "dpo")
 SAMPLE_KEYS = ("context_ids", "continuation_ids", "rejected_ids")
@@ -24,14 +24,6 @@ SAMPLE_KEYS = ("context_ids", "continuation_ids", "rejected_ids")
 #: beta of 1e37 gave a finite first loss and an infinite backward.
 MAX_BETA = 10.0
 MAX_ORPO_LAMBDA = 10.0
-
-
-class TrainInputError(AmygdalaError):
-    """A bad field of a training request; ``field`` is its path, e.g. ``samples[0].context_ids``."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
 
 
 @dataclass(frozen=True)
@@ -80,39 +72,39 @@ class Limits:
 
 def _ids(value: Any, field: str, limits: Limits, *, allow_empty: bool = False) -> tuple[int, ...]:
     if not isinstance(value, (list, tuple)):
-        raise TrainInputError(field, f"expected a list of token IDs (integers), got {type(value).__name__}")
+        raise FieldError(field, f"expected a list of token IDs (integers), got {type(value).__name__}")
     if not value and not allow_empty:
-        raise TrainInputError(field, "empty; give at least one token ID")
+        raise FieldError(field, "empty; give at least one token ID")
     for i, t in enumerate(value):
         if not is_int(t):
-            raise TrainInputError(f"{field}[{i}]", f"{short(t)} is not an integer token ID")
+            raise FieldError(f"{field}[{i}]", f"{short(t)} is not an integer token ID")
         if not 0 <= t < limits.vocab_size:
-            raise TrainInputError(f"{field}[{i}]", f"{short(t)} is outside the vocabulary (0..{limits.vocab_size - 1})")
+            raise FieldError(f"{field}[{i}]", f"{short(t)} is outside the vocabulary (0..{limits.vocab_size - 1})")
     return tuple(value)
 
 
 def parse_sample(raw: Any, index: int, limits: Limits, objective: str) -> Sample:
     where = f"samples[{index}]"
     if not isinstance(raw, dict):
-        raise TrainInputError(where, f"expected an object with {', '.join(SAMPLE_KEYS)}, got {type(raw).__name__}")
+        raise FieldError(where, f"expected an object with {', '.join(SAMPLE_KEYS)}, got {type(raw).__name__}")
     unknown = sorted(set(raw) - set(SAMPLE_KEYS))
     if unknown:
-        raise TrainInputError(f"{where}.{unknown[0]}", f"unknown field; a sample has {', '.join(SAMPLE_KEYS)}")
+        raise FieldError(f"{where}.{unknown[0]}", f"unknown field; a sample has {', '.join(SAMPLE_KEYS)}")
     for key in SAMPLE_KEYS[:2]:
         if key not in raw:
-            raise TrainInputError(f"{where}.{key}", "missing")
+            raise FieldError(f"{where}.{key}", "missing")
     context = _ids(raw["context_ids"], f"{where}.context_ids", limits)
     continuation = _ids(raw["continuation_ids"], f"{where}.continuation_ids", limits)
     rejected = None
     if objective in ("orpo", "dpo"):
         if raw.get("rejected_ids") is None:
-            raise TrainInputError(f"{where}.rejected_ids", f"missing; objective {objective} compares the continuation with a rejected one")
+            raise FieldError(f"{where}.rejected_ids", f"missing; objective {objective} compares the continuation with a rejected one")
         rejected = _ids(raw["rejected_ids"], f"{where}.rejected_ids", limits)
     elif raw.get("rejected_ids") is not None:
-        raise TrainInputError(f"{where}.rejected_ids", "only objectives orpo and dpo use it; drop it or choose one of them")
+        raise FieldError(f"{where}.rejected_ids", "only objectives orpo and dpo use it; drop it or choose one of them")
     for key, ids in (("continuation_ids", continuation), ("rejected_ids", rejected)):
         if ids is not None and len(context) + len(ids) > limits.max_length:
-            raise TrainInputError(
+            raise FieldError(
                 f"{where}.{key}",
                 f"context + {key.removesuffix('_ids')} is {len(context) + len(ids)} tokens, over the model's "
                 f"{limits.max_length}; shorten the context",
@@ -124,24 +116,24 @@ def parse_config(raw: Any, limits: Limits) -> JobConfig:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise TrainInputError("config", f"expected an object, got {type(raw).__name__}")
+        raise FieldError("config", f"expected an object, got {type(raw).__name__}")
     known = {f.name for f in fields(JobConfig)}
     unknown = sorted(set(raw) - known)
     if unknown:
-        raise TrainInputError(f"config.{unknown[0]}", f"unknown setting; known: {', '.join(sorted(known))}")
+        raise FieldError(f"config.{unknown[0]}", f"unknown setting; known: {', '.join(sorted(known))}")
     cfg = JobConfig(**raw)
     if cfg.objective not in OBJECTIVES:
-        raise TrainInputError("config.objective", f"{cfg.objective!r} is not one of {', '.join(OBJECTIVES)}")
+        raise FieldError("config.objective", f"{cfg.objective!r} is not one of {', '.join(OBJECTIVES)}")
     if not ((lr := finite(cfg.learning_rate)) is not None and 0 < lr <= 1):
-        raise TrainInputError("config.learning_rate", f"{short(cfg.learning_rate)} must be a number in (0, 1]; 1e-5 is a usual start")
+        raise FieldError("config.learning_rate", f"{short(cfg.learning_rate)} must be a number in (0, 1]; 1e-5 is a usual start")
     if not (is_int(cfg.steps) and 1 <= cfg.steps <= limits.max_steps):
-        raise TrainInputError("config.steps", f"{short(cfg.steps)} must be an integer in 1..{limits.max_steps}")
+        raise FieldError("config.steps", f"{short(cfg.steps)} must be an integer in 1..{limits.max_steps}")
     if not ((beta := finite(cfg.beta)) is not None and 0 < beta <= MAX_BETA):
-        raise TrainInputError("config.beta", f"{short(cfg.beta)} must be a number in (0, {MAX_BETA:g}]; 0.1 is usual")
+        raise FieldError("config.beta", f"{short(cfg.beta)} must be a number in (0, {MAX_BETA:g}]; 0.1 is usual")
     if not ((lam := finite(cfg.orpo_lambda)) is not None and 0 <= lam <= MAX_ORPO_LAMBDA):
-        raise TrainInputError("config.orpo_lambda", f"{short(cfg.orpo_lambda)} must be a number in [0, {MAX_ORPO_LAMBDA:g}]; 0.1 is usual")
+        raise FieldError("config.orpo_lambda", f"{short(cfg.orpo_lambda)} must be a number in [0, {MAX_ORPO_LAMBDA:g}]; 0.1 is usual")
     if not (is_int(cfg.micro_batch) and 1 <= cfg.micro_batch <= limits.max_samples):
-        raise TrainInputError("config.micro_batch", f"{short(cfg.micro_batch)} must be an integer in 1..{limits.max_samples}")
+        raise FieldError("config.micro_batch", f"{short(cfg.micro_batch)} must be an integer in 1..{limits.max_samples}")
     return replace(cfg, learning_rate=lr, beta=beta, orpo_lambda=lam)
 
 
@@ -159,7 +151,7 @@ def _check_batches(samples: list[Sample], config: JobConfig, limits: Limits) -> 
     for b in range(0, len(samples), mb):
         rows, width = batch_shape(samples[b : b + mb], config.objective)
         if rows * width > limits.max_batch_tokens:
-            raise TrainInputError(
+            raise FieldError(
                 "config.micro_batch",
                 f"samples {b}..{min(b + mb, len(samples)) - 1} make one forward of {rows} rows x {width} tokens = "
                 f"{rows * width}, over the limit of {limits.max_batch_tokens} tokens; lower config.micro_batch "
@@ -167,18 +159,18 @@ def _check_batches(samples: list[Sample], config: JobConfig, limits: Limits) -> 
 
 
 def parse_request(raw: Any, limits: Limits) -> tuple[list[Sample], JobConfig]:
-    """``{"samples": [...], "config": {...}}`` -> checked samples and config, or one TrainInputError."""
+    """``{"samples": [...], "config": {...}}`` -> checked samples and config, or one FieldError."""
     if not isinstance(raw, dict):
-        raise TrainInputError("body", f"expected an object with samples and config, got {type(raw).__name__}")
+        raise FieldError("body", f"expected an object with samples and config, got {type(raw).__name__}")
     unknown = sorted(set(raw) - {"samples", "config"})
     if unknown:
-        raise TrainInputError(unknown[0], "unknown field; a training request has samples and config")
+        raise FieldError(unknown[0], "unknown field; a training request has samples and config")
     config = parse_config(raw.get("config"), limits)
     samples = raw.get("samples")
     if not isinstance(samples, list) or not samples:
-        raise TrainInputError("samples", "expected a non-empty list of samples")
+        raise FieldError("samples", "expected a non-empty list of samples")
     if len(samples) > limits.max_samples:
-        raise TrainInputError("samples", f"{len(samples)} samples, over the limit of {limits.max_samples}; split the job")
+        raise FieldError("samples", f"{len(samples)} samples, over the limit of {limits.max_samples}; split the job")
     parsed = [parse_sample(s, i, limits, config.objective) for i, s in enumerate(samples)]
     _check_batches(parsed, config, limits)
     return parsed, config

@@ -2,7 +2,7 @@
 
 Why next to the model (not /tmp, as the original did): the folder is the checkpoint, and Adam's
 moments belong to the weights they were accumulated on. Saving them in the same sync
-transaction (a sidecar of :func:`amygdala.finetune.checkpoint.sync`) means a crash never pairs
+transaction (a sidecar of :func:`amygdala.checkpoint.sync`) means a crash never pairs
 new weights with old moments. The file holds only tensors, ints, floats and strings, so it
 loads with ``torch.load(weights_only=True)``; the optimizer settings and parameter names in it
 let a restore refuse a state that belongs to another optimizer or another set of weights.

@@ -1,7 +1,7 @@
 """The online trainer: jobs of in-place updates, optimizer state that persists, checkpoint sync.
 
 What the training worker (the process beside vLLM) holds is one :class:`Trainer`: a model whose
-parameters are the served weights (:func:`amygdala.finetune.views.view_model`), its optimizer,
+parameters are the served weights (:func:`amygdala.finetune.shared_weights.view_model`), its optimizer,
 and the model folder. It is synchronous and single-threaded on purpose: the worker runs one
 job at a time and never syncs while a job runs, which is what makes the sync's snapshot of
 the served tensors consistent. Serving (reads) may go on during both.
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from amygdala import AmygdalaError
-from amygdala.finetune import checkpoint
+from amygdala import checkpoint
 from amygdala.finetune.apollo import OptimizerSettings, build_optimizer, state_nbytes
 from amygdala.finetune.budget import Dims
 from amygdala.finetune.inputs import JobConfig, Limits, Sample, parse_request
@@ -154,7 +154,7 @@ class Trainer:
         self.counters = load_state(self.model_dir, self.optimizer, self.names, self.settings) or {"steps": 0, "jobs": 0}
 
     def parse(self, request: object) -> tuple[list[Sample], JobConfig]:
-        """Check a ``/train`` request body against this model (raises TrainInputError)."""
+        """Check a ``/train`` request body against this model (raises FieldError)."""
         return parse_request(request, self.limits)
 
     def run(self, samples: Sequence[Sample], config: JobConfig, on_step: Callable[[int, float], None] | None = None,

@@ -7,6 +7,7 @@
   document, schema in docs/quality.md) and the printed triage table.
 - :mod:`amygdala.quality.run`: inputs from a model run (``amygdala quality``) or from a build
   in the same process (``amygdala build --quality-report``), and writing the two files.
-- :mod:`amygdala.quality.plots` / :mod:`amygdala.quality.html`: report.html.
-- :mod:`amygdala.quality.heldout`: leave-one-story-out accuracy.
+- :mod:`amygdala.quality.html`: report.html (its style and plots: :mod:`amygdala.figures`).
+
+The validity evaluation (``amygdala eval``) is :mod:`amygdala.validity`.
 """

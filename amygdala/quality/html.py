@@ -3,35 +3,10 @@ links), so it can be mailed, archived beside the readout, or opened from any fol
 
 from __future__ import annotations
 
-import base64
 from html import escape
 
-from amygdala.quality import plots
+from amygdala.figures import STYLE, _figure, plots
 from amygdala.quality.report import QualityConfig
-
-STYLE = """
-body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1500px; padding: 0 1em; color: #222; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
-th, td { border: 1px solid #ccc; padding: 3px 7px; vertical-align: top; text-align: left; }
-th { background: #f2f2f2; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-figure { margin: 1em 0 2em; overflow-x: auto; }
-figure img { max-width: none; }
-figcaption { color: #555; font-size: 13px; }
-section.concept { border-top: 1px solid #ddd; padding-top: 0.3em; }
-.b-clean { color: #2a9d8f; } .b-mixed { color: #777; } .b-fragmented { color: #e76f51; }
-.b-redundant { color: #8e44ad; } .b-wrong_cluster { color: #b8860b; }
-code { font-size: 12px; }
-"""
-
-
-def _img(data: bytes, alt: str) -> str:
-    return f'<img src="data:image/png;base64,{base64.b64encode(data).decode()}" alt="{escape(alt)}">'
-
-
-def _figure(fid: str, data: bytes, caption: str) -> str:
-    return f'<figure id="{fid}">{_img(data, caption)}<figcaption>{escape(caption)}</figcaption></figure>'
-
 
 def _link(c: str) -> str:
     return f'<a href="#c-{escape(c)}">{escape(c)}</a>'
@@ -142,7 +117,7 @@ def render(report: dict, cfg: QualityConfig) -> str:
     details = "".join(_concept_section(c, e, layers) for c, e in report["concepts"].items())
     validity = ""
     if report.get("validity"):
-        from amygdala.quality.validity import html_section
+        from amygdala.validity.report import html_section
 
         validity = html_section(report["validity"], concepts, clusters)
     return f"""<!doctype html>

@@ -22,7 +22,7 @@ from amygdala.activations import Activations
 from amygdala.corpus import Corpus
 from amygdala.methods import METHODS, TokenSubspaces, check_params, concept_sets, fit
 from amygdala.models import load_model
-from amygdala.pipeline import collect_corpus, matching_model
+from amygdala.pipeline import collect_corpus, corpus_for, matching_model
 from amygdala.models.layers import (
     attention_out_proj,
     find_layers,
@@ -33,7 +33,7 @@ from amygdala.models.layers import (
     projection_weight,
 )
 from amygdala.quality.report import QualityConfig, QualityInputs, compute, to_json
-from amygdala.quality.validity import validity
+from amygdala.validity.report import validity
 from amygdala.readout import Readout
 
 log = logging.getLogger(__name__)
@@ -114,23 +114,6 @@ def from_build(result, corpus: Corpus, cfg: QualityConfig = QualityConfig()) -> 
     report = compute(inputs, cfg)
     report["validity"] = validity(result.readout, corpus, result.activations)
     return report
-
-
-def corpus_for(readout: Readout, corpus: Corpus) -> Corpus:
-    """``corpus`` reduced to the readout's concepts (a readout built with --concepts); warns
-    when its texts are not the ones the readout was built from."""
-    missing = [c for c in readout.concepts if c not in corpus.concept_cluster]
-    if missing:
-        raise AmygdalaError(
-            f"{corpus.root}: no concept {', '.join(missing[:5])} of the readout in this corpus's manifest; "
-            "pass the corpus the readout was built from (--corpus)"
-        )
-    if list(corpus.concepts) != list(readout.concepts):
-        corpus = corpus.subset(list(readout.concepts))
-    built = (readout.meta.get("corpus") or {}).get("sha256")
-    if built and built != corpus.sha256():
-        log.warning("the corpus differs from the one this readout was built from: metrics describe these texts")
-    return corpus
 
 
 def run_quality(

@@ -18,5 +18,5 @@ readout file. With ``AMYGDALA_API_KEY`` set, the same two entry points add onlin
 :mod:`amygdala.serve.finetune_routes` (API side: ``/train``, ``/train/status``, ``/checkpoint``).
 Both halves patch vLLM through :mod:`amygdala.serve.patching`, answer errors through
 :mod:`amygdala.serve.errors` and read their settings from :mod:`amygdala.serve.config`.
-``amygdala serve`` (:mod:`amygdala.serve.cli`) sets all of this up.
+``amygdala serve`` (:mod:`amygdala.cli.serve`, over :mod:`amygdala.serve.launch`) sets all of this up.
 """

@@ -8,7 +8,7 @@ would hold the folder and cost the packed kernels for nothing). It patches three
 - ``EngineArgs.create_engine_config``: before vLLM builds the engine, check that fine-tuning can
   work (eager mode, one worker, the trainable set's layers, a local writable model folder
   with safetensors that no other training worker holds) and replay an interrupted checkpoint sync
-  (:func:`amygdala.finetune.checkpoint.recover`) *before* vLLM reads the folder;
+  (:func:`amygdala.checkpoint.recover`) *before* vLLM reads the folder;
 - ``UnquantizedLinearMethod.process_weights_after_loading``: keep the linear layers' plain weights
   (below);
 - ``Worker.load_model``: once the weights are in, start the training worker
@@ -91,7 +91,7 @@ def register() -> None:
 
 def check_engine_config(vllm_config) -> None:
     """Raise (one line) when fine-tuning cannot work with this engine; then replay a cut sync."""
-    from amygdala.finetune import checkpoint
+    from amygdala import checkpoint
 
     if not_eager(vllm_config):
         raise TrainingSetupError(
@@ -139,7 +139,8 @@ def checkpoint_named(model_cls: type, served: dict, folder: Path, tied: bool) ->
     the training worker starts. The worker, trainer and checkpoint sync then see the folder's
     names only.
     """
-    from amygdala.finetune import checkpoint, layout
+    from amygdala import checkpoint
+    from amygdala.checkpoint import layout
 
     try:
         merged = layout.merged_from_packed(getattr(model_cls, "packed_modules_mapping", None) or {})

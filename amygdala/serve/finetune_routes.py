@@ -139,7 +139,7 @@ class TrainingRoutes:
                                         status=HTTPStatus.SERVICE_UNAVAILABLE)
 
     async def train(self, request: Request):
-        from amygdala.finetune.inputs import TrainInputError
+        from amygdala.fields import FieldError
 
         if (denied := self._denied(request)) is not None:
             return denied
@@ -148,8 +148,8 @@ class TrainingRoutes:
             return raw
         try:
             message = await asyncio.to_thread(_checked_submit, raw, self.limits)
-        except TrainInputError as e:
-            return error_response(str(e), e.field)
+        except FieldError as e:
+            return error_response(str(e), e.path)
         return await self._relay(message, "job", op=protocol.SUBMIT)
 
     async def _read_body(self, request: Request):
@@ -224,14 +224,15 @@ class TrainingRoutes:
 
 
 def _checked_submit(raw: bytes, limits) -> bytes:
-    """On a thread: the body parsed and checked (raises TrainInputError naming the field), then the
+    """On a thread: the body parsed and checked (raises FieldError naming the field), then the
     worker's message encoded, so neither a large parse nor its encoding runs on the event loop."""
-    from amygdala.finetune.inputs import TrainInputError, parse_request
+    from amygdala.finetune.inputs import parse_request
+    from amygdala.fields import FieldError
 
     try:
         body = json.loads(raw)
     except ValueError as e:  # not JSON, not UTF-8, or an integer past Python's 4300 digits
-        raise TrainInputError("body", f"not JSON ({str(e)[:200]}); send {{\"samples\": [...], \"config\": {{...}}}}") from None
+        raise FieldError("body", f"not JSON ({str(e)[:200]}); send {{\"samples\": [...], \"config\": {{...}}}}") from None
     if limits is not None:
         parse_request(body, limits)
     return protocol.encode(protocol.request(protocol.SUBMIT, request=body))

@@ -32,7 +32,8 @@ from amygdala.serve.channel import Receiver
 from amygdala.serve.config import PLUGIN_NAME, channel_address, load_readout, max_steer_strength
 from amygdala.serve.respond import Formatter, rewrite_body, rewrite_stream
 from amygdala.serve.proxy import CURRENT, EngineClientProxy, Exchange, RowStore
-from amygdala.serve.spec import FIELDS, ModelShape, RequestSpec, SpecError, parse
+from amygdala.serve.spec import FIELDS, ModelShape, RequestSpec, parse
+from amygdala.fields import FieldError
 from amygdala.serve.errors import error_response
 from amygdala.serve import page
 from amygdala.serve.finetune_routes import TrainingRoutes
@@ -150,8 +151,8 @@ class AmygdalaEndpoints:
         """Run vLLM's own handler ``original`` with the request's readout and steering applied."""
         try:
             spec = self._spec(request)
-        except SpecError as e:
-            return error_response(str(e), e.param)
+        except FieldError as e:
+            return error_response(str(e), e.path)
         if not spec.active:
             return await original(request, raw_request)
         request.cache_salt = spec.cache_salt(request.cache_salt)
@@ -183,6 +184,6 @@ class AmygdalaEndpoints:
         spec = parse(extra, xargs, self.readout, shape)
         if getattr(request, "use_beam_search", False) and spec.active:
             if spec.steer or any(k in extra or k in (xargs or {}) for k in FIELDS):
-                raise SpecError("use_beam_search", "readout and steering do not support beam search")
+                raise FieldError("use_beam_search", "readout and steering do not support beam search")
             return RequestSpec()
         return spec

@@ -22,8 +22,7 @@ import math
 import secrets
 from dataclasses import dataclass
 
-from amygdala import AmygdalaError
-from amygdala.numbers import finite, is_int, short
+from amygdala.fields import FieldError, finite, is_int, short
 from amygdala.readout import Readout, ReadoutError
 
 FIELDS = ("readout", "steer", "readout_prompt")
@@ -33,14 +32,6 @@ _ITEM_KEYS = {"concept", "vector", "strength", "layers"}
 #: A raw vector is normalised in float32 by the worker: outside these lengths that overflows or
 #: loses its direction, and only the direction counts, so a client can always scale into it.
 VECTOR_NORMS = (1e-6, 1e15)
-
-
-class SpecError(AmygdalaError):
-    """A bad ``readout`` / ``steer`` field; ``param`` is the JSON path of the field at fault."""
-
-    def __init__(self, param: str, message: str):
-        super().__init__(f"{param}: {message}")
-        self.param = param
 
 
 @dataclass(frozen=True)
@@ -123,11 +114,11 @@ def _parse_prompt(value, mode: str | None) -> bool:
         return False
     key = str(value).strip().lower()
     if key not in _ON | _OFF or key == "raw":
-        raise SpecError("readout_prompt", f"expected true or false, got {value!r}")
+        raise FieldError("readout_prompt", f"expected true or false, got {value!r}")
     if key in _OFF:
         return False
     if mode is None:
-        raise SpecError("readout_prompt", "reads the prompt's tokens with the readout, which this request turns off")
+        raise FieldError("readout_prompt", "reads the prompt's tokens with the readout, which this request turns off")
     return True
 
 
@@ -145,11 +136,11 @@ def _parse_readout(fields: dict, readout: Readout | None) -> str | None:
     elif key in ("zscore", "z"):
         mode = "zscore"
     else:
-        raise SpecError("readout", f"expected true, false, 'raw' or 'zscore', got {short(value) if plain else type(value).__name__}")
+        raise FieldError("readout", f"expected true, false, 'raw' or 'zscore', got {short(value) if plain else type(value).__name__}")
     if readout is None:
-        raise SpecError("readout", "this server has no readout file loaded (start it with AMYGDALA_READOUT)")
+        raise FieldError("readout", "this server has no readout file loaded (start it with AMYGDALA_READOUT)")
     if mode == "zscore" and not readout.has_stats:
-        raise SpecError("readout", "'zscore' needs the readout file's neutral-text statistics, which it lacks")
+        raise FieldError("readout", "'zscore' needs the readout file's neutral-text statistics, which it lacks")
     return mode
 
 
@@ -160,39 +151,39 @@ def _parse_steer(value, readout: Readout | None, shape: ModelShape) -> tuple[Ste
         try:
             value = json.loads(value)
         except json.JSONDecodeError as e:
-            raise SpecError("steer", f"not valid JSON ({e.msg}); give a list of steering objects") from None
+            raise FieldError("steer", f"not valid JSON ({e.msg}); give a list of steering objects") from None
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, list):
-        raise SpecError("steer", f"expected a list of {{concept|vector, strength, layers}} objects, got {type(value).__name__}")
+        raise FieldError("steer", f"expected a list of {{concept|vector, strength, layers}} objects, got {type(value).__name__}")
     if readout is None:
-        raise SpecError("steer", "this server has no readout file loaded (start it with AMYGDALA_READOUT)")
+        raise FieldError("steer", "this server has no readout file loaded (start it with AMYGDALA_READOUT)")
     return tuple(_parse_item(i, item, readout, shape) for i, item in enumerate(value))
 
 
 def _parse_item(i: int, item, readout: Readout, shape: ModelShape) -> SteerItem:
     where = f"steer[{i}]"
     if not isinstance(item, dict):
-        raise SpecError(where, f"expected an object with concept or vector, strength and layers, got {short(item)}")
+        raise FieldError(where, f"expected an object with concept or vector, strength and layers, got {short(item)}")
     unknown = sorted(set(item) - _ITEM_KEYS)
     if unknown:
-        raise SpecError(where, f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_ITEM_KEYS))}")
+        raise FieldError(where, f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_ITEM_KEYS))}")
     strength = finite(item.get("strength"))
     if strength is None or abs(strength) > shape.max_strength:
-        raise SpecError(f"{where}.strength", f"must be a number within +-{shape.max_strength:g} (this server's "
+        raise FieldError(f"{where}.strength", f"must be a number within +-{shape.max_strength:g} (this server's "
                         f"AMYGDALA_MAX_STEER_STRENGTH), got {short(item.get('strength'))}")
     has_concept, has_vector = "concept" in item, "vector" in item
     if has_concept == has_vector:
-        raise SpecError(where, "give exactly one of concept (a name) or vector (hidden-size floats)")
+        raise FieldError(where, "give exactly one of concept (a name) or vector (hidden-size floats)")
     concept = vector = None
     if has_concept:
         concept = item["concept"]
         if not isinstance(concept, str):
-            raise SpecError(f"{where}.concept", f"must be a concept name, got {concept!r}")
+            raise FieldError(f"{where}.concept", f"must be a concept name, got {concept!r}")
         try:
             readout.concept_index(concept)
         except ReadoutError as e:
-            raise SpecError(f"{where}.concept", str(e)) from None
+            raise FieldError(f"{where}.concept", str(e)) from None
     else:
         vector = _parse_vector(f"{where}.vector", item["vector"], shape.hidden_size)
     layers = _parse_layers(f"{where}.layers", item.get("layers"), readout, shape, needs_readout_layer=has_concept)
@@ -203,14 +194,14 @@ def _parse_item(i: int, item, readout: Readout, shape: ModelShape) -> SteerItem:
 def _parse_vector(where: str, value, hidden: int) -> tuple[float, ...]:
     numbers = [finite(x) for x in value] if isinstance(value, list) else [None]
     if None in numbers:
-        raise SpecError(where, f"must be a list of {hidden} finite numbers")
+        raise FieldError(where, f"must be a list of {hidden} finite numbers")
     if len(numbers) != hidden:
-        raise SpecError(where, f"has {len(numbers)} numbers; this model's hidden size is {hidden}")
+        raise FieldError(where, f"has {len(numbers)} numbers; this model's hidden size is {hidden}")
     if not any(numbers):
-        raise SpecError(where, "is all zeros; it has no direction")
+        raise FieldError(where, "is all zeros; it has no direction")
     norm = math.hypot(*numbers)
     if not VECTOR_NORMS[0] <= norm <= VECTOR_NORMS[1]:
-        raise SpecError(where, f"has length {norm:.3g}, outside {VECTOR_NORMS[0]:g}..{VECTOR_NORMS[1]:g}; scale it "
+        raise FieldError(where, f"has length {norm:.3g}, outside {VECTOR_NORMS[0]:g}..{VECTOR_NORMS[1]:g}; scale it "
                         "(only its direction is used)")
     return tuple(numbers)
 
@@ -221,14 +212,14 @@ def _parse_layers(where: str, value, readout: Readout, shape: ModelShape, *, nee
     if isinstance(value, int) and not isinstance(value, bool):
         value = [value]
     if not isinstance(value, list) or not value or not all(isinstance(l, int) and not isinstance(l, bool) for l in value):
-        raise SpecError(where, f"must be a non-empty list of layer indices, got {short(value)}")
+        raise FieldError(where, f"must be a non-empty list of layer indices, got {short(value)}")
     n = shape.num_layers
     out = []
     for l in value:
         idx = l + n if l < 0 else l
         if not 0 <= idx < n:
-            raise SpecError(where, f"layer {short(l)} out of range; this model has layers 0-{n - 1}")
+            raise FieldError(where, f"layer {short(l)} out of range; this model has layers 0-{n - 1}")
         if needs_readout_layer and idx not in readout.vectors:
-            raise SpecError(where, f"layer {l}: concept vectors exist only at the readout's layers {readout.layers}")
+            raise FieldError(where, f"layer {l}: concept vectors exist only at the readout's layers {readout.layers}")
         out.append(idx)
     return tuple(sorted(set(out)))

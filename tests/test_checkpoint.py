@@ -18,10 +18,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import tiny
+from helpers import tiny
 from amygdala.cli.main import main as cli
-from amygdala.finetune import checkpoint, layout
-from amygdala.finetune.checkpoint import BLOCK, JOURNAL, CheckpointError
+from amygdala import checkpoint
+from amygdala.checkpoint import layout
+from amygdala.checkpoint import BLOCK, JOURNAL, CheckpointError
 
 TESTS = Path(__file__).resolve().parent
 
@@ -293,7 +294,7 @@ def kill_driver(folder: str, trials: int, seed: int) -> None:
 
 
 def test_kill_9_at_random_points_leaves_every_tensor_old_or_new(folder):
-    code = f"import sys; sys.path.insert(0, {str(TESTS)!r}); from test_finetune_checkpoint import kill_driver; kill_driver({str(folder)!r}, 80, 0)"
+    code = f"import sys; sys.path.insert(0, {str(TESTS)!r}); from test_checkpoint import kill_driver; kill_driver({str(folder)!r}, 80, 0)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])

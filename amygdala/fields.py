@@ -1,4 +1,8 @@
-"""The one check of a number that came from JSON, shared by every route and every job field.
+"""Fields of a request or a job: the one error type for a bad field, and the one check of a number.
+
+Why one error type: a bad field is the same failure whether a route, a training job or a steering
+spec finds it, so callers catch one :class:`FieldError` and answer with its ``path`` (a 400 naming
+the field, or the CLI's flag for it).
 
 Why one place: JSON integers are unbounded in Python, and ``math.isfinite(10**400)`` raises
 OverflowError rather than answering, so a check written ad hoc per field turns a client's huge
@@ -9,6 +13,17 @@ from __future__ import annotations
 
 import math
 from typing import Any
+
+from amygdala import AmygdalaError
+
+
+class FieldError(AmygdalaError):
+    """A bad field; ``path`` is where it is (e.g. ``samples[0].context_ids``, ``steer[0].strength``)."""
+
+    def __init__(self, path: str, message: str):
+        super().__init__(f"{path}: {message}")
+        self.path = path
+        self.message = message
 
 
 def is_int(x: Any) -> bool:

@@ -1,12 +1,12 @@
 """Two processes, one copy of the weights: a trainer steps on views of another process's tensors.
 
-    python bench/gpu_views.py                       # CUDA: IPC handles, default model, AdamW vs APOLLO-Mini
-    python bench/gpu_views.py --device cpu --model tiny   # the same through shared memory (tests run this)
+    python bench/gpu_shared_weights.py                       # CUDA: IPC handles, default model, AdamW vs APOLLO-Mini
+    python bench/gpu_shared_weights.py --device cpu --model tiny   # the same through shared memory (tests run this)
 
 The parent stands in for vLLM: it holds the weights, merged the way vLLM serves them
 (``qkv_proj``, ``gate_up_proj``), and a transformers model built on views of them. For each
 optimizer a child process receives handles to the weights (CUDA IPC on a GPU, /dev/shm files on
-CPU; :func:`amygdala.finetune.views.export_handles`), builds its own view model, checks that every
+CPU; :func:`amygdala.finetune.shared_weights.export_handles`), builds its own view model, checks that every
 parameter aliases the parent's memory, and takes SFT steps in place. The parent then checks,
 without reloading anything, that its tensors hold exactly the child's result and that its own
 model's logits moved. Reported per optimizer: step time, optimizer state bytes, and the child's
@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a bare
 
 import torch  # noqa: E402
 
-from amygdala.finetune import layout, views  # noqa: E402
+from amygdala.checkpoint import layout  # noqa: E402
+from amygdala.finetune import shared_weights  # noqa: E402
 from amygdala.finetune.apollo import OptimizerSettings, build_optimizer, state_nbytes  # noqa: E402
 from amygdala.finetune.inputs import JobConfig, Sample  # noqa: E402
 from amygdala.finetune.trainer import run_job  # noqa: E402
@@ -88,12 +89,12 @@ def child() -> None:
     from transformers import AutoConfig
 
     payload = pickle.loads(sys.stdin.buffer.read())
-    served = views.import_handles(payload["handles"])
+    served = shared_weights.import_handles(payload["handles"])
     config = AutoConfig.for_model(**payload["config"])
     device = payload["device"]
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    model = views.view_model(config, served)
+    model = shared_weights.view_model(config, served)
     storages = {t.untyped_storage().data_ptr() for t in served.values()}
     aliased = all(p.untyped_storage().data_ptr() in storages for p in model.parameters())
     for m in (model.get_input_embeddings(), model.get_output_embeddings()):  # as the Trainer does
@@ -137,12 +138,12 @@ def run(device: str, model: str, optimizers: list[str], steps: int, lr: float, t
     if device == "cpu":
         for t in served.values():
             t.share_memory_()
-    mine = views.view_model(config, served, trainable=False)  # the parent's model: also views
+    mine = shared_weights.view_model(config, served, trainable=False)  # the parent's model: also views
     probe = "model.layers.0.self_attn.k_proj.weight"
     probe_served = "model.layers.0.self_attn.qkv_proj.weight"
     prompt = torch.tensor([list(_sample(config.vocab_size).context_ids)], device=device)
     config_dict = config.to_dict()
-    handles = views.export_handles(served)
+    handles = shared_weights.export_handles(served)
     results, ok = [], True
     for kind in optimizers:
         before_probe = served[probe_served].clone()

@@ -40,8 +40,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import serve_helpers as sh
-from amygdala.finetune import checkpoint
+from helpers import serve as sh
+from amygdala import checkpoint
 from amygdala.finetune.state import STATE_FILE
 
 pytestmark = pytest.mark.vllm

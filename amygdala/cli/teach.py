@@ -1,7 +1,6 @@
 """``amygdala pairs | teach | dream | distill | rollback``: the teach loop's jobs (docs/teaching.md).
 
-Kept beside main.py (one ``_add_<job>`` per job, as there) so the teach loop's flags do not
-crowd the other jobs' module; :func:`add_parsers` is the one line main.py calls.
+Parser and handler side by side per job; :func:`add_parsers` is the one line main.py calls.
 """
 
 from __future__ import annotations

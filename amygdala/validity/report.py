@@ -2,7 +2,7 @@
 layer (refit without the held-out texts) and the valence/arousal geometry of the vectors.
 
 The same dictionary goes into quality.json (``validity``), ``amygdala eval``'s JSON and both
-HTML pages. Steering efficacy (:mod:`amygdala.quality.steering`) needs generation, so only
+HTML pages. Steering efficacy (:mod:`amygdala.validity.steering`) needs generation, so only
 ``amygdala eval`` adds it.
 """
 
@@ -13,8 +13,8 @@ from html import escape
 from amygdala.activations import Activations
 from amygdala.corpus import Corpus
 from amygdala.methods import METHODS, check_params
-from amygdala.quality.geometry import geometry
-from amygdala.quality.heldout import held_out
+from amygdala.validity.geometry import geometry
+from amygdala.validity.heldout import held_out
 from amygdala.readout import Readout
 
 
@@ -64,8 +64,8 @@ def table(v: dict) -> str:
 
 def html_section(v: dict, concepts: list[str], clusters: list[str]) -> str:
     """The validity section of a report page: the tables and, per layer, the valence/arousal map."""
-    from amygdala.quality.html import _figure
-    from amygdala.quality.plots import affect_map
+    from amygdala.figures import _figure
+    from amygdala.figures.plots import affect_map
 
     parts = [f"<h2 id=\"validity\">Validity</h2><p>Method {escape(v['method'])}, pooling {escape(v['pooling'])}.</p>"]
     if v.get("heldout"):

@@ -13,9 +13,9 @@ from pathlib import Path
 from amygdala.corpus import Corpus
 from amygdala.models import load_model
 from amygdala.pipeline import collect_corpus, matching_model
-from amygdala.quality.run import corpus_for
-from amygdala.quality.steering import SteeringConfig, steering_efficacy
-from amygdala.quality.validity import table, validity
+from amygdala.pipeline import corpus_for
+from amygdala.validity.steering import SteeringConfig, steering_efficacy
+from amygdala.validity.report import table, validity
 from amygdala.readout import Readout
 
 JSON_NAME, HTML_NAME = "eval.json", "eval.html"
@@ -71,8 +71,8 @@ def write(result: dict, out: str | Path) -> tuple[Path, Path]:
     """eval.json and a self-contained eval.html into folder ``out``."""
     from html import escape
 
-    from amygdala.quality.html import STYLE
-    from amygdala.quality.validity import html_section
+    from amygdala.figures import STYLE
+    from amygdala.validity.report import html_section
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 and a vLLM OpenAI server run as a subprocess (the way users run it).
 
 vLLM's CPU attention refuses head_dim 16, so the model has hidden 128 and 2 heads of 64. The
-tokenizer is tests/tiny.py's word-level one (trained in-process), so prompts are space-separated
+tokenizer is tests/helpers/tiny.py's word-level one (trained in-process), so prompts are space-separated
 words from ``tiny.COMMON`` and every word is one token.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-import tiny
+from . import tiny
 from amygdala.readout import Readout
 
 CONCEPTS = ["calm", "angry", "joyful", "afraid", "curious"]

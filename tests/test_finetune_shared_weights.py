@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import tiny
-from amygdala.finetune import layout, views
+from helpers import tiny
+from amygdala.checkpoint import layout
+from amygdala.finetune import shared_weights
 from amygdala.finetune.apollo import OptimizerSettings, build_optimizer
 from amygdala.finetune.inputs import JobConfig, Sample
-from amygdala.finetune.layout import LayoutError
+from amygdala.checkpoint.layout import LayoutError
 from amygdala.finetune.trainer import run_job
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +38,7 @@ def test_view_model_matches_and_aliases_the_served_tensors(arch, tied):
     assert any(n.endswith("qkv_proj.weight") for n in served) and any(n.endswith("gate_up_proj.weight") for n in served)
     if arch == "qwen2":
         assert "model.layers.0.self_attn.qkv_proj.bias" in served
-    vm = views.view_model(model.config, served)
+    vm = shared_weights.view_model(model.config, served)
     ids = torch.tensor([[2, 10, 11, 12, 13, 14]])
     with torch.no_grad():
         torch.testing.assert_close(vm(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
@@ -63,11 +64,11 @@ def test_missing_or_misshapen_served_tensors_are_named():
     served = layout.to_served(model.state_dict())
     del served["model.layers.2.mlp.gate_up_proj.weight"]
     with pytest.raises(LayoutError, match=r"model.layers.2.mlp.gate_proj.weight: no served tensor model.layers.2.mlp.gate_up_proj.weight"):
-        views.view_model(model.config, served)
+        shared_weights.view_model(model.config, served)
     served = layout.to_served(model.state_dict())
     served["model.layers.0.self_attn.qkv_proj.weight"] = served["model.layers.0.self_attn.qkv_proj.weight"][:100]
     with pytest.raises(LayoutError, match=r"k_proj.weight: served .*qkv_proj.weight has shape \(100, 64\), cannot hold rows \[64, 128\)"):
-        views.view_model(model.config, served)
+        shared_weights.view_model(model.config, served)
 
 
 def test_padded_vocabulary_rows_are_cut_as_a_view():
@@ -77,21 +78,21 @@ def test_padded_vocabulary_rows_are_cut_as_a_view():
     emb = served["model.embed_tokens.weight"]
     padded = torch.cat([emb, torch.zeros(64 - emb.shape[0] % 64, emb.shape[1])])
     served["model.embed_tokens.weight"] = padded
-    vm = views.view_model(model.config, served)
+    vm = shared_weights.view_model(model.config, served)
     assert vm.get_input_embeddings().weight.data_ptr() == padded.data_ptr()
     assert vm.get_input_embeddings().weight.shape[0] == model.config.vocab_size
 
 
 def test_export_needs_shared_memory():
     with pytest.raises(LayoutError, match=r"x: a CPU tensor must be in shared memory"):
-        views.export_handles({"x": torch.zeros(3)})
+        shared_weights.export_handles({"x": torch.zeros(3)})
 
 
 def test_another_process_trains_on_shared_memory_views():
-    """bench/gpu_views.py on CPU: a child steps APOLLO-Mini on views; this process sees the change."""
+    """bench/gpu_shared_weights.py on CPU: a child steps APOLLO-Mini on views; this process sees the change."""
     import torch.multiprocessing as tmp
 
-    spec = importlib.util.spec_from_file_location("gpu_views", ROOT / "bench" / "gpu_views.py")
+    spec = importlib.util.spec_from_file_location("gpu_shared_weights", ROOT / "bench" / "gpu_shared_weights.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     strategy = tmp.get_sharing_strategy()

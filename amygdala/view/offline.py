@@ -1,4 +1,4 @@
-"""The conversation format the page exports, and the self-contained HTML snapshot of one.
+"""The conversation format the page exports, and the self-contained offline HTML page of one.
 
 A conversation (``amygdala-conversation``, version 1) is JSON::
 
@@ -15,7 +15,7 @@ A conversation (``amygdala-conversation``, version 1) is JSON::
 the position whose forward pass sampled the token, as the server streams it) or ``own`` (a
 teacher-forced text: the token's own position, as ``amygdala read`` reports it).
 
-The snapshot is the page itself (the same ``index.html``, ``style.css`` and ``app.js``) with
+The offline page is the page itself (the same ``index.html``, ``style.css`` and ``app.js``) with
 both files inlined and the conversation embedded, so it opens from disk with no server and no
 network, read-only.
 """
@@ -83,7 +83,7 @@ def _token(scored: TextScores, rows, i: int) -> dict:
     return out
 
 
-def snapshot_html(conversation: dict) -> str:
+def offline_html(conversation: dict) -> str:
     """The page with its assets inlined and ``conversation`` embedded: one file, no network."""
     page = asset("index.html").decode()
     style = asset("style.css").decode()

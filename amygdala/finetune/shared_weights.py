@@ -4,7 +4,7 @@ Why: the trainer must update the very memory the server reads (HOGWILD: the next
 the new weights, and no second copy of the model exists). So it builds the transformers
 module tree with no parameter memory at all, then sets every parameter to a view of a served
 tensor: merged projections (``qkv_proj``, ``gate_up_proj``) are split by row ranges
-(:mod:`amygdala.finetune.layout`), so ``q_proj.weight`` is ``qkv_proj.weight[0:q]``, not a copy.
+(:mod:`amygdala.checkpoint.layout`), so ``q_proj.weight`` is ``qkv_proj.weight[0:q]``, not a copy.
 An optimizer's in-place ``p.add_(...)`` then writes into the holder's storage.
 
 How the vLLM side plugs in (what :func:`view_model` needs): a dict ``served`` of vLLM's
@@ -20,7 +20,7 @@ parameter names to tensors, in the trainer's process. Getting them there:
 
 Non-persistent buffers (rotary ``inv_freq``) are computed by transformers as usual and moved
 to the served tensors' device. Names that the model has and ``served`` lacks, or shapes that
-do not fit, raise :class:`amygdala.finetune.layout.LayoutError` naming the tensor.
+do not fit, raise :class:`amygdala.checkpoint.layout.LayoutError` naming the tensor.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
-from amygdala.finetune.layout import LayoutError, to_checkpoint
+from amygdala.checkpoint.layout import LayoutError, to_checkpoint
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ from amygdala.corpus import load_corpus
 from amygdala.pipeline import BuildConfig, build
 from amygdala.pipeline.build import TokenStats
 from amygdala.readout import Readout, ReadoutError, score_text, smooth_causal
-from tiny import COMMON, CONCEPT_WORDS, make_model, plant, random_unit, sentence, write_corpus
+from helpers.tiny import COMMON, CONCEPT_WORDS, make_model, plant, random_unit, sentence, write_corpus
 
 CONCEPTS = ("alpha", "beta", "gamma", "delta")
 VALENCE = {"alpha": 0.8, "beta": 0.6, "gamma": -0.6, "delta": -0.8}

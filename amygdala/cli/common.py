@@ -1,0 +1,53 @@
+"""Flags and helpers more than one job family's parser shares."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from amygdala import AmygdalaError
+
+log = logging.getLogger("amygdala")
+
+
+def _corpus_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--corpus", type=Path, default=None, help="corpus folder (default: the corpus shipped with amygdala)")
+    p.add_argument("--direct-dir", type=Path, default=None, help="extra folder of direct 'I feel X.' descriptions")
+    p.add_argument("--no-direct", action="store_true", help="ignore the corpus's own direct/ folder")
+
+
+def _load_corpus(args: argparse.Namespace):
+    """--corpus (default: the bundled one unless only --direct-dir is given), --direct-dir, --no-direct."""
+    from amygdala.corpus import bundled_corpus, load_corpus
+
+    return load_corpus(
+        args.corpus or (bundled_corpus() if args.direct_dir is None else None),
+        direct_dir=args.direct_dir,
+        include_direct=not args.no_direct,
+    )
+
+
+def _model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default", help="model folder, or 'default' (SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+
+
+def _parse_steer(items: list[str]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise AmygdalaError(f"--steer {item!r}: expected CONCEPT=STRENGTH, e.g. calm=4")
+        try:
+            out[name.strip()] = out.get(name.strip(), 0.0) + float(value)
+        except ValueError:
+            raise AmygdalaError(f"--steer {item!r}: strength {value!r} is not a number") from None
+    return out
+
+
+def _int_list(flag: str, text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise AmygdalaError(f"{flag} {text!r}: expected layer indices, e.g. 14,19") from None

@@ -1,0 +1,142 @@
+"""``amygdala read`` and ``amygdala generate``: per-token readout of a text, steered generation."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from amygdala.cli.common import _model_arg, _parse_steer
+
+log = logging.getLogger("amygdala")
+
+
+# --------------------------------------------------------------------------- read
+def _print_rows(rows: list[dict], unit: str) -> None:
+    for r in rows:
+        if r.get("attention_sink"):
+            print(f"{r['position']:>4} {r['token']!r:<16} (attention sink: no comparable score at position 0)")
+            continue
+        cells = "  ".join(
+            f"L{l}: " + ", ".join(f"{c} {v:+.1f}" for c, v in top) for l, top in r["layers"].items()
+        )
+        tracks = "".join(f"{name[:4]} {v:+.1f}  " for name, v in r.get("tracks", {}).items())
+        print(f"{r['position']:>4} {r['token']!r:<16} {tracks}{cells}")
+    print(f"({unit}; top concepts per layer)")
+
+
+def cmd_read(args: argparse.Namespace) -> int:
+    from amygdala.models import load_model
+    from amygdala.pipeline import matching_model
+    from amygdala import AmygdalaError
+    from amygdala.readout import DEFAULT_SMOOTH, Readout, score_text, token_rows
+
+    readout = Readout.load(args.readout)
+    smooth = DEFAULT_SMOOTH if args.smooth is None else args.smooth
+    if smooth < 1:
+        raise AmygdalaError(f"--smooth {smooth}: the window is a number of tokens, at least 1")
+    if args.against is not None:
+        readout.stats_for(args.against)  # a readout without that set fails before the model loads
+    info = matching_model(readout, args.model)
+    model, tokenizer, _ = load_model(info.path, args.device)
+    scored = score_text(model, tokenizer, readout, args.text, against=args.against, smooth=smooth)
+    rows = token_rows(scored, readout, args.top)
+    if args.html is not None:
+        from amygdala.view import conversation_of_text, offline_html
+
+        conversation = conversation_of_text(readout, scored, text=args.text, model=info.name)
+        args.html.parent.mkdir(parents=True, exist_ok=True)
+        args.html.write_text(offline_html(conversation), encoding="utf-8")
+        print(f"wrote {args.html} (open it in a browser; no server needed)", file=sys.stderr)
+    if args.json:
+        json.dump({"layers": readout.layers, "zscore": readout.has_stats, "against": scored.against,
+                   "construction": readout.construction, "smooth": scored.smooth,
+                   "tracks": scored.track_names or [], "tokens": rows}, sys.stdout, indent=1)
+        print()
+    else:
+        unit = f"z-scores over {scored.against} text" if readout.has_stats else "raw projections"
+        if scored.smooth > 1:
+            unit += f", averaged over the last {scored.smooth} tokens"
+        if scored.track_names:
+            unit += "; emot/vale: emotionality and valence tracks, z over neutral text"
+        _print_rows(rows, unit)
+    return 0
+
+
+def _add_read(sub) -> None:
+    p = sub.add_parser("read", help="per-token concept scores of a text")
+    p.add_argument("text")
+    p.add_argument("--readout", type=Path, required=True)
+    _model_arg(p)
+    p.add_argument("--top", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--html", type=Path, default=None, metavar="FILE",
+                   help="also write a self-contained page of the text's readout (the live page's snapshot, opens offline)")
+    p.add_argument("--against", choices=("neutral", "emotional"), default=None,
+                   help="z-score statistics: neutral (more X than plain prose?) or emotional (X rather than "
+                        "another feeling?); default: the readout file's")
+    p.add_argument("--smooth", type=int, default=None, metavar="N",
+                   help="causal moving average over the last N tokens (1: none; default "
+                        "amygdala.readout.DEFAULT_SMOOTH, 3)")
+    p.set_defaults(func=cmd_read)
+
+
+# --------------------------------------------------------------------------- generate
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from amygdala.models import load_model
+    from amygdala.pipeline import matching_model
+    from amygdala.readout import Readout, Steering, attach, top_concepts
+
+    readout = Readout.load(args.readout)
+    steer = _parse_steer(args.steer)
+    steering = Steering.from_concepts(readout, steer) if steer else None  # validates names first
+    info = matching_model(readout, args.model)
+    model, tokenizer, _ = load_model(info.path, args.device)
+    if getattr(tokenizer, "chat_template", None) and not args.raw:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, return_tensors="pt",
+            return_dict=True,
+        )["input_ids"]
+    else:
+        ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
+    ids = ids.to(next(model.parameters()).device)
+    with torch.inference_mode(), attach(model, readout, steering=steering) as session:
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens, do_sample=False,
+            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+        )
+    new = out[0, ids.shape[1]:]
+    print(tokenizer.decode(new, skip_special_tokens=True))
+    if args.show_readout:
+        scores = session.zscores() if readout.has_stats else session.scores()
+        # The position that sampled generated token i is the one before it.
+        first = ids.shape[1] - 1
+        rows = [
+            {"position": first + i, "token": tokenizer.decode([int(t)]),
+             "layers": {str(l): top_concepts(scores[0, first + i, j], readout.concepts, args.top) for j, l in enumerate(readout.layers)}}
+            for i, t in enumerate(new.tolist()) if first + i < scores.shape[1]
+        ]
+        _print_rows(rows, "z-scores" if readout.has_stats else "raw projections")
+    return 0
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate with steering, optionally showing the readout")
+    p.add_argument("prompt")
+    p.add_argument("--readout", type=Path, required=True)
+    _model_arg(p)
+    p.add_argument("--steer", action="append", default=[], metavar="CONCEPT=STRENGTH")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--raw", action="store_true", help="no chat template around the prompt")
+    p.add_argument("--show-readout", action="store_true", help="print each generated token's top concepts")
+    p.add_argument("--top", type=int, default=3)
+    p.set_defaults(func=cmd_generate)
+
+
+def add_parsers(sub) -> None:
+    _add_read(sub)
+    _add_generate(sub)
