@@ -191,3 +191,16 @@ def test_statistics_leave_out_the_first_position():
     assert float(mean[1][0]) == pytest.approx(2.0) and float(std[1][0]) == pytest.approx(1.0)
     emo_mean, _ = stats.statistics({1: torch.tensor([[1.0, 0.0, 0.0]])}, "emotional")
     assert float(emo_mean[1][0]) == pytest.approx(5.0)
+
+
+def test_the_server_z_scores_with_the_files_default_statistics(planted):
+    import numpy as np
+
+    from amygdala.serve.respond import Formatter
+
+    _, _, old, new, _ = planted
+    raw = np.ones((len(new.layers), len(new.concepts)), dtype=np.float32)
+    for readout in (old, new):
+        want = readout.zscore(torch.from_numpy(raw)).numpy()
+        assert np.allclose(Formatter(readout).row(raw, "zscore"), want, atol=1e-5)
+    assert not np.allclose(Formatter(new).row(raw, "zscore"), new.zscore(torch.from_numpy(raw), "neutral").numpy())
