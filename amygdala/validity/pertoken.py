@@ -20,7 +20,6 @@ mean-pooled row); the share of all token argmaxes taken by the three most freque
 
 from __future__ import annotations
 
-import copy
 from collections import Counter
 
 import torch
@@ -53,8 +52,8 @@ class StoryTokens:
         self.stories, self.neutral = stories, neutral
         self.moment_rows = stories if moment_rows is None else moment_rows
         self.tokens: dict[int, dict[int, torch.Tensor]] = {l: {} for l in layers}
-        self.story_moments = {l: TokenMoments() for l in layers}
-        self.neutral_moments = {l: TokenMoments() for l in layers}
+        self.story_moments: dict[int, TokenMoments] = {}  # made at the first token: the hidden size comes with it
+        self.neutral_moments: dict[int, TokenMoments] = {}
 
     def add(self, row: int, layer: int, matrix: torch.Tensor, start: int) -> None:
         if row not in self.stories and row not in self.neutral and row not in self.moment_rows:
@@ -65,9 +64,9 @@ class StoryTokens:
         if row in self.stories:
             self.tokens[layer][row] = x.half()
         if row in self.moment_rows:
-            self.story_moments[layer].add(x)
+            self.story_moments.setdefault(layer, TokenMoments(x.shape[1])).add(x)
         if row in self.neutral:
-            self.neutral_moments[layer].add(x)
+            self.neutral_moments.setdefault(layer, TokenMoments(x.shape[1])).add(x)
 
 
 # ---- metrics (pure; tests check them on hand-computed cases) ----
@@ -156,16 +155,19 @@ class Tally:
 
 
 def _zscore(x: torch.Tensor, v: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    return (x @ v.T - mean) / std.clamp_min(1e-6)
+    return (x @ v.T - mean.float()) / std.float().clamp_min(1e-6)
 
 
-def fold_valence_direction(pooled: torch.Tensor, pos_rows: list[torch.Tensor], valence: list[float | None]) -> torch.Tensor:
+def fold_valence_direction(
+    pooled: torch.Tensor, pos_rows: list[torch.Tensor], valence: list[float | None],
+) -> torch.Tensor | None:
     """A valence direction fitted inside the fold: the mean pooled row of positive-valence
-    concepts' training positives minus that of negative-valence ones, unit length."""
+    concepts' training positives minus that of negative-valence ones, unit length; None when
+    the corpus rates no concepts of one sign."""
     up = [r for r, v in zip(pos_rows, valence) if v is not None and v > 0 and len(r)]
     down = [r for r, v in zip(pos_rows, valence) if v is not None and v < 0 and len(r)]
     if not up or not down:
-        raise ValueError("a valence direction needs concepts of both valence signs")
+        return None
     d = pooled[torch.cat(up)].mean(0) - pooled[torch.cat(down)].mean(0)
     return d / d.norm().clamp_min(1e-12)
 
@@ -200,36 +202,37 @@ def per_token(
         dz = {row: 0.0 for row in held}
         for layer, v_old in built.items():
             v_new, _emotionality = remove_shared(v_old)
-            gone = TokenMoments()
+            gone = TokenMoments(v_old.shape[1])
             for row in held:
                 gone.add(tokens.tokens[layer][row].float())
-            emotional = copy.deepcopy(tokens.story_moments[layer])
-            emotional.subtract(gone)
-            stats = {"neutral": tokens.neutral_moments[layer], "emotional": emotional}
-            d = fold_valence_direction(acts.pooled[layer], pos_rows, valence).unsqueeze(0)
-            dm, ds = tokens.neutral_moments[layer].mean_std(d)
+            emotional = tokens.story_moments[layer].subtract(gone)
+            # A corpus without neutral texts: its stories stand in (the build does the same, with a warning).
+            stats = {"neutral": tokens.neutral_moments.get(layer, tokens.story_moments[layer]), "emotional": emotional}
+            d = fold_valence_direction(acts.pooled[layer], pos_rows, valence)
             for name in VARIANTS:
                 construction, statistics = name.split("/")
                 v = v_old if construction == "as_built" else v_new
                 mean, std = stats[statistics].mean_std(v)
                 for row in held:
                     z[name][row] = z[name][row] + _zscore(tokens.tokens[layer][row].float(), v, mean, std) / len(built)
-            for row in held:
-                dz[row] = dz[row] + _zscore(tokens.tokens[layer][row].float(), d, dm, ds)[:, 0] / len(built)
+            if d is not None:
+                dm, ds = stats["neutral"].mean_std(d)
+                for row in held:
+                    dz[row] = dz[row] + _zscore(tokens.tokens[layer][row].float(), d.unsqueeze(0), dm, ds)[:, 0] / len(built)
         for row, concept in held.items():
             i = index[concept]
             sign = None if valence[i] is None or valence[i] == 0 else valence[i] > 0
             for name in VARIANTS:
                 zz = z[name][row]
                 tallies[name].add(i, zz, zz @ weights, sign)
-            if sign is not None:
+            if sign is not None and isinstance(dz[row], torch.Tensor):
                 direction.colour.append(float(dz[row].mean()))
                 direction.label.append(sign)
     results = {name: t.result(concepts) for name, t in tallies.items()}
     first = tallies[OLD]
     return {
         "method": method,
-        "layers": "all (z averaged over the readout's layers, as the page does)",
+        "layers": "z averaged over the readout's layers, as the page does",
         "stories": first.stories,
         "tokens": first.tokens,
         "chance": {"token_cluster_top1": first.token_chance / max(first.tokens, 1),
