@@ -139,3 +139,12 @@ def test_planted_concepts_are_found_per_token_once_the_shared_direction_is_remov
     # Valence: a, b are the pleasant stories; the fold-fitted direction separates them.
     assert pt["valence_direction"]["auc"] > 0.9
     assert "mean_removed/emotional" in table(pt)
+
+
+def test_wilson_interval_by_hand():
+    from amygdala.validity.steering import wilson
+
+    # 8 of 10: centre (0.8 + 0.19208) / 1.38416 = 0.71677, half 1.96 * sqrt(0.016 + 0.0096040) / 1.38416 = 0.22661
+    lo, hi = wilson(8, 10)
+    assert lo == pytest.approx(0.4902, abs=1e-4) and hi == pytest.approx(0.9433, abs=1e-4)
+    assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0
