@@ -97,7 +97,6 @@ def planted_case(seed: int = 0):
     cluster = dict(zip(concepts, "PPQQRR"))
     basis = torch.linalg.qr(torch.randn(hidden, hidden, generator=g))[0].T
     shared, own = basis[0], basis[1:7]
-    noise_scale = torch.full((hidden,), 0.4)
     texts, rows, kinds = [], [], []
     for i, c in enumerate(concepts):
         for k in range(n_stories):

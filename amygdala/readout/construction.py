@@ -66,7 +66,7 @@ class TokenMoments:
         self.total = torch.zeros(self.hidden, dtype=torch.float64)
         self.outer = torch.zeros(self.hidden, self.hidden, dtype=torch.float64)
 
-    def add(self, x: torch.Tensor) -> "TokenMoments":
+    def add(self, x: torch.Tensor) -> TokenMoments:
         """Accumulate the tokens `x` [tokens, hidden] (a 1-D x is one token). Returns self."""
         if x.dim() == 1:
             x = x.unsqueeze(0)
@@ -78,11 +78,11 @@ class TokenMoments:
         self.outer += x.T @ x
         return self
 
-    def _check_same(self, other: "TokenMoments", what: str) -> None:
+    def _check_same(self, other: TokenMoments, what: str) -> None:
         if not isinstance(other, TokenMoments) or other.hidden != self.hidden:
             raise ValueError(f"TokenMoments.{what}: needs TokenMoments of the same hidden size {self.hidden}")
 
-    def merge(self, other: "TokenMoments") -> "TokenMoments":
+    def merge(self, other: TokenMoments) -> TokenMoments:
         """Add another accumulator's tokens into this one. Returns self."""
         self._check_same(other, "merge")
         self.count += other.count
@@ -90,7 +90,7 @@ class TokenMoments:
         self.outer += other.outer
         return self
 
-    def subtract(self, other: "TokenMoments") -> "TokenMoments":
+    def subtract(self, other: TokenMoments) -> TokenMoments:
         """Take out tokens that were added before (e.g. a held-out fold's stories). Returns a new one.
 
         A new object, not in place: the full accumulator is reused for every fold.
@@ -104,7 +104,7 @@ class TokenMoments:
         out.outer -= other.outer
         return out
 
-    def copy(self) -> "TokenMoments":
+    def copy(self) -> TokenMoments:
         out = TokenMoments(self.hidden)
         out.count = self.count
         out.total = self.total.clone()
