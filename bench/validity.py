@@ -74,10 +74,19 @@ def main() -> None:
     ap.add_argument("--steer", action="store_true",
                     help="also steering efficacy (VADER): mean pooling, diffmean and denoised, at diffmean's best layer")
     ap.add_argument("--write", action="store_true", help=f"write the tables into {DOC}")
+    ap.add_argument("--per-token", action="store_true",
+                    help="only the per-token view on held-out stories (amygdala.validity.pertoken), old vs new "
+                         "construction, at the build's default layers 0.5,0.66 unless --layers is given")
+    ap.add_argument("--max-folds", type=int, default=None, help="--per-token: the first folds only")
+    ap.add_argument("--save-pooled", type=Path, default=None,
+                    help="--per-token: also save the pooled rows (texts, layers, rows) for bench/steer_negative.py")
     args = ap.parse_args()
 
     corpus = load_corpus(args.corpus or bundled_corpus())
     model, tok, info = load_model("default", "cpu")
+    if args.per_token:
+        per_token_main(args, corpus, model, tok, info)
+        return
     layers = parse_layers(args.layers, info.num_layers)
     poolings = [Pooling.parse(p) for p in args.poolings.split(",")]
     extra = [p for p in poolings if str(p) != "mean"]
@@ -131,6 +140,38 @@ def main() -> None:
         if args.write:
             replace_block(DOC, "steering", steer)
             print(f"wrote {DOC}")
+
+
+def per_token_main(args, corpus, model, tok, info) -> None:
+    """The per-token figures (old vs new construction, both statistics) into the per-token block."""
+    from amygdala.validity.pertoken import markdown, per_token, story_tokens_for, table
+
+    layers = parse_layers(args.layers if args.layers != "14,19,21" else "0.5,0.66", info.num_layers)
+    texts = list(dict.fromkeys(corpus.text_list()))
+    tokens = story_tokens_for(corpus, texts, layers, args.max_folds)
+    t0 = time.perf_counter()
+    acts = collect(model, tok, texts, layers, pooling="mean", on_tokens=tokens.add)
+    forward = time.perf_counter() - t0
+    if args.save_pooled:
+        torch.save({"texts": acts.texts, "layers": acts.layers, "pooled": acts.pooled, "n_tokens": acts.n_tokens},
+                   args.save_pooled)
+    t1 = time.perf_counter()
+    pt = per_token(corpus, acts, tokens, "diffmean", max_folds=args.max_folds)
+    folds = time.perf_counter() - t1
+    print(table(pt), flush=True)
+    body = "\n".join([
+        f"Default model {info.name}, {len(corpus.concepts)} concepts, diffmean, mean pooling, layers {layers} "
+        f"(z averaged over them, as the page does); {pt['stories']} held-out stories, {pt['tokens']} tokens "
+        f"(first position left out); one forward {forward:.0f} s, every fold's refit and statistics {folds:.0f} s.", "",
+        markdown(pt), "",
+        "Smoothed: a causal moving average of the z-scores over the last N tokens before the argmax. "
+        f"Valence direction: {pt['valence_direction']['source']}. "
+        "Valence-colour AUC: the page's colour (valence-weighted mean of z with centred weights) averaged over the "
+        "story, positive- vs negative-valence stories.",
+    ])
+    if args.write:
+        replace_block(DOC, "per-token", body)
+        print(f"wrote {DOC}")
 
 
 def steering_lines(model, tok, corpus, acts, layers) -> list[str]:

@@ -269,7 +269,8 @@ def test_train_subspace_end_to_end(planted, tmp_path):
     model, corpus, d = planted
     out = tmp_path / "out"
     assert main(["build", "--corpus", str(corpus), "--model", str(model), "--layers", "1,2",
-                 "--method", "subspace", "--subspace-eigen-k", "1", "--out", str(out), "--quiet"]) == 0
+                 "--method", "subspace", "--subspace-eigen-k", "1", "--construction", "as_built",
+                 "--out", str(out), "--quiet"]) == 0  # the method's own vectors: the planted direction as fitted
     r = Readout.load(out)
     assert all(torch.dot(r.vectors[l][0], d) > 0.9 for l in r.layers)
     info = json.loads((out / "readout.json").read_text())

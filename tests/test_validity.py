@@ -15,6 +15,7 @@ from amygdala.corpus.loader import BASELINE, STORY, Corpus, Text
 from amygdala.methods import concept_sets, fit
 from amygdala.validity.geometry import auc, geometry, pearson
 from amygdala.validity.heldout import held_out
+from amygdala.validity.pertoken import VARIANTS
 from amygdala.validity.steering import SteeringConfig, steering_efficacy
 from amygdala.readout import Readout
 
@@ -195,6 +196,11 @@ def test_eval_cli_reports_heldout_and_geometry(planted, tmp_path, capsys):
     assert held["all"]["concept_top1"] > held["all"]["chance"]["concept_top1"]
     assert set(result["validity"]["geometry"]) == {"1", "2"}
     assert (tmp_path / "e" / "eval.json").is_file() and "Held-out accuracy" in (tmp_path / "e" / "eval.html").read_text()
+    # The per-token view, old and new construction side by side, from the same forward.
+    pt = result["validity"]["per_token"]
+    assert pt["stories"] == 24 and pt["tokens"] > 24 and set(pt["variants"]) == set(VARIANTS)
+    assert all(0 <= r["token_cluster_top1"] <= 1 for r in pt["variants"].values())
+    assert "Per-token view" in (tmp_path / "e" / "eval.html").read_text()
     assert main(["eval", "--readout", str(out), "--corpus", str(corpus), "--model", str(model), "--no-steering"]) == 0
     assert "concept top-1" in capsys.readouterr().out
 

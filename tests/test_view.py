@@ -392,7 +392,7 @@ def test_read_html_writes_a_snapshot_that_matches_read(files, browser, tmp_path)
     """``amygdala read --html``: the teacher-forced readout of a text as an offline page."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from amygdala.readout import score_text
+    from amygdala.readout import DEFAULT_SMOOTH, score_text
 
     root, model, readout_path = files
     out = tmp_path / "read.html"
@@ -402,7 +402,8 @@ def test_read_html_writes_a_snapshot_that_matches_read(files, browser, tmp_path)
     assert proc.returncode == 0, proc.stderr
     readout = Readout.load(readout_path)
     hf = AutoModelForCausalLM.from_pretrained(model).eval()
-    scored = score_text(hf, AutoTokenizer.from_pretrained(model), readout, text)
+    # read's default smoothing and statistics: the page shows what `read` prints.
+    scored = score_text(hf, AutoTokenizer.from_pretrained(model), readout, text, smooth=DEFAULT_SMOOTH)
     pg = open_offline(browser, out)
     try:
         assert pg.locator(".msg.text .tok").all_inner_texts() == scored.tokens

@@ -40,7 +40,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         model=args.model, layers=args.layers, method=args.method, method_params=_method_params(args),
         pooling=args.pooling, min_positives=args.min_positives,
         chat_template=args.chat_template, batch_size=args.batch_size, device=args.device,
-        dtype=args.dtype, progress=not args.quiet,
+        dtype=args.dtype, progress=not args.quiet, construction=args.construction, statistics=args.statistics,
     )
     quality = _quality_config(args) if args.quality_report else None  # bad thresholds fail first
     config.quality_sites = quality is not None
@@ -80,6 +80,11 @@ def _add_build(sub) -> None:
         p.add_argument("--chat-template", action="store_true", help="read texts as the assistant turn of a chat")
         p.add_argument("--batch-size", type=int, default=16)
         p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="dtype of stored vectors")
+        p.add_argument("--construction", default="mean_removed", choices=["mean_removed", "as_built"],
+                       help="mean_removed (default): the concepts' shared direction out, kept as the emotionality "
+                            "track; as_built: the method's vectors as they are (docs/readout-format.md)")
+        p.add_argument("--statistics", default="emotional", choices=["emotional", "neutral"],
+                       help="the z-scores' default statistics in the file (both are stored; read --against picks)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         p.add_argument("--quality-report", action="store_true",
                        help="also write OUT/quality.json + OUT/report.html from the same forward pass")
@@ -98,8 +103,9 @@ DEMO_CONCEPTS = ["terrified", "calm", "furious", "grief_stricken", "joyful", "bo
 
 #: Part of the demo cache's key: bumped when ``build`` starts writing something new into
 #: readout.json (2: per-concept valence, arousal and descriptions, which the live page uses), so
-#: a readout cached by an older amygdala is built again instead of reused without them.
-DEMO_CACHE_FORMAT = 2
+#: a readout cached by an older amygdala is built again instead of reused without them; 3: the
+#: mean-removed construction, both statistics sets and the emotionality and valence tracks).
+DEMO_CACHE_FORMAT = 3
 
 
 def _demo_readout(args: argparse.Namespace):

@@ -23,19 +23,26 @@ def _print_rows(rows: list[dict], unit: str) -> None:
         cells = "  ".join(
             f"L{l}: " + ", ".join(f"{c} {v:+.1f}" for c, v in top) for l, top in r["layers"].items()
         )
-        print(f"{r['position']:>4} {r['token']!r:<16} {cells}")
+        tracks = "".join(f"{name[:4]} {v:+.1f}  " for name, v in r.get("tracks", {}).items())
+        print(f"{r['position']:>4} {r['token']!r:<16} {tracks}{cells}")
     print(f"({unit}; top concepts per layer)")
 
 
 def cmd_read(args: argparse.Namespace) -> int:
     from amygdala.models import load_model
     from amygdala.pipeline import matching_model
-    from amygdala.readout import Readout, score_text, token_rows
+    from amygdala import AmygdalaError
+    from amygdala.readout import DEFAULT_SMOOTH, Readout, score_text, token_rows
 
     readout = Readout.load(args.readout)
+    smooth = DEFAULT_SMOOTH if args.smooth is None else args.smooth
+    if smooth < 1:
+        raise AmygdalaError(f"--smooth {smooth}: the window is a number of tokens, at least 1")
+    if args.against is not None:
+        readout.stats_for(args.against)  # a readout without that set fails before the model loads
     info = matching_model(readout, args.model)
     model, tokenizer, _ = load_model(info.path, args.device)
-    scored = score_text(model, tokenizer, readout, args.text)
+    scored = score_text(model, tokenizer, readout, args.text, against=args.against, smooth=smooth)
     rows = token_rows(scored, readout, args.top)
     if args.html is not None:
         from amygdala.view import conversation_of_text, offline_html
@@ -45,10 +52,17 @@ def cmd_read(args: argparse.Namespace) -> int:
         args.html.write_text(offline_html(conversation), encoding="utf-8")
         print(f"wrote {args.html} (open it in a browser; no server needed)", file=sys.stderr)
     if args.json:
-        json.dump({"layers": readout.layers, "zscore": readout.has_stats, "tokens": rows}, sys.stdout, indent=1)
+        json.dump({"layers": readout.layers, "zscore": readout.has_stats, "against": scored.against,
+                   "construction": readout.construction, "smooth": scored.smooth,
+                   "tracks": scored.track_names or [], "tokens": rows}, sys.stdout, indent=1)
         print()
     else:
-        _print_rows(rows, "z-scores over neutral text" if readout.has_stats else "raw projections")
+        unit = f"z-scores over {scored.against} text" if readout.has_stats else "raw projections"
+        if scored.smooth > 1:
+            unit += f", averaged over the last {scored.smooth} tokens"
+        if scored.track_names:
+            unit += "; emot/vale: emotionality and valence tracks, z over neutral text"
+        _print_rows(rows, unit)
     return 0
 
 
@@ -61,6 +75,12 @@ def _add_read(sub) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--html", type=Path, default=None, metavar="FILE",
                    help="also write a self-contained page of the text's readout (the live page's snapshot, opens offline)")
+    p.add_argument("--against", choices=("neutral", "emotional"), default=None,
+                   help="z-score statistics: neutral (more X than plain prose?) or emotional (X rather than "
+                        "another feeling?); default: the readout file's")
+    p.add_argument("--smooth", type=int, default=None, metavar="N",
+                   help="causal moving average over the last N tokens (1: none; default "
+                        "amygdala.readout.DEFAULT_SMOOTH, 3)")
     p.set_defaults(func=cmd_read)
 
 

@@ -164,7 +164,11 @@ def add_concept(
     imported[name] = {**provenance, "layers_in_file": vectors.layers, "layers_unused": unused, "norms": norms,
                       "imported_by": f"amygdala {__version__}"}
     meta["imported"] = imported
-    return Readout([*readout.concepts, name], list(readout.layers), vec, mean, std, meta)
+    # The tracks (emotionality, valence) do not depend on the concept list and stay; the emotional
+    # statistics are not measured for the new row, so the result z-scores against neutral text.
+    return Readout([*readout.concepts, name], list(readout.layers), vec, mean, std, meta,
+                   track_names=list(readout.track_names), track_vectors=dict(readout.track_vectors),
+                   track_mean=dict(readout.track_mean), track_std=dict(readout.track_std))
 
 
 def fill_statistics(readout: Readout, name: str, mean: Mapping[int, float], std: Mapping[int, float]) -> Readout:

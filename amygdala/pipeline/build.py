@@ -19,6 +19,7 @@ from amygdala.methods import METHODS, TokenSubspaces, check_params, concept_sets
 from amygdala.models import load_model, model_info, parse_layers, relative_depth, resolve_model
 from amygdala.models.layers import projection_sites
 from amygdala.readout import Readout
+from amygdala.readout.construction import TokenMoments, remove_shared
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,11 @@ class BuildConfig:
     batch_size: int = 16
     device: str | None = None
     dtype: str = "float32"
+    #: ``mean_removed`` (default): the concept vectors' shared direction taken out and kept as the
+    #: emotionality track (readout/construction.py says why); ``as_built``: the method's vectors as they are.
+    construction: str = "mean_removed"
+    #: Which statistics z-scores use unless told (``neutral`` / ``emotional``); both are stored.
+    statistics: str = "emotional"
     progress: bool = True
     #: Also pool the attention output and MLP down projections' inputs in the same forward
     #: (``activations.sites``), for the quality report (``build --quality-report``).
@@ -86,33 +92,46 @@ def matching_model(readout: Readout, model: str | None = "default"):
     return info
 
 
-class NeutralTokens:
-    """Per-token activations of the neutral texts, gathered in the build forward: the readout's
-    z-score statistics are per token (the readout reads every token), so they are measured per
-    token too, never on pooled rows."""
+class TokenStats:
+    """Per-token moments of the neutral texts' and of the emotional texts' activations, gathered in
+    the build forward: the readout reads every token, so its z-score statistics are measured per
+    token too, never on pooled rows, and both sets ("neutral": more X than plain prose?;
+    "emotional": X rather than another feeling?) come from the same pass. Only the moments are
+    kept ([h, h] per layer and set), never the tokens; the file stores the per-direction results."""
 
-    def __init__(self, rows: set[int], layers: list[int]):
-        self.rows, self.tokens = rows, {l: [] for l in layers}
+    def __init__(self, neutral_rows: set[int], layers: list[int], hidden: int):
+        self.rows = neutral_rows
+        self.neutral = {l: TokenMoments(hidden) for l in layers}
+        self.emotional = {l: TokenMoments(hidden) for l in layers}
 
     def add(self, row: int, layer: int, matrix: torch.Tensor, start: int) -> None:
-        if row in self.rows:
-            # Position 0 is the attention sink: its residual norm is an outlier, not neutral text.
-            self.tokens[layer].append(matrix[1 if start == 0 else 0 :].float().cpu())
+        # Position 0 is the attention sink: its residual norm is an outlier, not text.
+        tokens = matrix[1 if start == 0 else 0 :]
+        if tokens.shape[0]:
+            (self.neutral if row in self.rows else self.emotional)[layer].add(tokens)
 
-    def statistics(self, vectors: dict[int, torch.Tensor]) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-        """Mean and std of the per-token projections, per layer and concept."""
+    def statistics(self, vectors: dict[int, torch.Tensor], against: str = "neutral") -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]] | None:
+        """Mean and std of the per-token projections, per layer and direction; ``None`` when the
+        set saw no tokens."""
+        moments = self.neutral if against == "neutral" else self.emotional
+        if any(moments[l].count == 0 for l in vectors):
+            return None
         mean, std = {}, {}
         for l, v in vectors.items():
-            proj = torch.cat(self.tokens[l]) @ v.T
-            mean[l], std[l] = proj.mean(0), proj.std(0)
+            m, s = moments[l].mean_std(v)
+            mean[l], std[l] = m.float(), s.float()
         return mean, std
+
+
+#: Kept for callers of the old name: the neutral half of :class:`TokenStats`.
+NeutralTokens = TokenStats
 
 
 def collect_corpus(
     corpus: Corpus, model, tokenizer, layers: list[int], *, pooling: Pooling | str = DEFAULT_POOLING,
     chat_template: bool = False, batch_size: int = 16, progress: bool = True, tokens: TokenSubspaces | None = None,
     neutral: bool = True, sites: dict | None = None,
-) -> tuple[Activations, NeutralTokens | None]:
+) -> tuple[Activations, TokenStats | None]:
     """The one forward over the corpus's texts: pooled rows, and in the same pass the neutral
     texts' per-token activations (``neutral``) and per-token bases (``tokens``)."""
     unique = distinct(corpus.text_list())  # collect's rows, to find the neutral ones as they pass
@@ -122,7 +141,8 @@ def collect_corpus(
         if not neutral_set:
             log.warning("corpus has no neutral texts (baselines, direct/_*.txt, neutral/): z-score statistics use all texts")
             neutral_set = set(unique)
-        stats = NeutralTokens({i for i, t in enumerate(unique) if t in neutral_set}, layers)
+        hidden = model.config.get_text_config().hidden_size
+        stats = TokenStats({i for i, t in enumerate(unique) if t in neutral_set}, layers, hidden)
 
     def on_tokens(row: int, layer: int, matrix: torch.Tensor, start: int) -> None:
         if stats is not None:
@@ -146,7 +166,8 @@ def neutral_statistics(
     vectors that did not come from a build (an imported concept), so they read on the built
     concepts' scale."""
     texts = distinct([t.text for t in corpus.neutral_texts()]) or distinct(corpus.text_list())
-    stats = NeutralTokens(set(range(len(texts))), sorted(vectors))
+    hidden = int(next(iter(vectors.values())).shape[-1])
+    stats = TokenStats(set(range(len(texts))), sorted(vectors), hidden)
     collect(model, tokenizer, texts, sorted(vectors), batch_size=batch_size, chat_template=chat_template,
             on_tokens=stats.add, progress=progress)
     return stats.statistics(vectors)
@@ -169,15 +190,27 @@ def build(corpus: Corpus, config: BuildConfig, out: str | Path | None = None, lo
         batch_size=config.batch_size, progress=config.progress, tokens=tokens,
         sites=projection_sites(model, p.layers) if config.quality_sites else None,
     )
-    fitted = fit(config.method, acts, concept_sets(corpus, acts), tokens=tokens, **p.params)
-    mean, std = neutral.statistics(fitted.vectors)
+    sets = concept_sets(corpus, acts)
+    fitted = fit(config.method, acts, sets, tokens=tokens, **p.params)
+    vectors, tracks, names = construct(fitted.vectors, config.construction, acts, sets, corpus.valence())
+    mean, std = neutral.statistics(vectors)
+    emotional = neutral.statistics(vectors, "emotional")
+    track_stats = neutral.statistics(tracks)
     readout = Readout(
         concepts=list(corpus.concepts),
         layers=p.layers,
-        vectors=fitted.vectors,
+        vectors=vectors,
         mean=mean,
         std=std,
+        emotional_mean=emotional[0] if emotional else None,
+        emotional_std=emotional[1] if emotional else None,
+        track_names=names,
+        track_vectors=tracks,
+        track_mean=track_stats[0],
+        track_std=track_stats[1],
         meta={
+            "construction": config.construction,
+            "statistics": {"default": config.statistics if emotional else "neutral"},
             "dtype": config.dtype,
             "model": {"name": info.name, "num_layers": p.num_layers},
             "pooling": str(p.pooling),
@@ -196,6 +229,43 @@ def build(corpus: Corpus, config: BuildConfig, out: str | Path | None = None, lo
     if out is not None:
         readout.save(out)
     return BuildResult(readout, acts, model, tokenizer, fitted.extras)
+
+
+CONSTRUCTIONS = ("mean_removed", "as_built")
+
+
+def construct(
+    fitted: dict[int, torch.Tensor], construction: str, acts: Activations, sets, valence: list[float | None],
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], list[str]]:
+    """The readout's concept vectors and tracks per layer from the method's vectors.
+
+    Tracks: ``emotionality``, the unit mean of the concept vectors (what every concept shares:
+    emotional story vs neutral text), and ``valence`` where the corpus has concepts of both signs:
+    the unit difference of the pooled rows of positive-valence concepts' texts and negative-valence
+    ones' (both emotional, so the shared direction cancels; the valence-weighted mean of concept
+    z-scores was near chance, READOUT_FIDELITY.md).
+    """
+    if construction not in CONSTRUCTIONS:
+        raise ValueError(f"construction {construction!r}: expected one of {', '.join(CONSTRUCTIONS)}")
+    pos_rows = sorted({int(r) for c, v in enumerate(valence) if v is not None and v > 0 for r in sets.positives[c]})
+    neg_rows = sorted({int(r) for c, v in enumerate(valence) if v is not None and v < 0 for r in sets.positives[c]})
+    both = set(pos_rows) & set(neg_rows)  # a text that is positive for both signs says nothing of valence
+    pos_rows = [r for r in pos_rows if r not in both]
+    neg_rows = [r for r in neg_rows if r not in both]
+    names = ["emotionality"] + (["valence"] if pos_rows and neg_rows else [])
+    vectors, tracks = {}, {}
+    for l, v in fitted.items():
+        if v.shape[0] >= 2:
+            centred, shared = remove_shared(v)
+        else:  # one concept: nothing is shared with another; its own direction is the track
+            centred, shared = v, v[0] / v[0].norm().clamp_min(1e-12)
+        vectors[l] = centred if construction == "mean_removed" else v
+        rows = [shared]
+        if len(names) == 2:
+            d = acts.pooled[l][pos_rows].mean(0) - acts.pooled[l][neg_rows].mean(0)
+            rows.append(d / d.norm().clamp_min(1e-12))
+        tracks[l] = torch.stack(rows).float()
+    return vectors, tracks, names
 
 
 def _fit_notes(extras: dict[str, dict[int, torch.Tensor]]) -> dict:

@@ -3,7 +3,12 @@
 ``readout.safetensors`` holds ``layer_<idx>.vectors`` [n_concepts, hidden] (unit rows, manifest
 order) and optionally ``layer_<idx>.mean`` / ``layer_<idx>.std`` [n_concepts]: the projection
 statistics over neutral text that turn raw scores into z-scores (raw scores are dominated by
-residual-stream magnitude, which differs per layer). ``readout.json`` describes them; files
+residual-stream magnitude, which differs per layer). Optional, from builds that record them:
+``layer_<idx>.emotional_mean`` / ``.emotional_std`` [n_concepts] (the same statistics over the
+emotional texts' tokens), ``layer_<idx>.tracks`` [n_tracks, hidden] (unit directions read beside
+the concepts: ``emotionality``, ``valence``) with ``layer_<idx>.tracks_mean`` / ``.tracks_std``
+[n_tracks] over neutral text. ``readout.json``'s ``construction``, ``statistics`` and ``tracks``
+say which exist (docs/readout-format.md). ``readout.json`` describes them; files
 with only the original system's four keys (format_version... concepts, layers, hidden_size,
 dtype) load too. ``site: block_output`` is the residual stream after decoder block ``idx``
 (transformers' ``hidden_states[idx + 1]``), before any final norm.
@@ -28,6 +33,10 @@ FORMAT_VERSION = 1
 TENSORS = "readout.safetensors"
 MANIFEST = "readout.json"
 REQUIRED = ("concepts", "layers", "hidden_size", "dtype")
+#: The z-score statistics a readout can hold: over neutral text ("is this token more X than plain
+#: prose?", ``layer_<idx>.mean/.std``) and over emotional text ("X rather than another feeling?",
+#: ``layer_<idx>.emotional_mean/.emotional_std``).
+STATISTICS = ("neutral", "emotional")
 DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -45,6 +54,15 @@ class Readout:
     mean: dict[int, torch.Tensor] | None = None
     std: dict[int, torch.Tensor] | None = None
     meta: dict = field(default_factory=dict)
+    #: Statistics over the emotional texts' tokens (``statistics: emotional``), when the build made them.
+    emotional_mean: dict[int, torch.Tensor] | None = None
+    emotional_std: dict[int, torch.Tensor] | None = None
+    #: Directions read beside the concepts (``emotionality``, ``valence``): names, per layer
+    #: [n_tracks, hidden] unit rows and their neutral-text mean/std [n_tracks].
+    track_names: list[str] = field(default_factory=list)
+    track_vectors: dict[int, torch.Tensor] = field(default_factory=dict)
+    track_mean: dict[int, torch.Tensor] = field(default_factory=dict)
+    track_std: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def hidden_size(self) -> int:
@@ -60,12 +78,58 @@ class Readout:
     def has_stats(self) -> bool:
         return self.mean is not None and self.std is not None
 
-    def zscore(self, scores: torch.Tensor) -> torch.Tensor:
-        """[..., n_layers, n_concepts] raw scores to z-scores with the neutral-text statistics."""
+    @property
+    def statistics(self) -> list[str]:
+        """Which statistics sets this file holds (``neutral``, ``emotional``)."""
+        out = ["neutral"] if self.has_stats else []
+        if self.has_stats and self.emotional_mean is not None and self.emotional_std is not None:
+            out.append("emotional")
+        return out
+
+    @property
+    def default_statistics(self) -> str:
+        """The set z-scores use unless told: the file's ``statistics.default``, else ``neutral``
+        (files from before the choice existed were standardised on neutral text)."""
+        info = self.meta.get("statistics")
+        want = info.get("default") if isinstance(info, dict) else None
+        return want if want in self.statistics else "neutral"
+
+    @property
+    def construction(self) -> str:
+        """How the vectors were made from the method's output: ``mean_removed`` or ``as_built``."""
+        return str(self.meta.get("construction") or "as_built")
+
+    def stats_for(self, against: str | None = None) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """(mean, std) per layer of the statistics ``against`` (``None``: the default)."""
+        against = against or self.default_statistics
         if not self.has_stats:
             raise ReadoutError("this readout has no layer_<idx>.mean/.std statistics; z-scores need them")
-        mean = torch.stack([self.mean[l] for l in self.layers]).to(scores)
-        std = torch.stack([self.std[l] for l in self.layers]).to(scores)
+        if against not in STATISTICS:
+            raise ReadoutError(f"statistics {against!r}: expected one of {', '.join(STATISTICS)}")
+        if against not in self.statistics:
+            raise ReadoutError(
+                f"this readout has no {against!r} statistics (it has {', '.join(self.statistics)}); "
+                "rebuild it with this amygdala to get both"
+            )
+        if against == "emotional":
+            return self.emotional_mean, self.emotional_std
+        return self.mean, self.std
+
+    def zscore(self, scores: torch.Tensor, against: str | None = None) -> torch.Tensor:
+        """[..., n_layers, n_concepts] raw scores to z-scores with the statistics ``against``
+        (``neutral``: is this token more X than plain prose; ``emotional``: X rather than another
+        feeling; ``None``: the file's default)."""
+        mean_d, std_d = self.stats_for(against)
+        mean = torch.stack([mean_d[l] for l in self.layers]).to(scores)
+        std = torch.stack([std_d[l] for l in self.layers]).to(scores)
+        return (scores - mean) / std.clamp_min(1e-6)
+
+    def track_zscore(self, scores: torch.Tensor) -> torch.Tensor:
+        """[..., n_layers, n_tracks] raw track projections to z-scores over neutral text."""
+        if not self.track_names:
+            raise ReadoutError("this readout has no tracks (emotionality, valence); rebuild it with this amygdala")
+        mean = torch.stack([self.track_mean[l] for l in self.layers]).to(scores)
+        std = torch.stack([self.track_std[l] for l in self.layers]).to(scores)
         return (scores - mean) / std.clamp_min(1e-6)
 
     def concept_index(self, name: str) -> int:
@@ -100,9 +164,16 @@ class Readout:
             value = self.concept_info(key)
             if value is not None:
                 body[key] = value
+        body["construction"] = self.construction
+        if self.has_stats:
+            body["statistics"] = {"available": self.statistics, "default": self.default_statistics}
+        if self.track_names:
+            body["tracks"] = list(self.track_names)
         if stats and self.has_stats:
-            body["mean"] = [self.mean[l].tolist() for l in self.layers]
-            body["std"] = [self.std[l].tolist() for l in self.layers]
+            # mean/std: the default statistics, so a client that knows only these reads as `read` does.
+            mean, std = self.stats_for(None)
+            body["mean"] = [mean[l].tolist() for l in self.layers]
+            body["std"] = [std[l].tolist() for l in self.layers]
         return body
 
     def check_model(self, num_layers: int, hidden_size: int, model_name: str = "the model") -> None:
@@ -131,8 +202,18 @@ class Readout:
             "dtype": dtype,
             "site": "block_output",
             **meta,
+            **self._choice_json(),
             "created_by": f"amygdala {__version__}",
         }
+
+    def _choice_json(self) -> dict:
+        """What readers need to know about the construction, statistics and tracks."""
+        out = {}
+        if self.has_stats:
+            out["statistics"] = {"available": self.statistics, "default": self.default_statistics}
+        if self.track_names:
+            out["tracks"] = list(self.track_names)
+        return out
 
     def save(self, out: str | Path) -> Path:
         """Write both files into folder ``out``; a reader never sees a half-written pair.
@@ -149,6 +230,13 @@ class Readout:
             if self.has_stats:
                 tensors[f"layer_{l}.mean"] = self.mean[l].detach().float().cpu().contiguous()
                 tensors[f"layer_{l}.std"] = self.std[l].detach().float().cpu().contiguous()
+            if "emotional" in self.statistics:
+                tensors[f"layer_{l}.emotional_mean"] = self.emotional_mean[l].detach().float().cpu().contiguous()
+                tensors[f"layer_{l}.emotional_std"] = self.emotional_std[l].detach().float().cpu().contiguous()
+            if self.track_names:
+                tensors[f"layer_{l}.tracks"] = self.track_vectors[l].detach().float().cpu().contiguous()
+                tensors[f"layer_{l}.tracks_mean"] = self.track_mean[l].detach().float().cpu().contiguous()
+                tensors[f"layer_{l}.tracks_std"] = self.track_std[l].detach().float().cpu().contiguous()
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
         try:
@@ -221,7 +309,17 @@ class Readout:
                         raise ReadoutError(f"{tpath}: layer_{l}.{name} has shape {tuple(t.shape)}, expected ({len(concepts)},)")
                     store[l] = t.float()
         has_stats = len(mean) == len(layers) and len(std) == len(layers)
-        meta = {k: v for k, v in info.items() if k not in (*REQUIRED, "format_version", "created_by")}
+        emo_mean = _per_layer(tensors, tpath, layers, "emotional_mean", (len(concepts),))
+        emo_std = _per_layer(tensors, tpath, layers, "emotional_std", (len(concepts),))
+        track_names = info.get("tracks") or []
+        if not (isinstance(track_names, list) and all(isinstance(t, str) for t in track_names)):
+            raise ReadoutError(f"{jpath}: field tracks must be a list of names")
+        tracks = {}
+        if track_names:
+            k = len(track_names)
+            tracks = {name: _per_layer(tensors, tpath, layers, name, shape, required=True)
+                      for name, shape in (("tracks", (k, hidden)), ("tracks_mean", (k,)), ("tracks_std", (k,)))}
+        meta = {k: v for k, v in info.items() if k not in (*REQUIRED, "format_version", "created_by", "tracks")}
         meta["dtype"] = info["dtype"]
         return cls(
             concepts=list(concepts),
@@ -230,4 +328,27 @@ class Readout:
             mean=mean if has_stats else None,
             std=std if has_stats else None,
             meta=meta,
+            emotional_mean=emo_mean if has_stats else None,
+            emotional_std=emo_std if has_stats else None,
+            track_names=list(track_names),
+            track_vectors=tracks.get("tracks", {}),
+            track_mean=tracks.get("tracks_mean", {}),
+            track_std=tracks.get("tracks_std", {}),
         )
+
+
+def _per_layer(tensors: dict, tpath: Path, layers: list[int], name: str, shape: tuple, required: bool = False):
+    """``layer_<idx>.<name>`` for every layer, checked for shape and finiteness; ``None`` when the
+    file has it for no layer (and it is not ``required``)."""
+    found = {l: tensors[f"layer_{l}.{name}"] for l in layers if f"layer_{l}.{name}" in tensors}
+    if not found and not required:
+        return None
+    for l in layers:
+        t = found.get(l)
+        if t is None:
+            raise ReadoutError(f"{tpath}: no tensor layer_{l}.{name} although other layers have it; re-run amygdala build")
+        if tuple(t.shape) != shape:
+            raise ReadoutError(f"{tpath}: layer_{l}.{name} has shape {tuple(t.shape)}, expected {shape}")
+        if not torch.isfinite(t).all():
+            raise ReadoutError(f"{tpath}: layer_{l}.{name} holds NaN or inf values")
+    return {l: t.float() for l, t in found.items()}

@@ -72,6 +72,7 @@ class ReadoutSession:
 
     readout: Readout
     _chunks: list[list[torch.Tensor]] = field(default_factory=list)
+    _track_chunks: list[list[torch.Tensor]] = field(default_factory=list)
 
     def scores(self) -> torch.Tensor:
         """[batch, positions, n_layers, n_concepts] raw projections, all forward calls joined."""
@@ -80,8 +81,19 @@ class ReadoutSession:
         per_call = [torch.stack(layers, dim=2) for layers in self._chunks]
         return torch.cat(per_call, dim=1)
 
-    def zscores(self) -> torch.Tensor:
-        return self.readout.zscore(self.scores())
+    def zscores(self, against: str | None = None) -> torch.Tensor:
+        return self.readout.zscore(self.scores(), against)
+
+    def tracks(self) -> torch.Tensor | None:
+        """[batch, positions, n_layers, n_tracks] raw projections on the readout's tracks
+        (emotionality, valence); ``None`` when the file has none."""
+        if not self._track_chunks:
+            return None
+        return torch.cat([torch.stack(layers, dim=2) for layers in self._track_chunks], dim=1)
+
+    def track_zscores(self) -> torch.Tensor | None:
+        raw = self.tracks()
+        return None if raw is None else self.readout.track_zscore(raw)
 
 
 @contextmanager
@@ -103,6 +115,7 @@ def attach(
     readout.check_model(len(blocks), hidden, type(model).__name__)
     param = next(model.parameters())
     vectors = {l: readout.vectors[l].to(param.device, param.dtype) for l in readout.layers}
+    tracks = {l: readout.track_vectors[l].to(param.device, param.dtype) for l in readout.layers} if readout.track_names else {}
     deltas = {}
     if steering is not None:
         for l, d in steering.deltas.items():
@@ -112,6 +125,7 @@ def attach(
     session = ReadoutSession(readout)
     hooked = sorted(set(readout.layers) | set(deltas))
     pending: dict[int, torch.Tensor] = {}
+    pending_tracks: dict[int, torch.Tensor] = {}
 
     def make_hook(layer: int):
         def hook(_module, _inputs, output):
@@ -121,8 +135,12 @@ def attach(
                 output = (h, *output[1:]) if isinstance(output, (tuple, list)) else h
             if record and layer in vectors:
                 pending[layer] = (h.detach() @ vectors[layer].T).float().cpu()
+                if tracks:
+                    pending_tracks[layer] = (h.detach() @ tracks[layer].T).float().cpu()
                 if len(pending) == len(vectors):
                     session._chunks.append([pending.pop(l) for l in readout.layers])
+                    if tracks:
+                        session._track_chunks.append([pending_tracks.pop(l) for l in readout.layers])
             return output
         return hook
 

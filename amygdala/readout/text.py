@@ -9,6 +9,11 @@ import torch
 from amygdala.readout.format import Readout
 from amygdala.readout.runtime import attach
 
+#: ``read --smooth``'s default: a causal moving average over the last N tokens. Three tokens keep a
+#: word's pieces together without smearing one clause into the next; one constant, easy to change
+#: when the per-token eval (docs/validity.md) says otherwise.
+DEFAULT_SMOOTH = 3
+
 
 @dataclass
 class TextScores:
@@ -19,6 +24,31 @@ class TextScores:
     positions: list[int]
     scores: torch.Tensor  # [n_tokens, n_layers, n_concepts]
     zscore: bool
+    #: Which statistics the z-scores use (``neutral`` / ``emotional``), ``None`` for raw scores.
+    against: str | None = None
+    #: The readout's track names and per token their z-scores over neutral text [n_tokens, n_layers, n_tracks].
+    track_names: list[str] | None = None
+    tracks: torch.Tensor | None = None
+    smooth: int = 1
+
+
+def smooth_causal(x: torch.Tensor, n: int, skip: torch.Tensor | None = None) -> torch.Tensor:
+    """A causal moving average over the last ``n`` rows of ``x`` [tokens, ...]: row i is the mean of
+    rows max(0, i-n+1)..i. Rows where ``skip`` [tokens] is true (the attention sink) enter no
+    window and are kept as they are, so the sink's outlier never leaks into its neighbours."""
+    if n < 1:
+        raise ValueError(f"smoothing window must be at least 1 token, got {n}")
+    if n == 1 or x.shape[0] == 0:
+        return x.clone()
+    keep = torch.ones(x.shape[0], dtype=torch.bool) if skip is None else ~skip
+    out = x.clone()
+    flat = x[keep]
+    csum = torch.cat([torch.zeros_like(flat[:1]), flat.cumsum(0)])
+    idx = torch.arange(flat.shape[0])
+    lo = (idx - n + 1).clamp_min(0)
+    counts = (idx - lo + 1).to(flat.dtype).reshape(-1, *([1] * (flat.dim() - 1)))
+    out[keep] = (csum[idx + 1] - csum[lo]) / counts
+    return out
 
 
 def top_concepts(row: torch.Tensor, concepts: list[str], k: int) -> list[tuple[str, float]]:
@@ -27,21 +57,32 @@ def top_concepts(row: torch.Tensor, concepts: list[str], k: int) -> list[tuple[s
     return [(concepts[i], float(v)) for v, i in zip(vals, idx)]
 
 
-def score_text(model, tokenizer, readout: Readout, text: str) -> TextScores:
+def score_text(model, tokenizer, readout: Readout, text: str, against: str | None = None, smooth: int = 1) -> TextScores:
     """One forward over ``text``; every non-special token with its full score matrix
-    (z-scores when the readout has statistics)."""
+    (z-scores with the statistics ``against`` when the readout has statistics, default the
+    file's), the tracks' z-scores where the file has tracks, each smoothed causally over the last
+    ``smooth`` tokens. Position 0 (the attention sink) is in no smoothing window."""
+    if readout.has_stats:
+        readout.stats_for(against)  # an unknown or missing set fails before the forward
     enc = tokenizer(text, return_tensors="pt").to(next(model.parameters()).device)
     with torch.inference_mode(), attach(model, readout) as session:
         model(**enc)
-    scores = (session.zscores() if readout.has_stats else session.scores())[0].float().cpu()
+    scores = (session.zscores(against) if readout.has_stats else session.scores())[0].float().cpu()
+    tracks = session.track_zscores()
     special = set(tokenizer.all_special_ids)
     ids = enc["input_ids"][0].tolist()
     keep = [pos for pos, tid in enumerate(ids) if tid not in special]
+    sink = torch.tensor([pos == 0 for pos in keep], dtype=torch.bool)
+    tracks = None if tracks is None else smooth_causal(tracks[0].float().cpu()[keep], smooth, sink)
     return TextScores(
         tokens=[tokenizer.decode([ids[pos]]) for pos in keep],
         positions=keep,
-        scores=scores[keep],
+        scores=smooth_causal(scores[keep], smooth, sink),
         zscore=readout.has_stats,
+        against=(against or readout.default_statistics) if readout.has_stats else None,
+        track_names=list(readout.track_names) or None,
+        tracks=tracks,
+        smooth=smooth,
     )
 
 
@@ -55,13 +96,17 @@ def read_text(model, tokenizer, readout: Readout, text: str, top: int = 3) -> li
 
 
 def token_rows(scored: TextScores, readout: Readout, top: int = 3) -> list[dict]:
-    """:func:`read_text`'s rows from an already scored text."""
-    return [
-        {
+    """:func:`read_text`'s rows from an already scored text; each row carries the tracks
+    (``emotionality``, ``valence``: z over neutral text, averaged over the layers) where the file has them."""
+    rows = []
+    for i, (pos, token) in enumerate(zip(scored.positions, scored.tokens)):
+        row = {
             "position": pos,
             "token": token,
             "attention_sink": pos == 0,
             "layers": {str(l): top_concepts(scored.scores[i, j], readout.concepts, top) for j, l in enumerate(readout.layers)},
         }
-        for i, (pos, token) in enumerate(zip(scored.positions, scored.tokens))
-    ]
+        if scored.tracks is not None:
+            row["tracks"] = {name: round(float(scored.tracks[i, :, k].mean()), 3) for k, name in enumerate(scored.track_names)}
+        rows.append(row)
+    return rows

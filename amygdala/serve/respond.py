@@ -35,13 +35,16 @@ except ImportError:  # pragma: no cover
 
 
 class Formatter:
-    """Rows to JSON lists, raw or z-scored with the readout's neutral-text statistics."""
+    """Rows to JSON lists, raw or z-scored with the readout's default statistics (the file's
+    ``statistics.default``: emotional text for new builds, neutral for older files), the same
+    set ``amygdala read`` uses and the manifest's ``mean``/``std`` carry."""
 
     def __init__(self, readout: Readout):
         self.mean = self.std = None
         if readout.has_stats:
-            self.mean = np.stack([readout.mean[l].numpy() for l in readout.layers])
-            self.std = np.maximum(np.stack([readout.std[l].numpy() for l in readout.layers]), 1e-6)
+            mean, std = readout.stats_for(None)
+            self.mean = np.stack([mean[l].numpy() for l in readout.layers])
+            self.std = np.maximum(np.stack([std[l].numpy() for l in readout.layers]), 1e-6)
 
     def row(self, row: Row | None, mode: str) -> list | None:
         if row is None:

@@ -12,7 +12,12 @@ from pathlib import Path
 
 from amygdala.corpus import Corpus
 from amygdala.models import load_model
-from amygdala.pipeline import collect_corpus, matching_model
+from amygdala.activations import collect
+from amygdala.activations.collect import distinct
+from amygdala.methods import METHODS, check_params
+from amygdala.pipeline import matching_model
+from amygdala.validity import pertoken
+from amygdala.validity.pertoken import per_token, story_tokens_for
 from amygdala.pipeline import corpus_for
 from amygdala.validity.steering import SteeringConfig, steering_efficacy
 from amygdala.validity.report import table, validity
@@ -32,9 +37,14 @@ def run_eval(
     corpus = corpus_for(readout, corpus)
     info = matching_model(readout, model)
     loaded, tokenizer, _ = load_model(info.path, device)
-    acts, _ = collect_corpus(
-        corpus, loaded, tokenizer, readout.layers, pooling=readout.pooling,
-        chat_template=bool(readout.meta.get("chat_template")), batch_size=batch_size, progress=progress, neutral=False,
+    method = readout.meta.get("method") or "diffmean"
+    pooled_method = method in METHODS and not METHODS[method].needs_tokens
+    # The per-token view keeps the held-out stories' tokens and the token moments from this same forward.
+    tokens = story_tokens_for(corpus, distinct(corpus.text_list()), list(readout.layers), max_folds) if pooled_method else None
+    acts = collect(
+        loaded, tokenizer, corpus.text_list(), readout.layers, pooling=readout.pooling,
+        chat_template=bool(readout.meta.get("chat_template")), batch_size=batch_size, progress=progress,
+        on_tokens=tokens.add if tokens is not None else None,
     )
     result = {
         "readout": str(readout_path),
@@ -43,6 +53,9 @@ def run_eval(
         "clusters": corpus.cluster_of(),
         "validity": validity(readout, corpus, acts, max_folds=max_folds),
     }
+    if tokens is not None:
+        params = check_params(method, readout.meta.get("method_params") or {})
+        result["validity"]["per_token"] = per_token(corpus, acts, tokens, method, max_folds=max_folds, **params)
     if steering is not None:
         valence = dict(zip(corpus.concepts, corpus.valence()))
         result["steering"] = steering_efficacy(loaded, tokenizer, readout, valence, steering)
@@ -62,6 +75,8 @@ def steering_table(s: dict) -> str:
 
 def report_text(result: dict) -> str:
     parts = [table(result["validity"])]
+    if result["validity"].get("per_token"):
+        parts.append(pertoken.table(result["validity"]["per_token"]))
     if "steering" in result:
         parts.append(steering_table(result["steering"]))
     return "\n\n".join(parts)
@@ -82,6 +97,8 @@ def write(result: dict, out: str | Path) -> tuple[Path, Path]:
     hpath.write_text(
         f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>amygdala eval</title><style>{STYLE}</style>"
         f"</head><body><h1>Evaluation of {escape(result['readout'])}</h1><p>model {escape(result['model'])}</p>"
-        f"{html_section(result['validity'], result['concepts'], result['clusters'])}{steering}</body></html>\n"
+        f"{html_section(result['validity'], result['concepts'], result['clusters'])}"
+        f"{pertoken.html(result['validity']['per_token']) if result['validity'].get('per_token') else ''}"
+        f"{steering}</body></html>\n"
     )
     return jpath, hpath

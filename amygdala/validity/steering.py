@@ -167,3 +167,14 @@ def steering_efficacy(model, tokenizer, readout: Readout, valence: dict[str, flo
                    "concepts": chosen["concepts"]},
         "strengths": per_strength,
     }
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a share k/n (95% for z 1.96): honest at small n and near 0 or 1,
+    where the normal approximation leaves [0, 1]."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)

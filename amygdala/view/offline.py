@@ -8,7 +8,8 @@ A conversation (``amygdala-conversation``, version 1) is JSON::
      "readout": "zscore" | "raw",
      "alignment": "sampled" | "own",
      "messages": [{"role": "user" | "assistant" | "text", "content": "...", "steer": [...],
-                   "tokens": [{"text": "...", "readout": [[...n_concepts...], ...n_layers]}]}]}
+                   "tokens": [{"text": "...", "readout": [[...n_concepts...], ...n_layers] | null,
+                               "tracks": {"emotionality": z, "valence": z}}]}]}
 
 ``alignment`` says which residual stream a token's matrix is: ``sampled`` (generated tokens:
 the position whose forward pass sampled the token, as the server streams it) or ``own`` (a
@@ -65,9 +66,21 @@ def conversation_of_text(readout: Readout, scored: TextScores, *, text: str, mod
             "role": "text",
             "content": text,
             "steer": [],
-            "tokens": [{"text": t, "readout": rows[i].tolist()} for i, t in enumerate(scored.tokens)],
+            "tokens": [_token(scored, rows, i) for i in range(len(scored.tokens))],
         }],
     }
+
+
+def _token(scored: TextScores, rows, i: int) -> dict:
+    """One token of a teacher-forced text. Position 0 (the attention sink, z around -150 on the
+    default model) carries no readout: the page then leaves it out of the panel, the colour and
+    the sparklines. ``tracks``: emotionality and valence z (over neutral text, mean over layers)."""
+    if scored.positions[i] == 0:
+        return {"text": scored.tokens[i], "readout": None}
+    out = {"text": scored.tokens[i], "readout": rows[i].tolist()}
+    if scored.tracks is not None:
+        out["tracks"] = {n: round(float(scored.tracks[i, :, k].mean()), 3) for k, n in enumerate(scored.track_names)}
+    return out
 
 
 def offline_html(conversation: dict) -> str:

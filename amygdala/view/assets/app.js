@@ -5,7 +5,10 @@
   "use strict";
 
   const PANEL_K = 8;          // concepts listed per layer
-  const ENTER_Z = 1.0;        // a concept enters the list at this z (and among the top K) ...
+  // A concept enters the list at this z (and among the top K) ... With "emotional" statistics z is
+  // already "X rather than another feeling"; with "neutral" statistics every concept rises on any
+  // emotional token, so the rule applies to z minus the layer's median concept z (what it shares).
+  const ENTER_Z = 1.0;
   const EXIT_Z = 0.5;         // ... and stays until it falls below this z (or out of the top 2K)
   const STEER_STDS = 4;       // slider range: this many neutral-text stds of the readout
   const FORMAT = "amygdala-conversation", VERSION = 1;
@@ -188,6 +191,7 @@
     S.C = m.concepts.length;
     S.zscore = zscore;
     S.weights = valenceWeights(m.valence);
+    S.against = m.statistics ? m.statistics.default : "neutral";
     S.clusterIndex = null;
     if (Array.isArray(m.clusters)) {
       const groups = new Map();
@@ -198,8 +202,10 @@
       S.clusterIndex = Array.from(groups.entries());
     }
     S.listed = m.layers.map(() => []);
-    $("readout-info").textContent = `${S.C} concepts × layers ${m.layers.join(", ")} · ${zscore ? "z-scores" : "raw projections"}`
-      + (S.weights ? " · colour: valence" : " · no valence in this readout: tokens are not coloured");
+    S.hasTracks = Array.isArray(m.tracks) && m.tracks.includes("valence");
+    $("readout-info").textContent = `${S.C} concepts × layers ${m.layers.join(", ")} · ${zscore ? `z-scores over ${S.against} text` : "raw projections"}`
+      + (m.construction ? ` · ${m.construction.replace("_", " ")}` : "")
+      + (S.hasTracks ? " · colour: valence track" : S.weights ? " · colour: valence" : " · no valence in this readout: tokens are not coloured");
     $("readout-info").title = S.weights
       ? "token colour: the valence-weighted mean of the concept values, weights centred so that a rise of every concept reads as neither (green pleasant, red unpleasant)"
       : "this readout file records no valence per concept (rebuild it with amygdala build)";
@@ -274,17 +280,28 @@
     return msg;
   }
 
-  function addToken(msg, text, matrix) {
+  /** The values the panel's entry rule sees: z as it is over emotional text, z minus the
+   *  layer's median concept z over neutral text (see ENTER_Z). */
+  function entryValues(values) {
+    if (S.against === "emotional") return values;
+    const sorted = Float32Array.from(values).sort();
+    const median = sorted[sorted.length >> 1];
+    return values.map((x) => x - median);
+  }
+
+  function addToken(msg, text, matrix, tracks) {
     let row = null;
     if (matrix) {
       row = new Float32Array(S.L * S.C);
       for (let l = 0; l < S.L; l++) row.set(matrix[l], l * S.C);
       for (let l = 0; l < S.L; l++) {
-        S.listed[l] = hysteresisStep(S.listed[l], row.subarray(l * S.C, (l + 1) * S.C), { k: PANEL_K, enter: S.zscore ? ENTER_Z : null, exit: S.zscore ? EXIT_Z : null });
+        const values = row.subarray(l * S.C, (l + 1) * S.C);
+        S.listed[l] = hysteresisStep(S.listed[l], S.zscore ? entryValues(values) : values, { k: PANEL_K, enter: S.zscore ? ENTER_Z : null, exit: S.zscore ? EXIT_Z : null });
       }
     }
     const i = S.tokens.length;
-    S.tokens.push({ text, row, msg });
+    // tracks: {emotionality, valence} z over neutral text, where the readout has them (read --html).
+    S.tokens.push({ text, row, msg, tracks: tracks || null });
     msg.tokens.push(i);
     schedule();
   }
@@ -312,7 +329,7 @@
       span.className = "tok";
       span.dataset.i = S.rendered;
       span.textContent = t.text;
-      const colour = valenceColour(tokenValence(t.row, S.weights, S.L, S.C));
+      const colour = valenceColour(t.tracks && t.tracks.valence != null ? t.tracks.valence / 2 : tokenValence(t.row, S.weights, S.L, S.C));
       if (colour) span.style.backgroundColor = colour;
       frag.appendChild(span);
     }
@@ -400,8 +417,9 @@
     if (!span || !S.manifest) { tip.hidden = true; return; }
     const t = S.tokens[+span.dataset.i];
     if (!t.row) { tip.hidden = true; return; }
-    const v = tokenValence(t.row, S.weights, S.L, S.C);
-    let html = `<div><b>${escapeHtml(JSON.stringify(t.text))}</b>${v == null ? "" : ` · valence ${fmt(v)}`}</div><table><tr>`;
+    const v = t.tracks && t.tracks.valence != null ? t.tracks.valence : tokenValence(t.row, S.weights, S.L, S.C);
+    const e = t.tracks && t.tracks.emotionality != null ? ` · emotionality ${fmt(t.tracks.emotionality)}` : "";
+    let html = `<div><b>${escapeHtml(JSON.stringify(t.text))}</b>${v == null ? "" : ` · valence ${fmt(v)}`}${e}</div><table><tr>`;
     S.manifest.layers.forEach((layer, l) => {
       html += `<td><div class="muted">layer ${layer}</div>`
         + topOfLayer(t.row, l, 5).map(([n, x]) => `${escapeHtml(n)} ${fmt(x)}`).join("<br>") + "</td>";
@@ -728,7 +746,7 @@
     $("export-html").hidden = true;
     for (const m of data.messages) {
       const msg = addMessage(m.role, m.content, m.steer);
-      for (const t of m.tokens) addToken(msg, t.text, t.readout);
+      for (const t of m.tokens) addToken(msg, t.text, t.readout, t.tracks);
       if (!m.tokens.length && m.role !== "user") msg.body.textContent = m.content;
     }
     if (data.alignment === "own") {
