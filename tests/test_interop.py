@@ -548,6 +548,28 @@ def _default_gguf() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
 
 
+def _llama_without_extra_buffers(Llama, path: str):
+    """llama.cpp on the plain CPU kernels: with its extra buffer types on (the default), a CPU
+    that reports AMX gets ggml's AMX matmul, which segfaults in llama_decode on the CI machines
+    (gdb: ggml_backend_amx_mul_mat) and takes the whole test run down with it.
+    Llama() offers no switch for use_extra_bufts, so its default parameters are wrapped for the
+    one construction; the steering arithmetic under test is the same on every kernel."""
+    import llama_cpp.llama as module
+
+    default = module.llama_cpp.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    module.llama_cpp.llama_model_default_params = params
+    try:
+        return Llama(model_path=path, n_ctx=256, n_batch=256, n_threads=1, logits_all=True, verbose=False)
+    finally:
+        module.llama_cpp.llama_model_default_params = default
+
+
 @pytest.fixture(scope="module")
 def llama_setup():
     """The default model twice: llama.cpp on the wheel's Q4_1 GGUF, transformers on its fp32
@@ -571,7 +593,7 @@ def llama_setup():
         d = acts.pooled[l][:3].mean(0) - acts.pooled[l][3:].mean(0)
         vectors[l] = (d / d.norm())[None]
     readout = Readout(["happy"], layers, vectors, meta={"dtype": "float32", "model": {"name": info.name, "num_layers": info.num_layers}})
-    llm = Llama(model_path=str(_default_gguf()), n_ctx=256, n_batch=256, n_threads=1, logits_all=True, verbose=False)
+    llm = _llama_without_extra_buffers(Llama, str(_default_gguf()))
     assert llama_cpp.llama_model_n_layer(llm._model.model) == info.num_layers and llm.n_embd() == info.hidden_size
     text = ("Tell me about your weekend. My weekend was quiet: I read a book, cooked dinner for friends and went "
             "for a long walk by the river.")
