@@ -1,6 +1,8 @@
 """The vLLM plugin on the real CPU build of vLLM: readout, steering, prefix cache, bad input.
 
-One tiny random Llama (hidden 128, head_dim 64) and its random readout; three server processes
+One tiny random Llama (hidden 128, head_dim 64) and its random readout (with tracks and both
+statistics sets, as builds since issue 23 write it; files without them run in the other vLLM
+modules: test_serve_live.py, test_serve_parallel.py, ...); three server processes
 per module: the server under test (readout loaded, prefix caching and cached-token counts on),
 a plain vLLM server without the plugin (the reference for "no steering at all"), and one whose
 readout does not fit the model (it must refuse to start). References for the scores come from
@@ -37,7 +39,7 @@ RTOL = 1e-4
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     model = sh.make_tiny_model(root / "model")
-    readout = sh.make_readout(root / "readout")
+    readout = sh.make_readout(root / "readout", tracks=True)
     bad = sh.make_readout(root / "bad-readout", hidden=64)
     return root, model, readout, bad
 
@@ -111,7 +113,13 @@ def test_manifest(server, readout):
     code, m = server.get("/readout/manifest")
     assert code == 200
     assert m["concepts"] == readout.concepts and m["layers"] == readout.layers and m["hidden_size"] == 128
-    torch.testing.assert_close(torch.tensor(m["std"]), torch.stack([readout.std[l] for l in readout.layers]))
+    # mean/std: the default statistics (emotional, in this file); every set under statistics_sets.
+    torch.testing.assert_close(torch.tensor(m["std"]), torch.stack([readout.emotional_std[l] for l in readout.layers]))
+    torch.testing.assert_close(torch.tensor(m["statistics_sets"]["neutral"]["std"]), torch.stack([readout.std[l] for l in readout.layers]))
+    assert m["tracks"] == ["emotionality", "valence"] and m["statistics"]["default"] == "emotional"
+    from amygdala.readout import DEFAULT_SMOOTH
+
+    assert m["smooth"] == DEFAULT_SMOOTH
 
 
 @vllm
@@ -246,12 +254,40 @@ def test_readout_off_and_zscore(server, files, readout):
     assert code == 200 and "readout" not in off["choices"][0]
     assert off["choices"][0]["text"] == raw["choices"][0]["text"]
     _, z = server.post("/completions", {**b, "readout": "zscore"})
-    mean = torch.stack([readout.mean[l] for l in readout.layers])
-    std = torch.stack([readout.std[l] for l in readout.layers])
-    want = (torch.tensor(raw["choices"][0]["readout"]) - mean) / std
+    want = readout.zscore(torch.tensor(raw["choices"][0]["readout"]))  # the file's default statistics
     torch.testing.assert_close(torch.tensor(z["choices"][0]["readout"]), want, atol=1e-4, rtol=1e-4)
+    want = readout.track_zscore(torch.tensor(raw["choices"][0]["tracks"]))  # tracks: over neutral text
+    torch.testing.assert_close(torch.tensor(z["choices"][0]["tracks"]), want, atol=1e-4, rtol=1e-4)
     chunks = server.stream("/completions", {**b, "readout": False})
     assert not any("readout" in ch for c in chunks for ch in c["choices"])
+
+
+@vllm
+def test_tracks_match_transformers_per_token_streamed_and_for_the_prompt(server, files, hf, readout):
+    """The emotionality and valence tracks travel beside every token's readout: equal to the
+    transformers readout's track projections (``ReadoutSession.tracks``) at the same positions,
+    streamed chunk by chunk (``tracks_tokens`` when a chunk carries several) and for the prompt."""
+    b = body(files, sh.prompt_words(12, seed=4), max_tokens=6, return_token_ids=True, readout_prompt=True)
+    code, r = server.post("/completions", b)
+    assert code == 200, r
+    c = r["choices"][0]
+    ids = c["prompt_token_ids"] + c["token_ids"]
+    with attach(hf, readout) as session, torch.no_grad():
+        hf(torch.tensor([ids]))
+    want = session.tracks()[0]  # [positions, n_layers, n_tracks]
+    p = len(c["prompt_token_ids"])
+    assert len(c["tracks"]) == len(c["readout"]) == len(c["token_ids"])
+    torch.testing.assert_close(torch.tensor(c["tracks"]), want[p - 1 : p - 1 + len(c["token_ids"])], atol=ATOL, rtol=RTOL)
+    assert c["prompt_tracks"][0] is None
+    torch.testing.assert_close(torch.tensor(c["prompt_tracks"][1:]), want[: p - 1], atol=ATOL, rtol=RTOL)
+    chunks = server.stream("/completions", {**b, "return_token_ids": False, "stream_interval": 2})
+    got = []
+    for ch in (ch for x in chunks for ch in x["choices"] if "readout" in ch):
+        many = ch.get("tracks_tokens", [ch["tracks"]])
+        assert ch["tracks"] == many[-1] and len(many) == len(ch.get("readout_tokens", [ch["readout"]]))
+        got += many
+    assert any("tracks_tokens" in ch for x in chunks for ch in x["choices"])
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(c["tracks"]))
 
 
 @vllm
@@ -555,6 +591,41 @@ def test_cache_salt_is_keyed_by_steering():
     assert len({a.cache_salt(None), a.cache_salt("u1"), a.cache_salt("u2")}) == 3
     for salt in (a.cache_salt(None), a.cache_salt("x" * 128)):  # vLLM's rules for cache_salt
         assert 0 < len(salt) <= 128 and not set(salt) & set("@/\\\x00")
+
+
+def test_worker_rows_carry_the_tracks_and_the_formatter_splits_them(tmp_path):
+    """The worker's projection (hooks.read_matrix: concepts, then tracks, in one matmul) and the
+    API side's split (Formatter) give exactly Readout.zscore / Readout.track_zscore of the separate
+    projections; a file without tracks gives plain concept rows and no track fields."""
+    from amygdala.serve.hooks import read_matrix
+
+    new = Readout.load(sh.make_readout(tmp_path / "new", hidden=16, tracks=True))
+    old = Readout.load(sh.make_readout(tmp_path / "old", hidden=16))
+    h = torch.randn(5, 16, generator=torch.Generator().manual_seed(3))  # 5 tokens' block outputs
+    for r in (new, old):
+        rows = torch.stack([h @ read_matrix(r, l).T for l in r.layers], dim=1).numpy()  # [5, L, C + T]
+        concepts = torch.stack([h @ r.vectors[l].T for l in r.layers], dim=1)
+        fmt = Formatter(r)
+        for i in range(5):
+            torch.testing.assert_close(torch.tensor(fmt.row(rows[i], "raw")), concepts[i])
+            torch.testing.assert_close(torch.tensor(fmt.row(rows[i], "zscore")), r.zscore(concepts[i]), atol=1e-5, rtol=1e-5)
+        if r is old:
+            assert rows.shape[-1] == len(r.concepts) and fmt.tracks(rows[0], "zscore") is None
+            payload = rewrite_json({"choices": [{"index": 0}]}, _exchange("zscore", list(rows)), fmt, chat=True)
+            assert "tracks" not in payload["choices"][0]
+            continue
+        tracks = torch.stack([h @ r.track_vectors[l].T for l in r.layers], dim=1)
+        for i in range(5):
+            torch.testing.assert_close(torch.tensor(fmt.tracks(rows[i], "raw")), tracks[i])
+            torch.testing.assert_close(torch.tensor(fmt.tracks(rows[i], "zscore")), r.track_zscore(tracks[i]), atol=1e-5, rtol=1e-5)
+        payload = rewrite_json({"choices": [{"index": 0}]}, _exchange("zscore", list(rows)), fmt, chat=True)
+        torch.testing.assert_close(torch.tensor(payload["choices"][0]["tracks"]), r.track_zscore(tracks), atol=1e-5, rtol=1e-5)
+
+
+def _exchange(mode: str, rows: list) -> Exchange:
+    ex = Exchange(RequestSpec(mode), n=1)
+    ex.pending[(0, 0)] = rows
+    return ex
 
 
 def test_row_store_waits_and_maps_choices():

@@ -5,7 +5,7 @@ A conversation (``amygdala-conversation``, version 1) is JSON::
     {"format": "amygdala-conversation", "version": 1, "created": "2026-11-29T14:00:00Z",
      "source": "page" | "amygdala read", "model": "...",
      "manifest": {...the readout's manifest, without mean/std...},
-     "readout": "zscore" | "raw",
+     "readout": "zscore" | "raw", "statistics": "neutral" | "emotional", "smoothed": 1,
      "alignment": "sampled" | "own",
      "messages": [{"role": "user" | "assistant" | "text", "content": "...", "steer": [...],
                    "tokens": [{"text": "...", "readout": [[...n_concepts...], ...n_layers] | null,
@@ -61,6 +61,10 @@ def conversation_of_text(readout: Readout, scored: TextScores, *, text: str, mod
         "model": model,
         "manifest": manifest_of(readout),
         "readout": "zscore" if scored.zscore else "raw",
+        # Which statistics the z-scores use and the smoothing `read` applied: the page converts
+        # from the first and does not smooth again (its smoothing control shows the window).
+        "statistics": scored.against,
+        "smoothed": scored.smooth,
         "alignment": "own",
         "messages": [{
             "role": "text",
