@@ -22,6 +22,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -46,7 +47,19 @@ class ReadoutError(AmygdalaError):
 
 @dataclass
 class Readout:
-    """Concept vectors per layer, with optional neutral-text projection statistics."""
+    """Concept vectors per layer, with optional neutral-text projection statistics: the readout
+    file (``readout.safetensors`` + ``readout.json``, docs/readout-format.md) in memory.
+
+    Args:
+        concepts: the concept names, in row order.
+        layers: the decoder layers the vectors belong to, ascending.
+        vectors: per layer, [n_concepts, hidden] unit rows.
+        mean, std: per layer, [n_concepts] projection statistics over neutral-text tokens
+            (``None``: raw projections, no z-scores).
+        meta: readout.json's other fields (model, method, pooling, corpus, ...).
+        emotional_mean, emotional_std: the same over the emotional texts' tokens, when built.
+        track_names, track_vectors, track_mean, track_std: directions read beside the concepts.
+    """
 
     concepts: list[str]
     layers: list[int]
@@ -111,9 +124,10 @@ class Readout:
                 f"this readout has no {against!r} statistics (it has {', '.join(self.statistics)}); "
                 "rebuild it with this amygdala to get both"
             )
-        if against == "emotional":
-            return self.emotional_mean, self.emotional_std
-        return self.mean, self.std
+        mean, std = (self.emotional_mean, self.emotional_std) if against == "emotional" else (self.mean, self.std)
+        if mean is None or std is None:  # has_stats and statistics said otherwise: not reachable
+            raise ReadoutError(f"this readout has no {against!r} statistics")
+        return mean, std
 
     def zscore(self, scores: torch.Tensor, against: str | None = None) -> torch.Tensor:
         """[..., n_layers, n_concepts] raw scores to z-scores with the statistics ``against``
@@ -208,7 +222,7 @@ class Readout:
 
     def _choice_json(self) -> dict:
         """What readers need to know about the construction, statistics and tracks."""
-        out = {}
+        out: dict[str, Any] = {}
         if self.has_stats:
             out["statistics"] = {"available": self.statistics, "default": self.default_statistics}
         if self.track_names:
@@ -217,6 +231,12 @@ class Readout:
 
     def save(self, out: str | Path) -> Path:
         """Write both files into folder ``out``; a reader never sees a half-written pair.
+
+        Args:
+            out: the readout folder (created when missing).
+
+        Returns:
+            ``out`` as a :class:`~pathlib.Path`.
 
         A new folder is built beside ``out`` and renamed into place; into an existing folder
         the two files are renamed in, the json (which readers open first) last.
@@ -227,10 +247,10 @@ class Readout:
         tensors = {}
         for l in self.layers:
             tensors[f"layer_{l}.vectors"] = self.vectors[l].detach().to("cpu", dtype).contiguous()
-            if self.has_stats:
+            if self.mean is not None and self.std is not None:  # has_stats
                 tensors[f"layer_{l}.mean"] = self.mean[l].detach().float().cpu().contiguous()
                 tensors[f"layer_{l}.std"] = self.std[l].detach().float().cpu().contiguous()
-            if "emotional" in self.statistics:
+            if self.emotional_mean is not None and self.emotional_std is not None and "emotional" in self.statistics:
                 tensors[f"layer_{l}.emotional_mean"] = self.emotional_mean[l].detach().float().cpu().contiguous()
                 tensors[f"layer_{l}.emotional_std"] = self.emotional_std[l].detach().float().cpu().contiguous()
             if self.track_names:
@@ -254,7 +274,17 @@ class Readout:
     # ------------------------------------------------------------------ reading
     @classmethod
     def load(cls, path: str | Path) -> Readout:
-        """Load and validate a readout folder (or either of its two files)."""
+        """Load and validate a readout folder (or either of its two files).
+
+        Args:
+            path: the folder, or its ``readout.json`` or ``readout.safetensors``.
+
+        Returns:
+            The :class:`Readout`, every tensor checked for shape and finiteness.
+
+        Raises:
+            ReadoutError: a missing or damaged file or field, named with what to do.
+        """
         path = Path(path)
         folder = path.parent if path.name in (TENSORS, MANIFEST) else path
         jpath, tpath = folder / MANIFEST, folder / TENSORS
@@ -288,7 +318,9 @@ class Readout:
             tensors = load_file(tpath)
         except (SafetensorError, OSError, ValueError) as e:
             raise ReadoutError(f"{tpath}: damaged safetensors file ({e}); re-run amygdala build") from None
-        vectors, mean, std = {}, {}, {}
+        vectors: dict[int, torch.Tensor] = {}
+        mean: dict[int, torch.Tensor] = {}
+        std: dict[int, torch.Tensor] = {}
         for l in layers:
             key = f"layer_{l}.vectors"
             if key not in tensors:
@@ -314,10 +346,10 @@ class Readout:
         track_names = info.get("tracks") or []
         if not (isinstance(track_names, list) and all(isinstance(t, str) for t in track_names)):
             raise ReadoutError(f"{jpath}: field tracks must be a list of names")
-        tracks = {}
+        tracks: dict[str, dict[int, torch.Tensor]] = {}
         if track_names:
             k = len(track_names)
-            tracks = {name: _per_layer(tensors, tpath, layers, name, shape, required=True)
+            tracks = {name: _per_layer(tensors, tpath, layers, name, shape, required=True) or {}
                       for name, shape in (("tracks", (k, hidden)), ("tracks_mean", (k,)), ("tracks_std", (k,)))}
         meta = {k: v for k, v in info.items() if k not in (*REQUIRED, "format_version", "created_by", "tracks")}
         meta["dtype"] = info["dtype"]
@@ -337,7 +369,8 @@ class Readout:
         )
 
 
-def _per_layer(tensors: dict, tpath: Path, layers: list[int], name: str, shape: tuple, required: bool = False):
+def _per_layer(tensors: dict[str, torch.Tensor], tpath: Path, layers: list[int], name: str, shape: tuple[int, ...],
+               required: bool = False) -> dict[int, torch.Tensor] | None:
     """``layer_<idx>.<name>`` for every layer, checked for shape and finiteness; ``None`` when the
     file has it for no layer (and it is not ``required``)."""
     found = {l: tensors[f"layer_{l}.{name}"] for l in layers if f"layer_{l}.{name}" in tensors}
