@@ -3,7 +3,6 @@ in-place training reaches the holder, also from another process through shared m
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
