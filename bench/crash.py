@@ -29,8 +29,8 @@ def plain_sync_seconds(folder: Path) -> float:
     """The same scenario's sync, not killed: the baseline a kill-and-recover is compared with."""
     code = ("import time, torch; torch.set_num_threads(1)\n"
             "from tests.helpers.crash import Scenario\n"
-            "s = Scenario(__import__('pathlib').Path(%r)); s.restore()\n"
-            "t0 = time.perf_counter(); s.trainer.sync(); print(time.perf_counter() - t0)\n") % str(folder)
+            f"s = Scenario(__import__('pathlib').Path({str(folder)!r})); s.restore()\n"
+            "t0 = time.perf_counter(); s.trainer.sync(); print(time.perf_counter() - t0)\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True, check=True)
     return float(out.stdout.split()[-1])
 
