@@ -30,6 +30,8 @@ from helpers import view as vh
 from helpers.view import CLUSTERS, ENTER_Z, EXIT_Z, PANEL_K, VALENCE, hysteresis, open_offline
 
 vllm = pytest.mark.vllm
+#: Module fixtures (tests/helpers/view.py): each module its own browser and files.
+browser, files = vh.browser_fixture(), vh.files_fixture()
 
 PROMPT = "w1 w2 w3 w4"
 
@@ -51,17 +53,6 @@ def nonblank(png: Path, box: dict) -> float:
 
 
 # --------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    return vh.make_files(tmp_path_factory.mktemp("view"))
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with vh.chromium() as b:
-        yield b
-
-
 @pytest.fixture(scope="module")
 def servers(files):
     """(``amygdala view`` on the tiny model and its URL, a plugin server without a readout)."""

@@ -15,16 +15,8 @@ from helpers import view as vh
 from helpers.view import ENTER_Z, EXIT_Z, asset, hysteresis, open_offline
 from amygdala.readout import Readout
 
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    return vh.make_files(tmp_path_factory.mktemp("view"))
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with vh.chromium() as b:
-        yield b
+#: Module fixtures (tests/helpers/view.py): each module its own browser and files.
+browser, files = vh.browser_fixture(), vh.files_fixture()
 
 
 def test_hysteresis_rule_in_the_browser(browser):

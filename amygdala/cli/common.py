@@ -29,6 +29,11 @@ def _load_corpus(args: argparse.Namespace):
     )
 
 
+def _readout_arg(p: argparse.ArgumentParser, help: str = "readout folder (from amygdala build)") -> None:
+    """--readout, required: the jobs that read, report on or export a built readout."""
+    p.add_argument("--readout", type=Path, required=True, help=help)
+
+
 def _model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="model folder, or 'default' (SmolLM2-135M-Instruct)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")

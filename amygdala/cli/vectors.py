@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from amygdala.cli.common import _int_list, _model_arg
+from amygdala.cli.common import _int_list, _model_arg, _readout_arg
 
 log = logging.getLogger("amygdala")
 
@@ -95,7 +95,7 @@ def _import_statistics(args: argparse.Namespace, readout, vectors) -> None:
 
 def _add_export(sub) -> None:
     p = sub.add_parser("export", help="a concept (or a mix) as a llama.cpp control vector, repeng or steering-vectors file")
-    p.add_argument("--readout", type=Path, required=True, help="readout folder (from amygdala build)")
+    _readout_arg(p)
     p.add_argument("--concept", action="append", default=[], metavar="CONCEPT[=WEIGHT]",
                    help="a concept of the readout, with a weight (default 1); repeat to export one combined vector")
     p.add_argument("--strength", type=float, default=1.0,

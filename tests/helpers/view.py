@@ -4,10 +4,8 @@ offline page with the network blocked (tests/test_view.py with a server, tests/t
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,17 +36,32 @@ def make_files(root: Path) -> tuple[Path, Path, Path]:
     return root, model, path
 
 
-@contextlib.contextmanager
-def chromium() -> Iterator:
-    """Debian's Chromium under Playwright; a machine without it fails (never skips)."""
-    if CHROMIUM is None:
-        pytest.fail("no Chromium on this machine: ./dev test installs Debian's chromium (or set AMYGDALA_CHROMIUM)")
-    from playwright.sync_api import sync_playwright
+def files_fixture():
+    """A module fixture ``files``: :func:`make_files` once per module that assigns it."""
 
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
-        yield b
-        b.close()
+    @pytest.fixture(scope="module")
+    def files(tmp_path_factory):
+        return make_files(tmp_path_factory.mktemp("view"))
+
+    return files
+
+
+def browser_fixture():
+    """A module fixture ``browser``: Debian's Chromium under Playwright, once per module that
+    assigns it; a machine without it fails (never skips)."""
+
+    @pytest.fixture(scope="module")
+    def browser():
+        if CHROMIUM is None:
+            pytest.fail("no Chromium on this machine: ./dev test installs Debian's chromium (or set AMYGDALA_CHROMIUM)")
+        from playwright.sync_api import sync_playwright
+
+        with sync_playwright() as p:
+            b = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+            yield b
+            b.close()
+
+    return browser
 
 
 def hysteresis(listed: list[int], values, k: int, enter: float, exit: float) -> list[int]:
