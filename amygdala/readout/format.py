@@ -232,14 +232,14 @@ class Readout:
     def save(self, out: str | Path) -> Path:
         """Write both files into folder ``out``; a reader never sees a half-written pair.
 
+        A new folder is built beside ``out`` and renamed into place; into an existing folder
+        the two files are renamed in, the json (which readers open first) last.
+
         Args:
             out: the readout folder (created when missing).
 
         Returns:
             ``out`` as a :class:`~pathlib.Path`.
-
-        A new folder is built beside ``out`` and renamed into place; into an existing folder
-        the two files are renamed in, the json (which readers open first) last.
         """
         out = Path(out)
         info = self.to_json()
