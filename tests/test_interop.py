@@ -520,6 +520,7 @@ def llama_cpp_control_vector(llama_cpp, path: Path, strength: float = 1.0) -> tu
         lib.ggml_free(ggml_ctx)
 
 
+@pytest.mark.llamacpp
 def test_llama_cpps_own_gguf_parser_reads_our_file(built, tmp_path):
     """llama.cpp's gguf code (not ours, not the gguf package) parses the export: the keys with
     their types, direction tensors it accepts, and our float32 vector at buffer slot L - 1,
