@@ -1,6 +1,6 @@
 """The README's commands exist and run, so a rename cannot leave the README behind.
 
-Every `amygdala ...` shown in README.md (shell blocks and inline code) is checked against the
+Every `amygdala ...` shown in README.md and docs/*.md (shell blocks and inline code) is checked against the
 CLI's own parser: each subcommand (`a|b` alternatives each) and each `--flag`. Every
 `amygdala ...` in a shell block is also run, in-process, on a tiny model standing in for the
 default one (the real one takes minutes). `./dev` commands are checked against the dev script's
@@ -91,6 +91,14 @@ def test_every_amygdala_command_in_the_readme_is_in_the_parser():
     assert len(commands) > 15  # the table and the tour: the parsing found them
     root = build_parser()
     bad = [p for c in commands for p in problems(c, root)]
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("doc", sorted(p.name for p in (ROOT / "docs").glob("*.md")))
+def test_every_amygdala_command_in_the_docs_is_in_the_parser(doc):
+    text = (ROOT / "docs" / doc).read_text()
+    root = build_parser()
+    bad = [p for c in shell_commands(text) + inline_commands(text) if c.startswith("amygdala ") for p in problems(c, root)]
     assert not bad, "\n".join(bad)
 
 
