@@ -368,6 +368,7 @@ def test_layer_zero_cannot_go_to_llama_cpp(built, tmp_path):
 
 
 # --------------------------------------------------------------------------- llama.cpp itself
+@pytest.mark.llamacpp
 def test_llama_cpps_own_gguf_parser_reads_our_file(built, tmp_path):
     """llama.cpp's gguf code (not ours, not the gguf package) parses the export: the keys with
     their types, direction tensors it accepts, and our float32 vector at buffer slot L - 1,

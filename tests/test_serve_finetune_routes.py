@@ -57,6 +57,7 @@ def test_settings_come_from_the_environment_and_bad_values_name_the_variable(mon
         monkeypatch.delenv(var)
 
 
+@pytest.mark.vllm  # imports vLLM
 def test_amygdala_serve_trains_without_a_readout_when_the_key_is_set(tmp_path, monkeypatch, capsys):
     import argparse
 

@@ -109,6 +109,7 @@ def test_page_routes_and_the_off_switch(monkeypatch):
     assert TestClient(off).get("/amygdala/").status_code == 404
 
 
+@pytest.mark.vllm  # imports vLLM
 def test_serve_no_page_flag_sets_the_switch(files, monkeypatch):
     from amygdala.cli.main import build_parser
     from amygdala.serve.launch import vllm_argv

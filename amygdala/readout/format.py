@@ -20,13 +20,15 @@ import json
 import os
 import shutil
 import tempfile
+import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from amygdala import AmygdalaError, __version__
 
@@ -233,7 +235,10 @@ class Readout:
         """Write both files into folder ``out``; a reader never sees a half-written pair.
 
         A new folder is built beside ``out`` and renamed into place; into an existing folder
-        the two files are renamed in, the json (which readers open first) last.
+        the two files are renamed in, the json (which readers open first) last. Two renames are
+        not one atomic step, so both files carry the same ``pair`` id (the json's field, the
+        safetensors metadata): :meth:`load` that catches the swap between its two reads sees
+        the ids differ and reads again.
 
         Args:
             out: the readout folder (created when missing).
@@ -257,10 +262,11 @@ class Readout:
                 tensors[f"layer_{l}.tracks"] = self.track_vectors[l].detach().float().cpu().contiguous()
                 tensors[f"layer_{l}.tracks_mean"] = self.track_mean[l].detach().float().cpu().contiguous()
                 tensors[f"layer_{l}.tracks_std"] = self.track_std[l].detach().float().cpu().contiguous()
+        pair = info["pair"] = uuid.uuid4().hex
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
         try:
-            save_file(tensors, tmp / TENSORS, metadata={"format_version": str(FORMAT_VERSION)})
+            save_file(tensors, tmp / TENSORS, metadata={"format_version": str(FORMAT_VERSION), "pair": pair})
             (tmp / MANIFEST).write_text(json.dumps(info, indent=1) + "\n")
             if not out.exists():
                 tmp.rename(out)
@@ -291,12 +297,7 @@ class Readout:
         for p in (jpath, tpath):
             if not p.is_file():
                 raise ReadoutError(f"{p}: missing; a readout is a folder with {MANIFEST} and {TENSORS}")
-        try:
-            info = json.loads(jpath.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ReadoutError(f"{jpath}: not valid JSON ({e}); re-run amygdala build") from None
-        if not isinstance(info, dict):
-            raise ReadoutError(f"{jpath}: must be a JSON object")
+        info, tensors = _read_pair(jpath, tpath)
         missing = [k for k in REQUIRED if k not in info]
         if missing:
             raise ReadoutError(f"{jpath}: missing field(s) {', '.join(missing)}")
@@ -314,10 +315,6 @@ class Readout:
             raise ReadoutError(f"{jpath}: field hidden_size must be a positive integer")
         if info["dtype"] not in DTYPES:
             raise ReadoutError(f"{jpath}: field dtype {info['dtype']!r}; expected one of {', '.join(DTYPES)}")
-        try:
-            tensors = load_file(tpath)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise ReadoutError(f"{tpath}: damaged safetensors file ({e}); re-run amygdala build") from None
         vectors: dict[int, torch.Tensor] = {}
         mean: dict[int, torch.Tensor] = {}
         std: dict[int, torch.Tensor] = {}
@@ -385,3 +382,28 @@ def _per_layer(tensors: dict[str, torch.Tensor], tpath: Path, layers: list[int],
         if not torch.isfinite(t).all():
             raise ReadoutError(f"{tpath}: layer_{l}.{name} holds NaN or inf values")
     return {l: t.float() for l, t in found.items()}
+
+
+def _read_pair(jpath: Path, tpath: Path, tries: int = 20) -> tuple[dict, dict]:
+    """The json and the tensors of one save: a save into an existing folder renames the two files
+    one after the other, so a reader between the renames would pair the old json with the new
+    tensors. Both carry the save's ``pair`` id; on a mismatch read both again (a save's renames
+    take microseconds). A file without the id (from before it, or written by another tool) is taken as it is."""
+    for attempt in range(tries):
+        try:
+            info = json.loads(jpath.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ReadoutError(f"{jpath}: not valid JSON ({e}); re-run amygdala build") from None
+        if not isinstance(info, dict):
+            raise ReadoutError(f"{jpath}: must be a JSON object")
+        try:
+            with safe_open(tpath, "pt") as f:  # one open: the metadata and the tensors of the same file
+                pair = (f.metadata() or {}).get("pair")
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ReadoutError(f"{tpath}: damaged safetensors file ({e}); re-run amygdala build") from None
+        if info.get("pair") is None or pair is None or info["pair"] == pair:  # no id: a file from before it, or written by hand
+            return info, tensors
+        time.sleep(0.01 * (attempt + 1))
+    raise ReadoutError(f"{jpath} and {tpath} are from different saves (pair {info.get('pair')} vs {pair}) and stayed so: "
+                       "another process is writing this readout; wait for it, or rebuild")
