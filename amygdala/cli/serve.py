@@ -30,6 +30,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--allow-remote-training", action="store_true",
                    help=f"with {API_KEY_ENV} set, allow a --host other than loopback: the training routes (which change "
                         "the served weights) are then reachable from the network")
+    p.add_argument("--allow-other-weights", action="store_true",
+                   help="serve the readout even when the model's weight files differ from the ones it was built from")
     p.add_argument("--dry-run", action="store_true", help="check, print the vLLM command line, start nothing")
     p.add_argument("--no-page", action="store_true", help="do not serve the live page at /amygdala/")
     p.add_argument("vllm_args", nargs=argparse.REMAINDER, metavar="-- VLLM_FLAGS", help="passed to vLLM unchanged")
