@@ -56,3 +56,23 @@ def test_digest_cache_follows_size_and_mtime(tmp_path, monkeypatch):
     assert file_sha256(f) != first
     f.write_bytes(b"b" * 101)
     assert file_sha256(f) not in (first,)
+
+
+def test_serve_refuses_other_weights_before_vllm_starts(planted, tmp_path, monkeypatch):
+    import argparse
+
+    import pytest
+
+    from amygdala import AmygdalaError
+    from amygdala.serve.launch import vllm_argv
+
+    monkeypatch.setenv("AMYGDALA_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("AMYGDALA_API_KEY", raising=False)
+    model, corpus, _ = planted
+    out = tmp_path / "out"
+    assert main(["build", "--corpus", str(corpus), "--model", str(model), "--layers", "1", "--out", str(out), "--quiet"]) == 0
+    _flip_byte(model / "model.safetensors")
+    args = argparse.Namespace(readout=out, model=str(model), host="127.0.0.1", port=8000, vllm_args=[],
+                              allow_remote_training=False, no_page=False, allow_other_weights=False)
+    with pytest.raises(AmygdalaError, match="model.safetensors.*--allow-other-weights"):
+        vllm_argv(args)
