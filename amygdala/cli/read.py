@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from amygdala.fields import parse_assignments
-from amygdala.cli.common import _model_arg
+from amygdala.cli.common import _model_arg, _readout_arg
 
 log = logging.getLogger("amygdala")
 
@@ -71,7 +71,7 @@ def cmd_read(args: argparse.Namespace) -> int:
 def _add_read(sub) -> None:
     p = sub.add_parser("read", help="per-token concept scores of a text")
     p.add_argument("text")
-    p.add_argument("--readout", type=Path, required=True)
+    _readout_arg(p)
     _model_arg(p)
     p.add_argument("--allow-other-weights", action="store_true",
                    help="use the readout even when the model's weight files differ from the ones it was built from")
@@ -133,7 +133,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate with steering, optionally showing the readout")
     p.add_argument("prompt")
-    p.add_argument("--readout", type=Path, required=True)
+    _readout_arg(p)
     _model_arg(p)
     p.add_argument("--allow-other-weights", action="store_true",
                    help="use the readout even when the model's weight files differ from the ones it was built from")
