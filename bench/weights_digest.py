@@ -3,7 +3,6 @@
 import os
 import tempfile
 import time
-from pathlib import Path
 
 from amygdala.models import resolve_model
 from amygdala.models.weights import weight_record
