@@ -199,7 +199,7 @@ class Readout:
         rec = model.get("weights") if isinstance(model, dict) else None
         return rec if isinstance(rec, dict) else None
 
-    def check_weights(self, model_path) -> list[str]:
+    def check_weights(self, model_path: str | os.PathLike) -> list[str]:
         """One line per weight file of ``model_path`` that differs from this readout's record
         (empty: the same weights); raises for a file with no record, which cannot be checked."""
         from amygdala.models.weights import differences
