@@ -24,7 +24,9 @@ def test_build_recovers_planted_direction(planted, tmp_path, caplog):
         assert torch.dot(r.vectors[l][0], d) > 0.95
         torch.testing.assert_close(r.vectors[l].norm(dim=1), torch.ones(3))
     info = json.loads((out / "readout.json").read_text())
+    weights = info["model"].pop("weights")  # the weights record: tests/test_readout_weights.py
     assert info["model"] == {"name": "model", "num_layers": 4} and info["corpus"]["sha256"]
+    assert [f["name"] for f in weights["files"]] == ["model.safetensors"]
     # Per concept, what the live page shows: cluster, valence/arousal (None: the corpus gives none), description.
     for key in ("clusters", "valence", "arousal", "descriptions"):
         assert len(info[key]) == 3, key

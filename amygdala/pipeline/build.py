@@ -20,6 +20,7 @@ from amygdala.corpus import Corpus
 from amygdala.methods import METHODS, TokenSubspaces, check_params, concept_sets, fit
 from amygdala.models import load_model, model_info, parse_layers, relative_depth, resolve_model
 from amygdala.models.layers import projection_sites
+from amygdala.models.weights import weight_record
 from amygdala.readout import Readout
 from amygdala.readout.construction import TokenMoments, remove_shared
 
@@ -263,7 +264,8 @@ def build(
             "construction": config.construction,
             "statistics": {"default": config.statistics if emotional else "neutral"},
             "dtype": config.dtype,
-            "model": {"name": info.name, "num_layers": p.num_layers},
+            "model": {"name": info.name, "num_layers": p.num_layers,
+                      "weights": weight_record(info.path, str(next(model.parameters()).dtype).removeprefix("torch."))},
             "pooling": str(p.pooling),
             "method": config.method,
             "method_params": p.params,

@@ -192,6 +192,22 @@ class Readout:
             body["std"] = [std[l].tolist() for l in self.layers]
         return body
 
+    @property
+    def weights(self) -> dict | None:
+        """The record of the weights this readout was built from (``model.weights``), None in older files."""
+        model = self.meta.get("model")
+        rec = model.get("weights") if isinstance(model, dict) else None
+        return rec if isinstance(rec, dict) else None
+
+    def check_weights(self, model_path: str | os.PathLike) -> list[str]:
+        """One line per weight file of ``model_path`` that differs from this readout's record
+        (empty: the same weights); raises for a file with no record, which cannot be checked."""
+        from amygdala.models.weights import differences
+
+        if self.weights is None:
+            raise ReadoutError("readout.json has no model.weights record (an older file); its weights cannot be checked")
+        return differences(self.weights, Path(model_path))
+
     def check_model(self, num_layers: int, hidden_size: int, model_name: str = "the model") -> None:
         """Raise when the file cannot fit a model with this shape (names both sides)."""
         if hidden_size != self.hidden_size:
