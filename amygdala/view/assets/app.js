@@ -725,7 +725,9 @@
   /** The page with its files inlined and the conversation embedded (what amygdala read --html writes). */
   async function snapshotHtml() {
     const [page, style, script] = await Promise.all(["index.html", "style.css", "app.js"].map((f) => fetch(f).then((r) => r.text())));
-    const data = JSON.stringify(conversation()).replace(/<\//g, "<\\/");
+    // every <, > and & escaped (as view/offline.py's script_json): "<!--<script" in a text would
+    // otherwise keep the HTML parser from ending the data element, and the snapshot renders nothing
+    const data = JSON.stringify(conversation()).replace(/[<>&]/g, (ch) => "\\u00" + ch.charCodeAt(0).toString(16).padStart(2, "0"));
     // Built from parts: this file is itself inlined into a <script> element, which a literal
     // closing tag or comment opener would end or confuse.
     const close = "<" + "/script>", slot = "<" + "!--snapshot-data--" + ">";
