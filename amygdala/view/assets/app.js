@@ -165,7 +165,15 @@
     rendered: 0,        // tokens whose spans exist
   };
   const $ = (id) => document.getElementById(id);
-  const authKey = new URLSearchParams(location.search).get("key");
+  // The key comes from the address's fragment (#key=KEY: never sent to the server, so never in its
+  // access log) or a prompt after a 401, and is taken out of the address bar at once (history).
+  let authKey = new URLSearchParams(location.hash.replace(/^#/, "")).get("key") || sessionStorage.getItem("amygdala-key");
+  if (location.hash.includes("key=")) history.replaceState(null, "", location.pathname + location.search);
+  if (authKey) sessionStorage.setItem("amygdala-key", authKey);
+  function askKey() {
+    const k = window.prompt("This server needs its API key (vLLM --api-key):");
+    if (k) { authKey = k; sessionStorage.setItem("amygdala-key", k); location.reload(); }
+  }
 
   function headers() {
     const h = { "Content-Type": "application/json" };
@@ -227,7 +235,8 @@
       return;
     }
     if (!resp.ok) {
-      notice(`The readout manifest answered ${resp.status}${resp.status === 401 ? ": add ?key=YOUR_KEY to the page's address" : ""}.`);
+      notice(`The readout manifest answered ${resp.status}${resp.status === 401 ? ": open the page as /amygdala/#key=YOUR_KEY, or reload and give the key" : ""}.`);
+      if (resp.status === 401) askKey();
       disableComposer("no manifest");
       return;
     }
