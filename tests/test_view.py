@@ -55,6 +55,13 @@ def hysteresis(listed: list[int], values, k: int, enter: float, exit: float) -> 
     return out
 
 
+def over_median(values) -> list[float]:
+    """What the panel's entry rule sees for z-scores over neutral text (this module's readout
+    has only neutral statistics): each concept's z minus the layer's median concept z, so a
+    token that lifts every concept alike lists none (written independently of app.js)."""
+    return [float(v) - float(np.sort(np.asarray(values, dtype=np.float32))[len(values) // 2]) for v in values]
+
+
 def valence(row) -> float:
     w = np.array(VALENCE) - np.mean(VALENCE)
     return float(np.mean([(w * np.array(layer)).sum() / np.abs(w).sum() for layer in row]))
@@ -187,7 +194,7 @@ def test_chat_tokens_colours_and_panel_follow_the_stream(servers, page, tmp_path
     # The panel: the hysteresis list after the last token, with the streamed z-scores.
     listed = [[] for _ in sh.LAYERS]
     for row in rows:
-        listed = [hysteresis(listed[l], row[l], PANEL_K, ENTER_Z, EXIT_Z) for l in range(len(sh.LAYERS))]
+        listed = [hysteresis(listed[l], over_median(row[l]), PANEL_K, ENTER_Z, EXIT_Z) for l in range(len(sh.LAYERS))]
     for l, layer in enumerate(sh.LAYERS):
         shown = page.locator(f'.pc[data-layer="{layer}"]')
         names = [shown.nth(i).get_attribute("data-concept") for i in range(shown.count())]
