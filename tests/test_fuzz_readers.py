@@ -6,6 +6,7 @@ runs the long one."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -33,3 +34,14 @@ def test_a_reader_parses_or_refuses_every_input(corpus, reader):
         fuzz.bounded(read, data, folder)  # raises on anything but a value or an AmygdalaError
 
     run()
+
+
+REGRESSIONS = Path(__file__).resolve().parent / "fuzz_regressions"
+
+
+@pytest.mark.parametrize("path", sorted(REGRESSIONS.glob("*.bin")), ids=lambda p: p.name)
+def test_inputs_the_long_run_found_stay_refused(corpus, path):
+    """Inputs ./dev bench fuzz once failed on (named READER-what.bin): a BadZipFile escaping
+    is_zipfile, a 1.4 KB zip that took torch's zip reader to a 1.5 GB traced peak."""
+    folder, _ = corpus
+    assert fuzz.bounded(fuzz.READERS[path.name.split("-")[0]], path.read_bytes(), folder) == "refused"

@@ -32,7 +32,7 @@ def sniff(path: Path) -> str:
         head = f.read(4)
     if head == gguf.MAGIC:
         return "gguf"
-    if zipfile.is_zipfile(path):
+    if pickles._is_zip(path):
         return "zip"
     if head[:1] == b"\x80":
         return "pickle"
