@@ -123,9 +123,9 @@ def test_sharded_folder_and_sidecar(tmp_path):
     served = _served(path)
     for name in ("model.layers.0.mlp.down_proj.weight", "model.layers.3.mlp.down_proj.weight", "lm_head.weight"):
         served[name] += 0.25
-    report = checkpoint.sync(path, served, sidecars={"state.bin": b"\x00" * 10})
-    assert len(report.tensors_changed) == 3 and report.sidecars == ["state.bin"]
-    assert (path / "state.bin").read_bytes() == b"\x00" * 10
+    report = checkpoint.sync(path, served, sidecars={"amygdala-optimizer.pt": b"\x00" * 10})
+    assert len(report.tensors_changed) == 3 and report.sidecars == ["amygdala-optimizer.pt"]
+    assert (path / "amygdala-optimizer.pt").read_bytes() == b"\x00" * 10
     loaded = _load(path)
     assert all(torch.equal(loaded[n], t) for n, t in layout.to_checkpoint(served, {n: tuple(v.shape) for n, v in loaded.items()}).items())
 

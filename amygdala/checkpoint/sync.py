@@ -22,7 +22,8 @@ from amygdala.checkpoint.layout import LayoutError, placements, to_checkpoint
 from amygdala.checkpoint.journal import _apply, _fsync_dir, _JournalWriter, _records, _recover
 from amygdala.checkpoint.lock import writer_lock
 from amygdala.checkpoint.safetensors import (
-    _CHUNK, BLOCK, JOURNAL, JOURNAL_TMP, LOCK_WAIT_S, SIDECAR_TMP_SUFFIX, CheckpointError, Entry, SyncReport,
+    _CHUNK, BLOCK, JOURNAL, JOURNAL_TMP, LOCK_WAIT_S, SIDECAR_TMP_SUFFIX, SIDECARS, CheckpointError, Entry,
+    SyncReport,
     _check_folder, _tied, read_entries,
 )
 
@@ -193,12 +194,12 @@ def _refuse_non_finite(model_dir: Path, name: str, tensor: torch.Tensor) -> None
 def _sync(model_dir: Path, served: Mapping[str, torch.Tensor], sidecars: Mapping[str, bytes] | None) -> SyncReport:
     t0 = time.perf_counter()
     report = SyncReport(replayed_blocks=_recover(model_dir))
-    entries = read_entries(model_dir)
-    views = checkpoint_views(model_dir, served, entries)
     sidecars = dict(sidecars or {})
     for name in sidecars:
-        if "/" in name or name.startswith(".") or name.endswith(".safetensors"):
-            raise CheckpointError(f"sidecar {name!r}: must be a plain file name in the folder, not a weight file")
+        if name not in SIDECARS:  # replay renames only these into place (journal._check_records)
+            raise CheckpointError(f"sidecar {name!r}: not one of the sidecars a sync writes ({', '.join(sorted(SIDECARS))})")
+    entries = read_entries(model_dir)
+    views = checkpoint_views(model_dir, served, entries)
 
     tmp = model_dir / JOURNAL_TMP
     writer = _JournalWriter(tmp)
