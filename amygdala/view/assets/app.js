@@ -167,12 +167,18 @@
   const $ = (id) => document.getElementById(id);
   // The key comes from the address's fragment (#key=KEY: never sent to the server, so never in its
   // access log) or a prompt after a 401, and is taken out of the address bar at once (history).
-  let authKey = new URLSearchParams(location.hash.replace(/^#/, "")).get("key") || sessionStorage.getItem("amygdala-key");
+  // A page without an origin of its own (a snapshot opened in a sandbox, about:blank) may not use
+  // sessionStorage at all: reading it throws there, and the page must still draw.
+  const keyStore = {
+    get() { try { return sessionStorage.getItem("amygdala-key"); } catch (e) { return null; } },
+    set(k) { try { sessionStorage.setItem("amygdala-key", k); } catch (e) { /* kept in memory only */ } },
+  };
+  let authKey = new URLSearchParams(location.hash.replace(/^#/, "")).get("key") || keyStore.get();
   if (location.hash.includes("key=")) history.replaceState(null, "", location.pathname + location.search);
-  if (authKey) sessionStorage.setItem("amygdala-key", authKey);
+  if (authKey) keyStore.set(authKey);
   function askKey() {
     const k = window.prompt("This server needs its API key (vLLM --api-key):");
-    if (k) { authKey = k; sessionStorage.setItem("amygdala-key", k); location.reload(); }
+    if (k) { authKey = k; keyStore.set(k); location.reload(); }
   }
 
   function headers() {
@@ -734,7 +740,7 @@
   /** The page with its files inlined and the conversation embedded (what amygdala read --html writes). */
   async function snapshotHtml() {
     const [page, style, script] = await Promise.all(["index.html", "style.css", "app.js"].map((f) => fetch(f).then((r) => r.text())));
-    // every <, > and & escaped (as view/offline.py's script_json): "<!--<script" in a text would
+    // every <, > and & escaped (as view/offline.py's script_json): a comment opener followed by a script tag in a text would
     // otherwise keep the HTML parser from ending the data element, and the snapshot renders nothing
     const data = JSON.stringify(conversation()).replace(/[<>&]/g, (ch) => "\\u00" + ch.charCodeAt(0).toString(16).padStart(2, "0"));
     // Built from parts: this file is itself inlined into a <script> element, which a literal
