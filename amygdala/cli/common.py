@@ -28,9 +28,20 @@ def _load_corpus(args: argparse.Namespace):
     )
 
 
-def _model_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="default", help="model folder, or 'default' (SmolLM2-135M-Instruct)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+MODEL_HELP = ("model folder, .gguf file, Hugging Face repo id from the local cache (org/name; never downloaded), "
+              "or 'default' (SmolLM2-135M-Instruct)")
+
+
+def _model_arg(p: argparse.ArgumentParser, dtype_flags: tuple[str, ...] = ("--dtype", "--model-dtype")) -> None:
+    """--model, --device and the model's dtype (``build`` keeps --dtype for its stored vectors)."""
+    from amygdala.models.resolve import MODEL_DTYPES
+
+    p.add_argument("--model", default="default", help=MODEL_HELP)
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:1 ..., or auto (device_map=auto: a model bigger than one device spread over "
+                        "all of them); default: cuda when available")
+    p.add_argument(*dtype_flags, dest="model_dtype", default=None, choices=MODEL_DTYPES,
+                   help="dtype the model's weights load in (default: float32 on CPU, bfloat16 on GPU; auto: the checkpoint's)")
 
 
 def _int_list(flag: str, text: str) -> list[int]:

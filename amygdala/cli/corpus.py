@@ -46,7 +46,7 @@ def _emotional_neutral(args: argparse.Namespace, readout, corpus) -> list[str]:
 
     corpus = corpus_for(readout, corpus)
     info = matching_model(readout, args.model)
-    model, tokenizer, _ = load_model(info.path, args.device)
+    model, tokenizer, _ = load_model(info.path, args.device, args.model_dtype)
     acts, _ = collect_corpus(corpus, model, tokenizer, readout.layers, pooling="mean", neutral=False,
                              chat_template=bool(readout.meta.get("chat_template")), progress=not args.quiet)
     rows = emotional_neutral_texts(readout, corpus, acts)

@@ -79,7 +79,7 @@ def _import_statistics(args: argparse.Namespace, readout, vectors) -> None:
     corpus = load_corpus(root)  # a bad corpus fails before the model loads
     print(f"measuring {args.name}'s neutral-text statistics on {len(corpus.neutral_texts())} texts of {root} "
           f"with {info.name}", file=sys.stderr)
-    model, tokenizer, _ = load_model(info.path, args.device)
+    model, tokenizer, _ = load_model(info.path, args.device, args.model_dtype)
     rows = {l: readout.vectors[l][-1:] for l in readout.layers}
     mean, std = neutral_statistics(corpus, model, tokenizer, rows, chat_template=bool(readout.meta.get("chat_template")),
                                    progress=not args.quiet)

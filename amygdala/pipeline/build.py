@@ -38,6 +38,8 @@ class BuildConfig:
     batch_size: int = 16
     device: str | None = None
     dtype: str = "float32"
+    #: The model weights' dtype (``--model-dtype``; None: fp32 on CPU, bf16 on GPU); ``dtype`` is the stored vectors'.
+    model_dtype: str | None = None
     #: ``mean_removed`` (default): the concept vectors' shared direction taken out and kept as the
     #: emotionality track (readout/construction.py says why); ``as_built``: the method's vectors as they are.
     construction: str = "mean_removed"
@@ -179,7 +181,7 @@ def build(corpus: Corpus, config: BuildConfig, out: str | Path | None = None, lo
     ``loaded`` is an already loaded ``(model, tokenizer, info)`` to reuse.
     """
     p = plan(corpus, config)
-    model, tokenizer, info = loaded or load_model(p.model_path, config.device)
+    model, tokenizer, info = loaded or load_model(p.model_path, config.device, config.model_dtype)
     # Per-token methods (subspace) accumulate each text's token rowspace in the same forward,
     # on the model's device, so no text runs twice and no token matrix is kept.
     tokens = None
