@@ -64,7 +64,7 @@ def _add_build(sub) -> None:
     for name, text in (("build", "build concept vectors from a corpus and write a readout file"),
                        ("train", "old name of `build` (kept as an alias)")):
         p = sub.add_parser(name, help=text)
-        _corpus_arg(p)
+        _corpus_arg(p, pairs=True)
         _model_arg(p, dtype_flags=("--model-dtype",))  # --dtype here is the stored vectors' (older flag)
         p.add_argument("--layers", default="0.5,0.66", help="indices (10,15,20) or relative depths (0.5,0.66)")
         p.add_argument("--method", default="diffmean", help=f"{', '.join(METHODS)} (docs/methods.md; default diffmean)")

@@ -15,7 +15,7 @@ import torch
 
 from amygdala.activations import DEFAULT_POOLING, Activations, Pooling, collect, distinct
 from amygdala.corpus import Corpus
-from amygdala.methods import METHODS, TokenSubspaces, check_params, concept_sets, fit
+from amygdala.methods import METHODS, TokenSubspaces, check_corpus_fits, check_params, concept_sets, fit
 from amygdala.models import load_model, model_info, parse_layers, relative_depth, resolve_model
 from amygdala.models.layers import projection_sites
 from amygdala.readout import Readout
@@ -76,6 +76,7 @@ class Plan:
 def plan(corpus: Corpus, config: BuildConfig) -> Plan:
     """Validate everything cheap and resolve it. Logs the target layers' relative depths."""
     params = check_params(config.method, config.method_params)
+    check_corpus_fits(config.method, corpus)  # e.g. denoised on one concept's pairs: fail before the model loads
     pooling = Pooling.parse(config.pooling)
     corpus.require_positives(config.min_positives)
     path = resolve_model(config.model)
