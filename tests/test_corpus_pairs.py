@@ -247,3 +247,10 @@ def test_pca_diff_matches_repeng_control_vector_train(planted_model, tmp_path):
         model=str(path), layers="1", method="pca", pooling="last", construction="as_built", progress=False)).readout
     e = torch.from_numpy(expected[1]).double()
     assert abs(float(other.vectors[1][0].double() @ e / e.norm())) < 0.99
+
+
+def test_pca_diff_on_a_corpus_folder_fails_before_the_model_loads(synthetic_corpus, tmp_path):
+    from amygdala.corpus import load_corpus
+
+    with pytest.raises(AmygdalaError, match="--method pca_diff needs contrastive pairs for every concept"):
+        build(load_corpus(synthetic_corpus), BuildConfig(model=str(tmp_path / "no-model-here"), method="pca_diff"))

@@ -97,6 +97,9 @@ class Method:
     maxima: dict[str, float] = field(default_factory=dict)
     #: Pair-based (per_concept): takes a concept's own pairs (``ConceptSets.pairs``) as given.
     pairwise: bool = False
+    #: Only for real contrastive pairs (``Corpus.from_pairs``): ``pca_diff`` centres the pair
+    #: differences, which on a folder corpus's cycled pseudo-pairs removes the concept's own shift.
+    needs_pairs: bool = False
     #: Fewest concepts the method can tell apart (denoised subtracts the mean over concepts).
     min_concepts: int = 1
 
@@ -107,7 +110,7 @@ METHODS: dict[str, Method] = {
     "diffmean": Method(diffmean_layer),
     "mean": Method(per_concept(mean), pairwise=True),
     "pca": Method(per_concept(pca), pairwise=True),
-    "pca_diff": Method(per_concept(pca_diff), pairwise=True),
+    "pca_diff": Method(per_concept(pca_diff), pairwise=True, needs_pairs=True),
     "logistic": Method(per_concept(logistic), _LOGISTIC, pairwise=True),
     "logistic_l1": Method(per_concept(logistic_l1), _LOGISTIC, pairwise=True),
     "linear": Method(per_concept(linear), pairwise=True),
@@ -124,6 +127,11 @@ def check_corpus_fits(method: str, corpus: Corpus) -> None:
         raise AmygdalaError(
             f"--method {method} needs at least {spec.min_concepts} concepts (it removes what concepts share; with "
             f"{len(corpus.concepts)} nothing is left); use diffmean, pca_diff or mean for one concept")
+    unpaired = [c for c in corpus.concepts if c not in corpus.pairs]
+    if spec.needs_pairs and unpaired:
+        raise AmygdalaError(
+            f"--method {method} needs contrastive pairs for every concept ({', '.join(unpaired[:5])} has none): "
+            "build --pairs FILE.jsonl or Corpus.from_pairs; on a corpus folder use pca or diffmean")
     if spec.needs_neutral and len({t.text for t in corpus.neutral_texts()}) < 2:
         raise AmygdalaError(
             f"--method {method} needs at least 2 neutral texts (a corpus's neutral/ folder, paired baselines, "
@@ -180,6 +188,8 @@ def fit(
         params["neutral"] = sets.neutral
     if spec.pairwise and sets.pairs is not None:
         params["pairs"] = sets.pairs
+    if spec.needs_pairs and (sets.pairs is None or any(p is None for p in sets.pairs)):
+        raise AmygdalaError(f"--method {method} needs contrastive pairs for every concept (Corpus.from_pairs)")
     vectors: dict[int, torch.Tensor] = {}
     extras: dict[str, dict[int, torch.Tensor]] = {}
     for layer in acts.layers:
