@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+from amygdala.crash import crash_point
 from amygdala.checkpoint.lock import writer_lock
 from amygdala.checkpoint.safetensors import (
     _CHUNK, BLOCK, JOURNAL, JOURNAL_TMP, LOCK_WAIT_S, MAGIC, OLD_MAGIC, SIDECAR_TMP_SUFFIX, CheckpointError,
@@ -135,10 +136,12 @@ def _apply(model_dir: Path, journal: Path) -> tuple[int, int]:
                     view, offset = view[n:], offset + n
                 blocks += -(-len(data) // BLOCK)
                 written += len(data)
+                crash_point("sync.block")
             else:
                 renames.append(record[1:])
         for fd in fds.values():
             os.fsync(fd)
+        crash_point("sync.blocks_done")
     finally:
         for fd in fds.values():
             os.close(fd)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from amygdala.crash import crash_point
 from amygdala.checkpoint.layout import LayoutError, placements, to_checkpoint
 from amygdala.checkpoint.journal import _apply, _fsync_dir, _JournalWriter, _records, _recover
 from amygdala.checkpoint.lock import writer_lock
@@ -216,12 +217,16 @@ def _sync(model_dir: Path, served: Mapping[str, torch.Tensor], sidecars: Mapping
         for name, data in sidecars.items():
             staged = name + SIDECAR_TMP_SUFFIX
             with open(model_dir / staged, "wb") as f:
-                f.write(data)
+                f.write(data[: len(data) // 2])
+                f.flush()
+                crash_point("sync.sidecar_half")
+                f.write(data[len(data) // 2 :])
                 f.flush()
                 os.fsync(f.fileno())
             writer.rename(staged, name)
             report.sidecars.append(name)
         report.journal_bytes = writer.close()
+        crash_point("sync.journal_written")
     except BaseException:
         writer.f.close()
         tmp.unlink(missing_ok=True)
@@ -234,7 +239,9 @@ def _sync(model_dir: Path, served: Mapping[str, torch.Tensor], sidecars: Mapping
     else:
         os.replace(tmp, model_dir / JOURNAL)  # the commit point
         _fsync_dir(model_dir)
+        crash_point("sync.committed")
         _apply(model_dir, model_dir / JOURNAL)
+        crash_point("sync.applied")
         (model_dir / JOURNAL).unlink()
         _fsync_dir(model_dir)
     report.seconds = time.perf_counter() - t0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 from pathlib import Path
 
 from amygdala import AmygdalaError
@@ -36,6 +37,11 @@ def _load_corpus(args: argparse.Namespace):
     )
 
 
+def _readout_arg(p: argparse.ArgumentParser, help: str = "readout folder (from amygdala build)") -> None:
+    """--readout, required: the jobs that read, report on or export a built readout."""
+    p.add_argument("--readout", type=Path, required=True, help=help)
+
+
 MODEL_HELP = ("model folder, .gguf file, Hugging Face repo id from the local cache (org/name; never downloaded), "
               "or 'default' (SmolLM2-135M-Instruct)")
 
@@ -50,6 +56,21 @@ def _model_arg(p: argparse.ArgumentParser, dtype_flags: tuple[str, ...] = ("--dt
                         "all of them); default: cuda when available")
     p.add_argument(*dtype_flags, dest="model_dtype", default=None, choices=MODEL_DTYPES,
                    help="dtype the model's weights load in (default: float32 on CPU, bfloat16 on GPU; auto: the checkpoint's)")
+
+
+#: The flag of each library parameter whose flag is not ``--`` + its name with dashes.
+FLAGS = {"method_params": "--method-param", "fmt": "--format"}
+
+
+def flag_message(error: AmygdalaError) -> str:
+    """``error``'s message with the library parameter it names (``layers``) said as the flag
+    that fills it (``--layers``): the library speaks to Python callers, the CLI to its users."""
+    text = str(error)
+    params = error.param if isinstance(error.param, tuple) else (error.param,) if error.param else ()
+    head, sep, tail = text.partition(": ")
+    for param in params:
+        head = re.sub(rf"\b{re.escape(param)}\b", FLAGS.get(param, "--" + param.replace("_", "-")), head, count=1)
+    return head + sep + tail
 
 
 def _int_list(flag: str, text: str) -> list[int]:

@@ -31,6 +31,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--allow-remote-training", action="store_true",
                    help=f"with {API_KEY_ENV} set, allow a --host other than loopback: the training routes (which change "
                         "the served weights) are then reachable from the network")
+    p.add_argument("--allow-other-weights", action="store_true",
+                   help="serve the readout even when the model's weight files differ from the ones it was built from")
     p.add_argument("--dry-run", action="store_true", help="check, print the vLLM command line, start nothing")
     p.add_argument("--no-page", action="store_true", help="do not serve the live page at /amygdala/")
     p.add_argument("vllm_args", nargs=argparse.REMAINDER, metavar="-- VLLM_FLAGS", help="passed to vLLM unchanged")
@@ -50,6 +52,8 @@ def add_view_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--open", action="store_true", help="also open the page in the default browser")
+    p.add_argument("--allow-other-weights", action="store_true",
+                   help="serve the readout even when the model's weight files differ from the ones it was built from")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the server to start (default 600)")
     p.add_argument("vllm_args", nargs=argparse.REMAINDER, metavar="-- VLLM_FLAGS", help="passed to vLLM unchanged")
     p.set_defaults(func=view, no_page=False, dry_run=False, allow_remote_training=False)  # view: training stays local

@@ -44,6 +44,11 @@ def _connect(args: argparse.Namespace):
     return server, Encoder.load(path, raw=args.raw)
 
 
+def _print_undo(server, snapshot: str) -> None:
+    """The command that undoes a run: every training job restores its snapshot the same way."""
+    print(f"undo: amygdala rollback --server {server.root} --snapshot {snapshot}")
+
+
 def _write(path: Path | None, samples, what: str) -> None:
     from amygdala.teach.samples import write_samples
 
@@ -128,7 +133,7 @@ def cmd_teach(args: argparse.Namespace) -> int:
     report = teach(server, encoded, objective=args.objective, learning_rate=args.learning_rate, steps=args.steps,
                    concepts=args.concept, eval_samples=args.eval_samples, progress=not args.quiet)
     print(report.table())
-    print(f"undo: amygdala rollback --server {server.root} --snapshot {snapshot}")
+    _print_undo(server, snapshot)
     return 0
 
 
@@ -170,7 +175,7 @@ def cmd_dream(args: argparse.Namespace) -> int:
                         {"objective": args.objective, "learning_rate": args.learning_rate, "steps": args.steps},
                         progress=not args.quiet)
         print("loss " + ", ".join(f"{j.losses[0]:.4g} -> {j.losses[-1]:.4g}" for j in jobs if j.losses))
-        print(f"undo: amygdala rollback --server {server.root} --snapshot {snapshot}")
+        _print_undo(server, snapshot)
     return 0
 
 
@@ -212,7 +217,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     _write(args.out, report.samples, "pairs")
     print(report.table())
     if snapshot:
-        print(f"undo: amygdala rollback --server {server.root} --snapshot {snapshot}")
+        _print_undo(server, snapshot)
     return 0
 
 

@@ -351,17 +351,17 @@ def load_corpus(
     skipped instead of raising, so the lint can report every problem in one run.
     """
     if root is None and direct_dir is None:
-        raise CorpusError("no corpus given; pass --corpus DIR and/or --direct-dir DIR")
+        raise CorpusError("no corpus given; pass a corpus folder (root) and/or a folder of direct descriptions (direct_dir)")
     root_path = Path(root) if root is not None else None
     extra = Path(direct_dir) if direct_dir is not None else None
     if root_path is not None:
         if not root_path.is_dir():
-            raise CorpusError(f"{root_path}: corpus folder does not exist; pass --corpus DIR")
+            raise CorpusError(f"{root_path}: corpus folder does not exist; pass an existing corpus folder")
         manifest, lint = _read_manifest(root_path / "manifest.toml")
     else:
         manifest, lint = {"concepts": {}, "clusters": {}}, LintConfig()
     if extra is not None and not extra.is_dir():
-        raise CorpusError(f"{extra}: --direct-dir folder does not exist")
+        raise CorpusError(f"{extra}: direct descriptions folder does not exist")
     direct_dirs = [root_path / "direct"] if root_path is not None and include_direct and (root_path / "direct").is_dir() else []
     direct_dirs += [extra] if extra is not None else []
     entries = _concept_entries(root_path, extra, manifest)

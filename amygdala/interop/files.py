@@ -26,7 +26,7 @@ def write_vectors(vectors: LayerVectors, path: str | Path, fmt: str) -> Path:
 def sniff(path: Path) -> str:
     """``gguf``, ``zip`` (torch.save) or ``pickle``; raises for anything else."""
     if not path.is_file():
-        raise InteropError(f"--from {path}: no such file")
+        raise InteropError(f"{path}: no such file")
     with open(path, "rb") as f:
         head = f.read(4)
     if head == gguf.MAGIC:

@@ -144,13 +144,13 @@ def check_params(method: str, params: dict) -> dict:
     Values may be strings (from the command line). Runs before any model loads.
     """
     if method not in METHODS:
-        raise AmygdalaError(f"--method {method!r}; choose one of {', '.join(METHODS)}")
+        raise AmygdalaError(f"method {method!r}; choose one of {', '.join(METHODS)}", param="method")
     known = METHODS[method].params
     out = {}
     for name, value in params.items():
         if name not in known:
             accepted = ", ".join(known) or "none"
-            raise AmygdalaError(f"--method-param {name}: {method} does not take it (accepts: {accepted})")
+            raise AmygdalaError(f"method_params {name}: {method} does not take it (accepts: {accepted})", param="method_params")
         kind = known[name]
         try:
             converted = kind(value)
@@ -159,10 +159,11 @@ def check_params(method: str, params: dict) -> dict:
         except (TypeError, ValueError):
             converted = None
         if converted is None or converted <= 0:
-            raise AmygdalaError(f"--method {method}: parameter {name}={value!r} must be a positive {kind.__name__}")
+            raise AmygdalaError(f"method {method}: parameter {name}={value!r} must be a positive {kind.__name__}",
+                                param="method")
         top = METHODS[method].maxima.get(name)
         if top is not None and converted > top:
-            raise AmygdalaError(f"--method {method}: parameter {name}={value!r} must be at most {top:g}")
+            raise AmygdalaError(f"method {method}: parameter {name}={value!r} must be at most {top:g}", param="method")
         out[name] = converted
     return out
 

@@ -141,9 +141,7 @@ class TrainingRoutes:
     async def train(self, request: Request):
         from amygdala.fields import FieldError
 
-        if (denied := self._denied(request)) is not None:
-            return denied
-        raw = await self._read_body(request)
+        raw = await self._authorized_body(request)
         if not isinstance(raw, bytes):
             return raw
         try:
@@ -151,6 +149,13 @@ class TrainingRoutes:
         except FieldError as e:
             return error_response(str(e), e.path)
         return await self._relay(message, "job", op=protocol.SUBMIT)
+
+    async def _authorized_body(self, request: Request):
+        """The body of a request with the key, or the response refusing it (401, then 413): the
+        routes that take a body check both the same way, the key first."""
+        if (denied := self._denied(request)) is not None:
+            return denied
+        return await self._read_body(request)
 
     async def _read_body(self, request: Request):
         """The body, or a 413 as soon as it is known to pass the cap: declared, or counted while read."""
@@ -193,9 +198,7 @@ class TrainingRoutes:
 
     async def rollback(self, request: Request):
         """Restore ``{"snapshot": id}`` in place: served at once, written by the next sync."""
-        if (denied := self._denied(request)) is not None:
-            return denied
-        raw = await self._read_body(request)
+        raw = await self._authorized_body(request)
         if not isinstance(raw, bytes):
             return raw
         try:

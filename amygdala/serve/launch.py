@@ -40,6 +40,7 @@ SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
 def vllm_argv(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     """The checked vLLM command line and environment for ``args``."""
     from amygdala.models.resolve import DEFAULT_MODEL_NAME, model_info, resolve_model
+    from amygdala.models.weights import require_same_weights
     from amygdala.readout import Readout
 
 
@@ -56,6 +57,9 @@ def vllm_argv(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     info = model_info(path)
     if readout is not None:
         readout.check_model(info.num_layers, info.hidden_size, info.name)
+        # Before vLLM starts, on the folder it will load.
+        require_same_weights(readout.weights, path, allow=getattr(args, "allow_other_weights", False),
+                             where=str(args.readout))
     _check_entry_points()
     extra = list(args.vllm_args or [])
     if extra[:1] == ["--"]:
