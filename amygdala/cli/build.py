@@ -40,7 +40,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         model=args.model, layers=args.layers, method=args.method, method_params=_method_params(args),
         pooling=args.pooling, min_positives=args.min_positives,
         chat_template=args.chat_template, batch_size=args.batch_size, device=args.device,
-        dtype=args.dtype, progress=not args.quiet, construction=args.construction, statistics=args.statistics,
+        dtype=args.dtype, model_dtype=args.model_dtype, progress=not args.quiet, construction=args.construction, statistics=args.statistics,
     )
     quality = _quality_config(args) if args.quality_report else None  # bad thresholds fail first
     config.quality_sites = quality is not None
@@ -64,8 +64,8 @@ def _add_build(sub) -> None:
     for name, text in (("build", "build concept vectors from a corpus and write a readout file"),
                        ("train", "old name of `build` (kept as an alias)")):
         p = sub.add_parser(name, help=text)
-        _corpus_arg(p)
-        _model_arg(p)
+        _corpus_arg(p, pairs=True)
+        _model_arg(p, dtype_flags=("--model-dtype",))  # --dtype here is the stored vectors' (older flag)
         p.add_argument("--layers", default="0.5,0.66", help="indices (10,15,20) or relative depths (0.5,0.66)")
         p.add_argument("--method", default="diffmean", help=f"{', '.join(METHODS)} (docs/methods.md; default diffmean)")
         p.add_argument("--method-param", action="append", default=[], metavar="NAME=VALUE",

@@ -41,7 +41,7 @@ def _emotional_neutral(args: argparse.Namespace, readout, corpus) -> list[str]:
     """The neutral texts that read as emotional under ``--readout``: a problem each; the worst 10 shown."""
     from amygdala.quality.neutral import check_neutral
 
-    rows = check_neutral(readout, corpus, args.model, args.device, progress=not args.quiet)
+    rows = check_neutral(readout, corpus, args.model, args.device, progress=not args.quiet, dtype=args.model_dtype)
     flagged = [r for r in rows if r["flagged"]]
     for r in flagged:
         print(f"{r['where']}: neutral text reads as {r['concept']} (score {r['score']:+.2f}, the median {r['concept']} "

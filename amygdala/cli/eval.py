@@ -26,7 +26,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
     )
     corpus = _load_corpus(args)
-    result = run_eval(args.readout, corpus, model=args.model, device=args.device, steering=steering,
+    result = run_eval(args.readout, corpus, model=args.model, device=args.device, dtype=args.model_dtype, steering=steering,
                       batch_size=args.batch_size, progress=not (args.quiet or args.json))
     if args.out is not None:
         paths = write(result, args.out)

@@ -40,7 +40,7 @@ def cmd_quality(args: argparse.Namespace) -> int:
     config = _quality_config(args)
     corpus = _load_corpus(args)
     report = run_quality(
-        args.readout, corpus, args.out, model=args.model, device=args.device, cfg=config,
+        args.readout, corpus, args.out, model=args.model, device=args.device, dtype=args.model_dtype, cfg=config,
         batch_size=args.batch_size, progress=not args.quiet,
     )
     _print_quality(report, (args.out / JSON_NAME, args.out / HTML_NAME))

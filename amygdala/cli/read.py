@@ -43,7 +43,7 @@ def cmd_read(args: argparse.Namespace) -> int:
         readout.stats_for(args.against)  # a readout without that set fails before the model loads
     info = matching_model(readout, args.model)
     require_same_weights(readout.weights, info.path, allow=args.allow_other_weights, where=str(args.readout))
-    model, tokenizer, _ = load_model(info.path, args.device)
+    model, tokenizer, _ = load_model(info.path, args.device, args.model_dtype)
     scored = score_text(model, tokenizer, readout, args.text, against=args.against, smooth=smooth)
     rows = token_rows(scored, readout, args.top)
     if args.html is not None:
@@ -103,7 +103,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     steering = Steering.from_concepts(readout, steer) if steer else None  # validates names first
     info = matching_model(readout, args.model)
     require_same_weights(readout.weights, info.path, allow=args.allow_other_weights, where=str(args.readout))
-    model, tokenizer, _ = load_model(info.path, args.device)
+    model, tokenizer, _ = load_model(info.path, args.device, args.model_dtype)
     if getattr(tokenizer, "chat_template", None) and not args.raw:
         ids = tokenizer.apply_chat_template(
             [{"role": "user", "content": args.prompt}], add_generation_prompt=True, return_tensors="pt",

@@ -89,7 +89,8 @@ def _import_statistics(args: argparse.Namespace, readout, vectors) -> None:
     corpus = load_corpus(root)
     print(f"measuring {args.name}'s neutral-text statistics on {len(corpus.neutral_texts())} texts of {root} "
           f"with {info.name}", file=sys.stderr)
-    mean, std = concept_statistics(readout, args.name, corpus, str(info.path), args.device, progress=not args.quiet)
+    mean, std = concept_statistics(readout, args.name, corpus, str(info.path), args.device, progress=not args.quiet,
+                                   dtype=args.model_dtype)
     fill_statistics(readout, args.name, mean, std)
 
 

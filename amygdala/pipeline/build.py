@@ -17,7 +17,7 @@ import torch
 from amygdala import AmygdalaError
 from amygdala.activations import DEFAULT_POOLING, Activations, Pooling, collect, distinct
 from amygdala.corpus import Corpus
-from amygdala.methods import METHODS, TokenSubspaces, check_params, concept_sets, fit
+from amygdala.methods import METHODS, TokenSubspaces, check_corpus_fits, check_params, concept_sets, fit
 from amygdala.models import load_model, model_info, parse_layers, relative_depth, resolve_model
 from amygdala.models.layers import projection_sites
 from amygdala.models.weights import weight_record
@@ -65,6 +65,8 @@ class BuildConfig:
     batch_size: int = 16
     device: str | None = None
     dtype: str = "float32"
+    #: The model weights' dtype (``--model-dtype``; None: fp32 on CPU, bf16 on GPU); ``dtype`` is the stored vectors'.
+    model_dtype: str | None = None
     #: ``mean_removed`` (default): the concept vectors' shared direction taken out and kept as the
     #: emotionality track (readout/construction.py says why); ``as_built``: the method's vectors as they are.
     construction: str = "mean_removed"
@@ -101,6 +103,7 @@ class Plan:
 def plan(corpus: Corpus, config: BuildConfig) -> Plan:
     """Validate everything cheap and resolve it. Logs the target layers' relative depths."""
     params = check_params(config.method, config.method_params)
+    check_corpus_fits(config.method, corpus)  # e.g. denoised on one concept's pairs: fail before the model loads
     pooling = Pooling.parse(config.pooling)
     corpus.require_positives(config.min_positives)
     path = resolve_model(config.model)
@@ -226,7 +229,7 @@ def build(
             neutral tokens; each names the field or file at fault.
     """
     p = plan(corpus, config)
-    model, tokenizer, info = loaded or load_model(p.model_path, config.device)
+    model, tokenizer, info = loaded or load_model(p.model_path, config.device, config.model_dtype)
     # Per-token methods (subspace) accumulate each text's token rowspace in the same forward,
     # on the model's device, so no text runs twice and no token matrix is kept.
     tokens = None

@@ -46,7 +46,7 @@ def readout_corpus_root(readout: Readout, corpus: str | Path | None = None) -> P
 
 def concept_statistics(
     readout: Readout, concept: str, corpus: Corpus, model: str | None = "default", device: str | None = None,
-    progress: bool = True,
+    progress: bool = True, dtype: str | None = None,
 ) -> tuple[dict[int, float], dict[int, float]]:
     """One concept's neutral-text z-score statistics, measured per token over ``corpus``'s neutral
     texts as :func:`~amygdala.pipeline.build` measures them: for a concept that did not come from
@@ -65,7 +65,7 @@ def concept_statistics(
     """
     info = matching_model(readout, model)
     i = readout.concept_index(concept)
-    loaded, tokenizer, _ = load_model(info.path, device)
+    loaded, tokenizer, _ = load_model(info.path, device, dtype)
     rows = {l: readout.vectors[l][i : i + 1] for l in readout.layers}
     mean, std = neutral_statistics(corpus, loaded, tokenizer, rows, chat_template=bool(readout.meta.get("chat_template")),
                                    progress=progress)

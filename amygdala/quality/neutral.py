@@ -21,7 +21,7 @@ from amygdala.readout import Readout
 
 
 def check_neutral(readout: Readout, corpus: Corpus, model: str | None = "default", device: str | None = None,
-                  progress: bool = True) -> list[dict]:
+                  progress: bool = True, dtype: str | None = None) -> list[dict]:
     """The mean-pooled forward over ``corpus`` (reduced to the readout's concepts) with the model
     the readout was built for, then :func:`emotional_neutral_texts`: what ``amygdala corpus check
     --readout`` reports.
@@ -38,7 +38,7 @@ def check_neutral(readout: Readout, corpus: Corpus, model: str | None = "default
     """
     corpus = corpus_for(readout, corpus)
     info = matching_model(readout, model)
-    loaded, tokenizer, _ = load_model(info.path, device)
+    loaded, tokenizer, _ = load_model(info.path, device, dtype)
     acts, _ = collect_corpus(corpus, loaded, tokenizer, readout.layers, pooling="mean", neutral=False,
                              chat_template=bool(readout.meta.get("chat_template")), progress=progress)
     return emotional_neutral_texts(readout, corpus, acts)
