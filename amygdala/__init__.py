@@ -20,5 +20,12 @@ __version__ = "0.1.0"
 class AmygdalaError(Exception):
     """A problem the user can fix: printed as one line by the CLI, never with a traceback.
 
-    The message names the file or field at fault and what to do about it.
+    The message names the file or field at fault and what to do about it. An error about one
+    argument of a library function starts with that parameter's name and sets ``param`` to it
+    (``layers``, ``method``): a Python caller reads the name it passed, and the CLI, which knows
+    which flag fills which parameter, says the flag instead (``--layers``).
     """
+
+    def __init__(self, *args: object, param: str | tuple[str, ...] | None = None):
+        super().__init__(*args)
+        self.param = param

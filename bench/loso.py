@@ -112,13 +112,9 @@ def main() -> None:
     lines.append("")
     for label, (secs, n, toks) in forwards.items():
         lines.append(f"Forward of the whole corpus, {label}: {n} texts, {toks} content tokens, {secs:.0f} s.")
-    body = "\n".join(lines)
-    print(body)
-    if args.write:
-        from validity import DOC, replace_block
+    from validity import DOC, publish  # bench/validity.py, beside this file
 
-        replace_block(DOC, "loso", body)
-        print(f"wrote {DOC}")
+    publish(DOC, "loso", "\n".join(lines), args.write)
 
 
 if __name__ == "__main__":

@@ -16,12 +16,12 @@ import collections
 
 import torch
 
-from amygdala.cli.build import DEMO_CONCEPTS, DEMO_SENTENCE
 from amygdala.corpus import bundled_corpus, load_corpus
 from amygdala.methods import concept_sets, fit
 from amygdala.models import load_model
 from amygdala.pipeline import BuildConfig, collect_corpus, plan
 from amygdala.pipeline.build import construct
+from amygdala.pipeline.demo import DEMO_CONCEPTS, DEMO_SENTENCE
 from amygdala.readout import DEFAULT_SMOOTH, Readout, score_text
 
 

@@ -140,13 +140,9 @@ def main() -> None:
                          f"{'' if r['fluent'] else ' (not fluent)'} | {100 * r['moved']:.0f}% ({100 * lo:.0f}-{100 * hi:.0f}%) | "
                          f"{r['mean_shift']:+.3f} | {r['perplexity']:.1f} |")
             print(lines[-1], f"[{time.perf_counter() - t0:.0f} s]", flush=True)
-    body = "\n".join(lines)
-    print(body)
-    if args.write:
-        from validity import replace_block  # bench/validity.py, beside this file
+    from validity import publish  # bench/validity.py, beside this file
 
-        replace_block(DOC, "steer-negative", body)
-        print(f"wrote {DOC}")
+    publish(DOC, "steer-negative", "\n".join(lines), args.write)
 
 
 if __name__ == "__main__":

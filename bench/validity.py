@@ -60,6 +60,15 @@ def replace_block(doc: Path, name: str, body: str) -> None:
     doc.write_text(text)
 
 
+def publish(doc: Path, name: str, body: str, write: bool) -> None:
+    """Print a bench's table and, with ``--write``, put it in ``doc``'s ``bench:NAME`` block:
+    every bench that writes its figures into docs/ ends the same way."""
+    print(body, flush=True)
+    if write:
+        replace_block(doc, name, body)
+        print(f"wrote {doc}")
+
+
 def pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
@@ -129,17 +138,9 @@ def main() -> None:
     lines += ["", f"Chance: concept top-1 {pct(r0.chance_top1)}, top-5 {pct(r0.chance_top5)}, "
               f"cluster top-1 {pct(r0.chance_cluster_top1)}; held-out texts: {r0.n}. "
               f"The published study's figures: r {PAPER['pc1_valence_r']} (PC1~valence), {PAPER['pc2_arousal_r']} (PC2~arousal)."]
-    body = "\n".join(lines)
-    print(body, flush=True)
-    if args.write:  # the accuracy tables are written before the (slower) steering check
-        replace_block(DOC, "validity", body)
-        print(f"wrote {DOC}")
+    publish(DOC, "validity", "\n".join(lines), args.write)  # written before the (slower) steering check
     if args.steer:
-        steer = "\n".join(steering_lines(model, tok, corpus, by_pooling["mean"], [best[3]]))
-        print(steer)
-        if args.write:
-            replace_block(DOC, "steering", steer)
-            print(f"wrote {DOC}")
+        publish(DOC, "steering", "\n".join(steering_lines(model, tok, corpus, by_pooling["mean"], [best[3]])), args.write)
 
 
 def per_token_main(args, corpus, model, tok, info) -> None:

@@ -24,6 +24,7 @@ tracked and writes the page to docs/img/view.png (the README's picture).
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import signal
 import statistics
@@ -199,9 +200,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=90)
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "img" / "view.png")
     args = ap.parse_args()
-    args.chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    args.chromium = os.environ.get("AMYGDALA_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
     if args.chromium is None:
-        raise SystemExit("no chromium: ./dev bench view installs Debian's chromium")
+        raise SystemExit("no chromium: ./dev bench view installs Debian's chromium (or set AMYGDALA_CHROMIUM)")
     args.chromium_version = subprocess.run([args.chromium, "--version"], capture_output=True, text=True).stdout.strip()
     if args.screenshot:
         if args.readout is None:

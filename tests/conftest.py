@@ -47,3 +47,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+#: Fixtures that bring in something the fast tier (./dev test --fast) leaves out, and the marker
+#: a test that uses one gets, so that a new browser or llama.cpp test is in the right tier without
+#: anyone remembering to mark it.
+NEEDS = {"browser": "browser", "llama_setup": "llamacpp"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for fixture, marker in NEEDS.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(marker)

@@ -51,7 +51,7 @@ def test_pooling_spans():
     assert str(Pooling.parse("mean_from = 7")) == "mean_from=7"
     assert Pooling.parse("last_content_token") == Pooling("last")  # what older readout files say
     for bad in ("first", "mean_from=", "mean_from=-1", "max"):
-        with pytest.raises(AmygdalaError, match=r"^--pooling .*: use one of last, mean, mean_from=K"):
+        with pytest.raises(AmygdalaError, match=r"^pooling .*: use one of last, mean, mean_from=K"):
             Pooling.parse(bad)
 
 

@@ -123,9 +123,9 @@ def test_sharded_folder_and_sidecar(tmp_path):
     served = _served(path)
     for name in ("model.layers.0.mlp.down_proj.weight", "model.layers.3.mlp.down_proj.weight", "lm_head.weight"):
         served[name] += 0.25
-    report = checkpoint.sync(path, served, sidecars={"state.bin": b"\x00" * 10})
-    assert len(report.tensors_changed) == 3 and report.sidecars == ["state.bin"]
-    assert (path / "state.bin").read_bytes() == b"\x00" * 10
+    report = checkpoint.sync(path, served, sidecars={"amygdala-optimizer.pt": b"\x00" * 10})
+    assert len(report.tensors_changed) == 3 and report.sidecars == ["amygdala-optimizer.pt"]
+    assert (path / "amygdala-optimizer.pt").read_bytes() == b"\x00" * 10
     loaded = _load(path)
     assert all(torch.equal(loaded[n], t) for n, t in layout.to_checkpoint(served, {n: tuple(v.shape) for n, v in loaded.items()}).items())
 
@@ -219,6 +219,8 @@ def kill_driver(folder: str, trials: int, seed: int) -> None:
     """Run in a fresh interpreter: fork a sync per trial, SIGKILL it at a random moment, recover, check.
 
     Prints one JSON line: the outcome counts. Raises (exit 1) on any torn tensor or state.
+    Where the kills land depends on the machine's speed, so only "never torn" is asserted; each
+    window is reached for certain by the crash points (tests/test_checkpoint_crash.py).
     """
     from transformers import AutoModelForCausalLM
 
@@ -248,12 +250,10 @@ def kill_driver(folder: str, trials: int, seed: int) -> None:
         for p in folder.glob(".amygdala-sync*"):
             p.unlink()
 
-    def fork_sync(die_after_commit: bool = False) -> int:
+    def fork_sync() -> int:
         pid = os.fork()
         if pid == 0:
             try:
-                if die_after_commit:  # the narrow window random timing can miss: journal committed, nothing applied
-                    checkpoint._apply = lambda *a: os.kill(os.getpid(), signal.SIGKILL)
                 checkpoint.sync(folder, served, sidecars={STATE: new_state})
             finally:
                 os._exit(0)
@@ -266,10 +266,9 @@ def kill_driver(folder: str, trials: int, seed: int) -> None:
     outcomes: Counter[str] = Counter()
     for trial in range(trials):
         restore()
-        pid = fork_sync(die_after_commit=trial == 0)
-        if trial > 0:
-            time.sleep(rng.uniform(0, 1.2 * full))
-            os.kill(pid, signal.SIGKILL)
+        pid = fork_sync()
+        time.sleep(rng.uniform(0, 1.2 * full))
+        os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         pending = (folder / JOURNAL).exists()
         load_file(weights)  # the header is never touched: the file parses even before recovery
@@ -293,15 +292,14 @@ def kill_driver(folder: str, trials: int, seed: int) -> None:
     print(json.dumps({"outcomes": outcomes, "sync_seconds": full}))
 
 
-def test_kill_9_at_random_points_leaves_every_tensor_old_or_new(folder):
+def test_kill_9_at_random_moments_leaves_every_tensor_old_or_new(folder):
     code = f"import sys; sys.path.insert(0, {str(TESTS)!r}); from test_checkpoint import kill_driver; kill_driver({str(folder)!r}, 80, 0)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     outcomes = result["outcomes"]
-    assert sum(outcomes.values()) == 80
-    # kills landed before the commit and between commit and cleanup (trial 0 makes sure of that one)
-    assert outcomes.get("old", 0) > 0 and outcomes.get("new after replay", 0) > 0, outcomes
+    assert sum(outcomes.values()) == 80  # and none torn: the driver raises on the first
+    assert set(outcomes) <= {"old", "new", "new after replay"}, outcomes
 
 
 def test_changed_rows_write_exactly_their_blocks(folder):

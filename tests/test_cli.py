@@ -24,7 +24,9 @@ def test_build_recovers_planted_direction(planted, tmp_path, caplog):
         assert torch.dot(r.vectors[l][0], d) > 0.95
         torch.testing.assert_close(r.vectors[l].norm(dim=1), torch.ones(3))
     info = json.loads((out / "readout.json").read_text())
+    weights = info["model"].pop("weights")  # the weights record: tests/test_readout_weights.py
     assert info["model"] == {"name": "model", "num_layers": 4} and info["corpus"]["sha256"]
+    assert [f["name"] for f in weights["files"]] == ["model.safetensors"]
     # Per concept, what the live page shows: cluster, valence/arousal (None: the corpus gives none), description.
     for key in ("clusters", "valence", "arousal", "descriptions"):
         assert len(info[key]) == 3, key
@@ -73,6 +75,12 @@ def test_corpus_check_exit_codes(synthetic_corpus, tmp_path, capsys):
         (["--min-positives", "20"], "fewer than 20 positive texts"),
         (["--concepts", "alpah"], "not in the manifest; nearest: alpha"),
         (["--method", "nope"], "choose one of diffmean"),
+        # the library names the parameter (layers, method_params); the CLI says the flag
+        (["--layers", "9"], "error: --layers: layer 9 out of range"),
+        (["--method", "nope"], "error: --method 'nope'; choose one of"),
+        (["--method-param", "C=1"], "error: --method-param C: diffmean does not take it"),
+        (["--pooling", "max"], "error: --pooling 'max': use one of last, mean"),
+        (["--quality-report", "--redundant-r2", "2"], "error: --redundant-r2 2.0: must be in (0, 1]"),
     ],
 )
 def test_build_bad_input_fails_before_model_load(planted, tmp_path, capsys, args, message):
@@ -82,6 +90,20 @@ def test_build_bad_input_fails_before_model_load(planted, tmp_path, capsys, args
     err = capsys.readouterr().err
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "o").exists()
+
+
+def test_library_errors_name_the_parameter_not_the_flag():
+    """A Python caller passed ``layers=``, not ``--layers``: the message and ``param`` say so."""
+    from amygdala import AmygdalaError
+    from amygdala.methods import check_params
+    from amygdala.models import parse_layers
+
+    with pytest.raises(AmygdalaError, match="^layers: layer 9 out of range") as e:
+        parse_layers("9", 4)
+    assert e.value.param == "layers"
+    with pytest.raises(AmygdalaError, match="^method_params C: diffmean does not take it") as e:
+        check_params("diffmean", {"C": 1})
+    assert e.value.param == "method_params"
 
 
 def test_missing_corpus_is_one_line(tmp_path, capsys):

@@ -86,6 +86,7 @@ def vllm_class(arch: str):
 
 
 # --------------------------------------------------------------------------- training's layout
+@pytest.mark.vllm  # imports vLLM
 @pytest.mark.parametrize("arch", [a for a in VLLM_CLASSES if a != HYBRID])
 def test_served_weights_map_onto_the_checkpoint_by_vllms_own_packing(arch, tmp_path):
     pytest.importorskip("vllm")

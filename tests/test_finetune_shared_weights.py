@@ -3,9 +3,6 @@ in-place training reaches the holder, also from another process through shared m
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -17,7 +14,6 @@ from amygdala.finetune.inputs import JobConfig, Sample
 from amygdala.checkpoint.layout import LayoutError
 from amygdala.finetune.trainer import run_job
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -89,15 +85,14 @@ def test_export_needs_shared_memory():
 
 
 def test_another_process_trains_on_shared_memory_views():
-    """bench/gpu_shared_weights.py on CPU: a child steps APOLLO-Mini on views; this process sees the change."""
+    """bench/gpu_shared_weights.py's experiment on CPU: a child steps APOLLO-Mini on views; this process sees the change."""
     import torch.multiprocessing as tmp
 
-    spec = importlib.util.spec_from_file_location("gpu_shared_weights", ROOT / "bench" / "gpu_shared_weights.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from helpers.shared_weights import run
+
     strategy = tmp.get_sharing_strategy()
     try:
-        summary = bench.run("cpu", "tiny", ["apollo-mini"], steps=2, lr=1e-4, threads=1)
+        summary = run("cpu", "tiny", ["apollo-mini"], steps=2, lr=1e-4, threads=1)
     finally:
         tmp.set_sharing_strategy(strategy)
     (r,) = summary["results"]

@@ -1,4 +1,5 @@
-"""The linter's rules ([tool.ruff.lint] in pyproject.toml) hold on the source, the tests and the benches."""
+"""The linter's rules ([tool.ruff.lint] in pyproject.toml) hold on the source, the tests and the benches;
+the type checker ([tool.mypy]) holds on the public API's modules."""
 
 import shutil
 import subprocess
@@ -33,3 +34,20 @@ def test_ruff_fails_on_a_planted_finding(tmp_path):
     run = subprocess.run([*_ruff(), "check", "--no-cache", "--config", str(ROOT / "pyproject.toml"), str(tmp_path / "planted.py")],
                          capture_output=True, text=True)
     assert run.returncode == 1 and "F401" in run.stdout
+
+
+def test_mypy_finds_nothing_on_the_public_api():
+    """build, BuildConfig, Readout, attach and Steering type-check under [tool.mypy]."""
+    pytest.importorskip("mypy", reason="mypy is not installed: pip install -e '.[test]' (pyproject.toml pins it)")
+    run = subprocess.run([sys.executable, "-m", "mypy"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, f"mypy found problems in the public API's modules:\n{run.stdout}{run.stderr}"
+
+
+def test_mypy_fails_on_a_planted_finding(tmp_path):
+    """The check is live: an untyped function and a wrong return type under the same settings."""
+    pytest.importorskip("mypy", reason="mypy is not installed: pip install -e '.[test]' (pyproject.toml pins it)")
+    planted = tmp_path / "planted.py"
+    planted.write_text("def f(x):\n    return x\n\n\ndef g(x: int) -> str:\n    return x\n")
+    run = subprocess.run([sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"),
+                          "--cache-dir", str(tmp_path / "cache"), str(planted)], cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 1 and "no-untyped-def" in run.stdout and "return-value" in run.stdout, run.stdout

@@ -1,6 +1,7 @@
 """The memory plan's formulas (amygdala.finetune.memory, docs/scale.md) against what torch
 allocates on tiny models: weights, optimizer state after a step, gradients, the tensors autograd
-keeps under activation checkpointing, and transformers' KV cache."""
+keeps under activation checkpointing and in the trainer's step (the budget's model), and
+transformers' KV cache."""
 
 from __future__ import annotations
 
@@ -60,6 +61,34 @@ def test_checkpointed_activations_are_what_autograd_keeps(arch):
     want = memory.checkpointed_activations(memory.shapes_of(model), tokens, 4)
     # Left out of the formula: rotary tables and the labels (tokens x head_dim, tokens): < 1% here.
     assert want <= sum(saved.values()) <= want * 1.01
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("rows,context,continuation", [(1, 24, 8), (2, 40, 16), (3, 60, 4)])
+def test_step_activations_bound_what_the_trainers_step_keeps(arch, rows, context, continuation):
+    """The budget's model of a step (the trainer's loss, no checkpointing) against every storage
+    autograd saves for the backward, the parameters left out (they exist anyway): an upper bound,
+    and not a loose one."""
+    from amygdala.finetune.budget import Dims
+    from amygdala.finetune.objectives import continuation_logprobs
+
+    model = _model(arch, torch.float32)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    contexts = [list(range(10, 10 + context))] * rows
+    continuations = [list(range(20, 20 + continuation))] * rows
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        continuation_logprobs(model, contexts, continuations)
+    dims = Dims.of(model)  # what the budget reads off the trainer's model
+    want = memory.step_activations(dims.shapes, rows, context + continuation, continuation + 1, dims.value_bytes)
+    assert sum(saved.values()) <= want <= 1.5 * sum(saved.values())
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral"])

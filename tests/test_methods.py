@@ -29,6 +29,8 @@ SCENE_SCALE = 0.7
 #: denoised projects out the neutral texts' top component, and the scene baselines are neutral.
 HURT_BY_SCENE = {"diffmean", "mean", "pca", "logistic", "subspace"}
 ROBUST_TO_SCENE = {"linear", "logistic_l1", "denoised"}
+#: Methods for real contrastive pairs only, refused on a folder corpus (tests/test_corpus_pairs.py).
+PAIRS_ONLY = {"pca_diff"}
 
 
 def axis(i: int) -> torch.Tensor:
@@ -63,7 +65,7 @@ def scene_setup(tmp_path_factory):
     return acts, concept_sets(corpus, acts), tokens
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", [m for m in METHODS if m not in PAIRS_ONLY])
 def test_every_method_recovers_planted_direction_and_shows_scene(scene_setup, method):
     acts, sets, tokens = scene_setup
     result = fit(method, acts, sets, tokens=tokens)
@@ -76,7 +78,14 @@ def test_every_method_recovers_planted_direction_and_shows_scene(scene_setup, me
             assert scene > 0.1, (method, layer, scene)
         else:
             assert abs(scene) < 0.05, (method, layer, scene)
-    assert HURT_BY_SCENE | ROBUST_TO_SCENE == set(METHODS)
+    assert HURT_BY_SCENE | ROBUST_TO_SCENE | PAIRS_ONLY == set(METHODS)
+
+
+def test_pairs_only_methods_refuse_a_corpus_without_pairs(scene_setup):
+    acts, sets, tokens = scene_setup
+    for method in PAIRS_ONLY:
+        with pytest.raises(AmygdalaError, match=f"--method {method} needs contrastive pairs"):
+            fit(method, acts, sets, tokens=tokens)
 
 
 # --------------------------------------------------------------------------- subspace maths

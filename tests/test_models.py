@@ -47,7 +47,7 @@ def test_parse_layers_indices_relative_and_negative():
 
 @pytest.mark.parametrize("spec", ["30", "-31", "1.5", "abc", ""])
 def test_parse_layers_rejects_with_valid_range(spec):
-    with pytest.raises(AmygdalaError, match="--layers"):
+    with pytest.raises(AmygdalaError, match="^layers: "):
         parse_layers(spec, 30)
     if spec == "30":
         with pytest.raises(AmygdalaError, match="0-29"):

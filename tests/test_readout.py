@@ -101,3 +101,31 @@ def test_manifest_describes_concepts_only_with_aligned_lists():
     assert m["clusters"] == ["x", "y"] and m["valence"] == [0.5, None] and "descriptions" not in m
     assert m["model"] == "m" and m["mean"] == [[0.0, 0.0]] and m["std"] == [[1.0, 1.0]]
     assert "mean" not in r.manifest(stats=False)
+
+
+def _half_swapped(tmp_path):
+    """The folder between a save's two renames: the old json beside the new tensors."""
+    make(n=3).save(tmp_path / "o")
+    make(n=2).save(tmp_path / "new")
+    (tmp_path / "new" / "readout.safetensors").replace(tmp_path / "o" / "readout.safetensors")
+    return tmp_path / "o", tmp_path / "new" / "readout.json"
+
+
+def test_a_reader_between_the_two_renames_reads_again_and_gets_the_new_pair(tmp_path, monkeypatch):
+    """The reader's wait is where the writer's second rename lands (no race: the sleep does it)."""
+    from amygdala.readout import format as fmt
+
+    folder, new_json = _half_swapped(tmp_path)
+    waits = []
+    monkeypatch.setattr(fmt.time, "sleep", lambda s: (waits.append(s), new_json.replace(folder / "readout.json")))
+    r = Readout.load(folder)
+    assert len(waits) == 1 and r.concepts == ["c0", "c1"] and r.vectors[1].shape == (2, 8)
+
+
+def test_a_pair_from_two_saves_that_stays_so_is_a_clear_error(tmp_path, monkeypatch):
+    from amygdala.readout import format as fmt
+
+    folder, _ = _half_swapped(tmp_path)
+    monkeypatch.setattr(fmt.time, "sleep", lambda s: None)
+    with pytest.raises(ReadoutError, match="are from different saves .* another process is writing this readout"):
+        Readout.load(folder)

@@ -13,9 +13,7 @@ One server for the module (started once, about a minute on 2 cores), in this ord
    three runs (amygdala's routes with the key; all routes with it; all without it), each
    bounded by examples and ``AMYGDALA_FUZZ_SECONDS`` (40): no response >= 500 on the
    routes amygdala adds or wraps, and on vLLM's own routes none but two known ones (``VLLM_KNOWN_5XX``);
-4. kill -9 of the whole server (every process) during a training job and during a sync,
-   ``AMYGDALA_KILL_TRIALS`` times (3): the folder loads, every tensor is wholly old or wholly
-   new (and the optimizer state with them), and the restarted server serves and trains.
+The kill -9 trials have their own server: tests/test_serve_kill.py.
 
 Each test prints one ``FIGURES {...}`` line (run with ``-s`` to see them).
 """
@@ -24,138 +22,33 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from helpers import serve as sh
-from amygdala import checkpoint
-from amygdala.finetune.state import STATE_FILE
+from helpers import live as lv
+from helpers.live import KEY, call, figures, idle, job, status, stream, tree
 
 pytestmark = pytest.mark.vllm
-KEY = "live-hardening-key"
 HUGE = 10**400
 SOAK_S = float(os.environ.get("AMYGDALA_SOAK_SECONDS", "120"))
 FUZZ_S = int(os.environ.get("AMYGDALA_FUZZ_SECONDS", "40"))
-KILL_TRIALS = int(os.environ.get("AMYGDALA_KILL_TRIALS", "3"))
 #: The API server's RSS may grow by this much over the soak (row buffers, caches warming up);
 #: a leak of a stream's rows (7 KB of JSON per token here) over thousands of streams passes it.
 RSS_GROWTH_MIB = 150
 CLIENTS = 16
-ARGS = ["--max-model-len", "256", "--enable-prefix-caching", "--block-size", "32"]
-FROZEN = ("embed_tokens", "lm_head")  # the trainer freezes them: never changed by a job
 
 
-def figures(name: str, **values) -> None:
-    print(f"FIGURES {json.dumps({'test': name, **values})}", flush=True)
-
-
-def _env() -> dict[str, str]:
-    return sh.server_env(None, AMYGDALA_API_KEY=KEY, VLLM_PLUGINS="amygdala", AMYGDALA_SYNC_DELAY="3600",
-                         AMYGDALA_TRAIN_THREADS="1")
-
-
-def call(port: int, method: str, path: str, body=None, key: str | None = KEY, timeout: float = 120) -> tuple[int, dict]:
-    return sh.call(port, method, path, body, key, timeout)
-
-
-def stream(port: int, body: dict, timeout: float = 120) -> tuple[int, str, list]:
-    """(status, text, readout rows) of a streamed completion."""
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps({**body, "stream": True}).encode(),
-                                 headers={"Content-Type": "application/json"})
-    text, rows = [], []
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            for raw in r:
-                line = raw.decode().strip()
-                if line.startswith("data: ") and line != "data: [DONE]":
-                    chunk = json.loads(line[6:])
-                    for choice in chunk.get("choices", []):
-                        text.append(choice.get("text") or "")
-                        if "readout" in choice:
-                            rows.append(choice["readout"])
-            return r.status, "".join(text), rows
-    except urllib.error.HTTPError as e:
-        return e.code, "", []
-
-
-def tree(proc) -> list[psutil.Process]:
-    try:
-        root = psutil.Process(proc.pid)
-        return [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
-def kill_tree(proc) -> int:
-    """SIGKILL every process of the server at once (API server, engine, worker, training worker)."""
-    procs = tree(proc)
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=30)
-    proc.wait(30)
-    return len(procs)
-
-
-def wait_for(condition, timeout: float, what: str, poll: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def status(port: int) -> dict:
-    code, body = call(port, "GET", "/train/status")
-    assert code == 200, body
-    return body
-
-
-def idle(port: int, timeout: float = 300) -> dict:
-    return wait_for(lambda: (s := status(port))["state"] == "idle" and not s["queue"] and s, timeout, "an idle worker", 0.2)
-
-
-def job(samples: int = 1, steps: int = 3, lr: float = 1e-9, seed: int = 0) -> dict:
-    rng = random.Random(seed)
-    return {"samples": [{"context_ids": [rng.randrange(10, 130) for _ in range(12)],
-                         "continuation_ids": [rng.randrange(10, 130) for _ in range(6)]} for _ in range(samples)],
-            "config": {"learning_rate": lr, "steps": steps}}
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    pytest.importorskip("vllm")
-    root = tmp_path_factory.mktemp("hardening")
-    return root, sh.make_tiny_model(root / "model"), sh.make_readout(root / "readout")
-
-
-@pytest.fixture(scope="module")
-def live(files):
-    """{"server": the current server}; the kill test replaces it with each restart."""
-    root, model, readout = files
-    t0 = time.monotonic()
-    holder = {"server": sh.start_server(model, root / "server.log", readout=readout, env={**_env(), "AMYGDALA_READOUT": str(readout)},
-                                        args=ARGS, timeout=420), "start_s": time.monotonic() - t0}
-    try:
-        yield holder
-    finally:
-        holder["server"].stop()
+files, live = lv.fixtures("hardening")
 
 
 def _model_name(files) -> str:
@@ -386,104 +279,3 @@ def test_schemathesis_finds_no_server_error(live, files):
         assert set(errors) <= VLLM_KNOWN_5XX, (name, errors)
     figures("fuzz", **report)
     assert live["server"].proc.poll() is None
-
-
-# --------------------------------------------------------------------------- 4. kill -9
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in load_file(folder / "model.safetensors").items()}
-
-
-def _steps_on_disk(folder: Path) -> int | None:
-    path = folder / STATE_FILE
-    return torch.load(path, weights_only=True)["counters"]["steps"] if path.exists() else None
-
-
-def _outcome(old: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> str:
-    """"old" when every tensor is as before, "new" when every trained one changed in every 4 KiB block, else raise."""
-    kinds = set()
-    for name, before in old.items():
-        if any(f in name for f in FROZEN):
-            assert torch.equal(got[name], before), f"{name} is frozen yet changed"
-            continue
-        if torch.equal(got[name], before):
-            kinds.add("old")
-            continue
-        a, b = got[name].reshape(-1), before.reshape(-1)
-        n = a.numel() // 1024 * 1024  # 4 KiB blocks of float32: a torn tensor keeps some of them old
-        same = (a[:n].view(-1, 1024) == b[:n].view(-1, 1024)).all(1)
-        assert not same.any(), f"{name}: {int(same.sum())} of {same.numel()} blocks old, the rest new: torn"
-        kinds.add("new")
-    assert len(kinds) == 1, f"mixed: {kinds}"
-    return kinds.pop()
-
-
-def _checkpoint_until_killed(port: int) -> None:
-    try:
-        call(port, "POST", "/checkpoint", timeout=60)
-    except (urllib.error.URLError, ConnectionError, OSError):
-        pass  # the server was killed under it: that is the trial
-
-
-def test_kill_9_during_training_and_sync_leaves_a_folder_that_loads_and_a_server_that_restarts(live, files):
-    from transformers import AutoModelForCausalLM
-
-    root, folder, readout = files
-    model = _model_name(files)
-    outcomes: Counter[str] = Counter()
-    restarts = []
-    for trial in range(KILL_TRIALS):
-        server = live["server"]
-        port = server.port
-        idle(port, 600)
-        code, sync = call(port, "POST", "/checkpoint", timeout=600)
-        assert code == 200, sync
-        during = "training" if trial % 3 == 0 else "sync"
-        old, old_steps = _tensors(folder), _steps_on_disk(folder)
-        if during == "training":
-            code, j = call(port, "POST", "/train", job(samples=4, steps=2000, lr=1e-4, seed=trial))
-            assert code == 200, j
-            wait_for(lambda: (c := status(port)["current"]) and c["step"] >= 2, 120, "the job's steps")
-            killed = kill_tree(server.proc)
-        else:
-            code, j = call(port, "POST", "/train", job(samples=2, steps=3, lr=1e-3, seed=trial))
-            assert code == 200, j
-            done = wait_for(lambda: (s := status(port))["finished"] and s["finished"][0]["id"] == j["job_id"] and s, 120, "the job")
-            new_steps = done["steps"]
-            # a sync of the tiny model lasts milliseconds: kill when its journal appears, before the
-            # commit point (the temporary journal) or after it (the committed one), by turns
-            target = (checkpoint.JOURNAL_TMP, checkpoint.JOURNAL)[trial % 2]
-            procs = tree(server.proc)
-            asker = threading.Thread(target=_checkpoint_until_killed, args=(port,), daemon=True)
-            asker.start()
-            deadline = time.monotonic() + 60
-            while not (folder / target).exists() and time.monotonic() < deadline:
-                pass
-            for p in procs:  # at once, no enumeration in between: the window is milliseconds
-                os.kill(p.pid, 9)
-            killed = len(procs)
-            kill_tree(server.proc)  # reaps them
-        pending = (folder / checkpoint.JOURNAL).exists()
-        uncommitted = (folder / checkpoint.JOURNAL_TMP).exists()
-        load_file(folder / "model.safetensors")  # parses before recovery: headers are never written
-        checkpoint.recover(folder)  # what the next server's start does first
-        got = _tensors(folder)
-        AutoModelForCausalLM.from_pretrained(folder)
-        kind = _outcome(old, got)
-        steps = _steps_on_disk(folder)
-        assert steps == (old_steps if kind == "old" else new_steps), (kind, steps, old_steps)  # the state went with the weights
-        outcomes[f"{during}: {kind}{' after replay' if pending else ' (uncommitted journal removed)' if uncommitted else ''}"] += 1
-        t0 = time.monotonic()
-        live["server"] = again = sh.start_server(folder, root / f"restart-{trial}.log", readout=readout,
-                                                 env={**_env(), "AMYGDALA_READOUT": str(readout)}, args=ARGS, timeout=420)
-        restarts.append(round(time.monotonic() - t0, 1))
-        code, r = call(again.port, "POST", "/v1/completions", {"model": model, "prompt": [2, 20, 21], "max_tokens": 4, "temperature": 0})
-        assert code == 200 and r["choices"][0]["text"], r
-        assert status(again.port)["steps"] == steps  # the count continues from the folder
-        code, j = call(again.port, "POST", "/train", job(samples=1, steps=2, lr=1e-6, seed=99))
-        assert code == 200
-        s = wait_for(lambda: (s := status(again.port))["finished"] and s, 120, "a job after the restart")
-        assert s["finished"][0]["state"] == "done" and s["steps"] == steps + 2
-        assert killed >= 3, killed  # API server, engine core, training worker at least
-    figures("kill -9", trials=KILL_TRIALS, outcomes=dict(outcomes), restart_s=restarts)
-    if KILL_TRIALS >= 3:  # the kills landed inside syncs, on both sides of the commit point
-        assert outcomes["sync: old (uncommitted journal removed)"] and outcomes["sync: new after replay"], outcomes

@@ -107,6 +107,7 @@ def test_two_stage_senders_merge_over_the_real_socket(tmp_path, transport):
     asyncio.run(scenario())
 
 
+@pytest.mark.vllm  # imports vLLM
 def test_a_stage_owns_the_layers_vllm_did_not_replace_by_placeholders():
     pytest.importorskip("vllm")
     from vllm.model_executor.models.utils import PPMissingLayer

@@ -84,6 +84,7 @@ def test_every_socket_lives_in_a_private_runtime_folder(monkeypatch, tmp_path):
         config.channel_address()
 
 
+@pytest.mark.vllm  # imports vLLM
 def test_amygdala_serve_refuses_a_public_host_with_training_unless_allowed(tmp_path, monkeypatch, capsys):
     pytest.importorskip("vllm")
     from amygdala.serve import config

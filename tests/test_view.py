@@ -5,7 +5,8 @@ sends the same request itself and checks the page against that stream: one colou
 token (the colour's sign is the valence computed here), panel numbers equal to the streamed
 z-scores, the hysteresis list equal to a Python oracle of the rule, steering from a slider
 equal to the same steered request sent directly. The exported JSON and HTML snapshot, and
-``amygdala read --html``, are opened in the browser with the network blocked.
+``amygdala read --html`` (tests/test_view_offline.py), are opened in the browser with the network
+blocked; the page's code without a server is tests/test_view_offline.py.
 
 Chromium is Debian's (``./dev test`` installs it); a machine without it fails these tests
 instead of skipping them.
@@ -14,9 +15,7 @@ instead of skipping them.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -27,32 +26,22 @@ import numpy as np
 import pytest
 
 from helpers import serve as sh
-from amygdala.readout import Readout
+from helpers import view as vh
+from helpers.view import CLUSTERS, ENTER_Z, EXIT_Z, PANEL_K, VALENCE, hysteresis, open_offline
 
 vllm = pytest.mark.vllm
+#: Module fixtures (tests/helpers/view.py): each module its own browser and files.
+browser, files = vh.browser_fixture(), vh.files_fixture()
 
-CHROMIUM = os.environ.get("AMYGDALA_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-#: Without the background-networking flags Chromium keeps dialling Google's hosts, which a
-#: closed network refuses; --no-sandbox because CI runs as root.
-BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                "--disable-sync", "--no-first-run", "--disable-quic"]
-# The page's settings (app.js): the panel's K and hysteresis thresholds, the valence colour scale.
-PANEL_K, ENTER_Z, EXIT_Z = 8, 1.0, 0.5
 PROMPT = "w1 w2 w3 w4"
-CLUSTERS = ["peaceful", "hostile", "joy", "fear", "engaged"]
-VALENCE = [0.6, -0.7, 0.9, -0.8, 0.2]
-DESCRIPTIONS = ["settled and at ease", "hot with rage", "bright with delight", "dread of harm", "wanting to know more"]
 
 
 # --------------------------------------------------------------------------- oracles
-def hysteresis(listed: list[int], values, k: int, enter: float, exit: float) -> list[int]:
-    """The panel's rule, written independently of app.js."""
-    order = sorted(range(len(values)), key=lambda c: -values[c])
-    out = []
-    for rank, c in enumerate(order):
-        if (rank < k and values[c] >= enter) or (c in listed and rank < 2 * k and values[c] >= exit):
-            out.append(c)
-    return out
+def over_median(values) -> list[float]:
+    """What the panel's entry rule sees for z-scores over neutral text (this module's readout
+    has only neutral statistics): each concept's z minus the layer's median concept z, so a
+    token that lifts every concept alike lists none (written independently of app.js)."""
+    return [float(v) - float(np.sort(np.asarray(values, dtype=np.float32))[len(values) // 2]) for v in values]
 
 
 def valence(row) -> float:
@@ -71,29 +60,6 @@ def nonblank(png: Path, box: dict) -> float:
 
 
 # --------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("view")
-    model = sh.make_tiny_model(root / "model")
-    path = sh.make_readout(root / "readout")
-    readout = Readout.load(path)
-    readout.meta.update(clusters=CLUSTERS, valence=VALENCE, arousal=[0.2, 0.9, 0.7, 0.9, 0.5], descriptions=DESCRIPTIONS)
-    readout.save(path)
-    return root, model, path
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if CHROMIUM is None:
-        pytest.fail("no Chromium on this machine: ./dev test installs Debian's chromium (or set AMYGDALA_CHROMIUM)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
-        yield b
-        b.close()
-
-
 @pytest.fixture(scope="module")
 def servers(files):
     """(``amygdala view`` on the tiny model and its URL, a plugin server without a readout)."""
@@ -187,7 +153,7 @@ def test_chat_tokens_colours_and_panel_follow_the_stream(servers, page, tmp_path
     # The panel: the hysteresis list after the last token, with the streamed z-scores.
     listed = [[] for _ in sh.LAYERS]
     for row in rows:
-        listed = [hysteresis(listed[l], row[l], PANEL_K, ENTER_Z, EXIT_Z) for l in range(len(sh.LAYERS))]
+        listed = [hysteresis(listed[l], over_median(row[l]), PANEL_K, ENTER_Z, EXIT_Z) for l in range(len(sh.LAYERS))]
     for l, layer in enumerate(sh.LAYERS):
         shown = page.locator(f'.pc[data-layer="{layer}"]')
         names = [shown.nth(i).get_attribute("data-concept") for i in range(shown.count())]
@@ -317,20 +283,6 @@ def test_exports_json_and_an_offline_html_snapshot(servers, page, browser, tmp_p
         offline.context.close()
 
 
-def open_offline(browser, path: Path):
-    """``path`` in a fresh page whose every non-file request fails (a snapshot must need none)."""
-    context = browser.new_context(viewport={"width": 1280, "height": 800})
-    pg = context.new_page()
-    errors, requests = [], []
-    pg.on("pageerror", lambda e: errors.append(str(e)))
-    context.route("**/*", lambda route: route.continue_() if route.request.url.startswith("file:") else (requests.append(route.request.url), route.abort()))
-    pg.goto(path.as_uri())
-    pg.wait_for_function("window.amygdala && window.amygdala.state.manifest !== null")
-    pg.wait_for_function("!window.amygdala.state.dirty")
-    assert not errors and not requests, (errors, requests)
-    return pg
-
-
 @vllm
 def test_server_without_readout_says_so(servers, page):
     _, _, bare = servers
@@ -339,114 +291,3 @@ def test_server_without_readout_says_so(servers, page):
     notice.wait_for(state="visible")
     assert "no readout" in notice.inner_text()
     assert page.locator("#send").is_disabled()
-
-
-# --------------------------------------------------------------------------- without a server
-def test_hysteresis_rule_in_the_browser(browser):
-    """app.js's rule against the oracle: entry, staying between the thresholds, leaving."""
-    pg = browser.new_page()
-    pg.set_content("<script>" + asset("app.js") + "</script>")
-    step = "(a) => window.amygdala.hysteresisStep(a[0], a[1], {k: a[2], enter: a[3], exit: a[4]})"
-    assert pg.evaluate(step, [[], [2.0, 0.5, 1.2], 1, 1.0, 0.5]) == [0]       # only the top 1 enters
-    assert pg.evaluate(step, [[0], [0.7, 0.5, 1.2], 1, 1.0, 0.5]) == [2, 0]   # 0 stays (0.7 >= exit, rank < 2k)
-    assert pg.evaluate(step, [[0, 2], [0.4, 0.5, 1.2], 1, 1.0, 0.5]) == [2]   # 0 leaves below exit
-    assert pg.evaluate(step, [[0], [0.8, 0.9, 1.2], 1, 1.0, 0.5]) == [2]      # 0 leaves at rank 2 >= 2k
-    assert pg.evaluate(step, [[], [0.9, 0.8], 2, 1.0, 0.5]) == []             # nothing reaches entry
-    rng = np.random.default_rng(0)
-    listed_js, listed_py = [], []
-    for _ in range(200):
-        values = (rng.normal(size=30) * 1.5).round(3).tolist()
-        listed_js = pg.evaluate(step, [listed_js, values, 8, ENTER_Z, EXIT_Z])
-        listed_py = hysteresis(listed_py, values, 8, ENTER_Z, EXIT_Z)
-        assert listed_js == listed_py
-    assert pg.evaluate("window.amygdala.nearestNames('anxius', ['anxious', 'calm', 'angry'], 2)") == ["anxious", "angry"]
-    # A chunk of several tokens: pieces join to the text whatever the tokens' own strings lack.
-    split = "(a) => window.amygdala.splitText(a[0], a[1])"
-    assert pg.evaluate(split, [" w75 w118 w0", ["w75", "w118", "w0"]]) == [" w75", " w118", " w0"]
-    assert pg.evaluate(split, ["Hello, world", ["Hello", ",", " world"]]) == ["Hello", ",", " world"]
-    assert pg.evaluate(split, ["ab", ["x", "y"]]) == ["", "ab"]
-    pg.close()
-
-
-def asset(name: str) -> str:
-    from amygdala.view import asset as read
-
-    return read(name).decode()
-
-
-def test_snapshot_inlines_the_page_safely():
-    from amygdala.view import offline_html
-
-    assert "</script" not in asset("app.js").lower() and "<!--" not in asset("app.js")
-    conv = {"format": "amygdala-conversation", "version": 1, "manifest": {"concepts": ["a"], "layers": [0]},
-            "readout": "raw", "alignment": "own", "messages": [{"role": "text", "content": "</script><b>x",
-            "steer": [], "tokens": [{"text": "</script><b>x", "readout": [[1.0]]}]}]}
-    html = offline_html(conv)
-    js = asset("app.js")
-    for tag in ('<link rel="stylesheet" href="style.css">', '<script src="app.js">'):
-        assert html.count(tag) == js.count(tag)  # the page's own reference was replaced by the file
-    assert html.count("</script>") == 2  # the data's own "</script>" was escaped
-
-
-def test_read_html_writes_a_snapshot_that_matches_read(files, browser, tmp_path):
-    """``amygdala read --html``: the teacher-forced readout of a text as an offline page."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from amygdala.readout import DEFAULT_SMOOTH, score_text
-
-    root, model, readout_path = files
-    out = tmp_path / "read.html"
-    text = "w5 w6 w7 w8 w9"
-    proc = subprocess.run([sys.executable, "-m", "amygdala", "read", text, "--readout", str(readout_path),
-                           "--model", str(model), "--html", str(out)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    readout = Readout.load(readout_path)
-    hf = AutoModelForCausalLM.from_pretrained(model).eval()
-    # read's default smoothing and statistics: the page shows what `read` prints.
-    scored = score_text(hf, AutoTokenizer.from_pretrained(model), readout, text, smooth=DEFAULT_SMOOTH)
-    pg = open_offline(browser, out)
-    try:
-        assert pg.locator(".msg.text .tok").all_inner_texts() == scored.tokens
-        assert "teacher-forced" in pg.inner_text("#notice").lower()
-        last = scored.scores[-1]
-        for l, layer in enumerate(readout.layers):
-            for row in pg.locator(f'.pc[data-layer="{layer}"]').all():
-                c = readout.concepts.index(row.get_attribute("data-concept"))
-                assert abs(float(row.locator(".val").inner_text()) - float(last[l, c])) < 0.006
-    finally:
-        pg.context.close()
-
-
-def test_page_routes_and_the_off_switch(monkeypatch):
-    from fastapi import FastAPI
-    from fastapi.testclient import TestClient
-
-    from amygdala.serve import page as page_routes
-    from amygdala.serve.config import PAGE_ENV
-
-    app = FastAPI()
-    page_routes.attach(app)
-    client = TestClient(app)
-    r = client.get("/amygdala/")
-    assert r.status_code == 200 and "text/html" in r.headers["content-type"] and b"app.js" in r.content
-    assert client.get("/amygdala/app.js").headers["content-type"].startswith("text/javascript")
-    assert client.get("/amygdala", follow_redirects=False).status_code in (302, 307)
-    assert client.get("/amygdala/../pyproject.toml").status_code == 404
-    monkeypatch.setenv(PAGE_ENV, "0")
-    off = FastAPI()
-    page_routes.attach(off)
-    assert TestClient(off).get("/amygdala/").status_code == 404
-
-
-def test_serve_no_page_flag_sets_the_switch(files, monkeypatch):
-    from amygdala.cli.main import build_parser
-    from amygdala.serve.launch import vllm_argv
-    from amygdala.serve.config import PAGE_ENV
-
-    pytest.importorskip("vllm")
-    monkeypatch.delenv(PAGE_ENV, raising=False)
-    _, model, readout = files
-    args = build_parser().parse_args(["serve", "--model", str(model), "--readout", str(readout), "--no-page"])
-    assert vllm_argv(args)[1][PAGE_ENV] == "0"
-    args = build_parser().parse_args(["serve", "--model", str(model), "--readout", str(readout)])
-    assert PAGE_ENV not in vllm_argv(args)[1]

@@ -2,6 +2,7 @@
 and works from a fresh virtual environment outside the checkout."""
 
 import site
+import os
 import subprocess
 import sys
 import sysconfig
@@ -41,21 +42,23 @@ def test_the_wheel_has_every_runtime_file(wheel):
 
 def test_the_installed_wheel_finds_its_corpus_outside_the_checkout(wheel, tmp_path):
     venv = tmp_path / "venv"
+    # without the caller's PYTHONPATH, which could put a checkout ahead of the installed wheel
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)],
-                   check=True, capture_output=True, timeout=300)
+                   check=True, capture_output=True, timeout=300, env=env)
     # The dependencies (torch, transformers...) come from this environment's site-packages, added
     # as a plain path: its .pth files (among them the editable install of this checkout) are not run.
     purelib = Path(subprocess.check_output([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                            text=True).strip())
     (purelib / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n" + "\n".join(site.getsitepackages()) + "\n")
     where = subprocess.run([str(python), "-c", "import amygdala.corpus as c; print(c.__file__); print(c.bundled_corpus())"],
-                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                           cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
     assert where.returncode == 0, where.stderr
     module, corpus = where.stdout.split()
     assert module.startswith(str(venv)) and corpus.startswith(str(venv)), where.stdout
     check = subprocess.run([str(venv / "bin" / "amygdala"), "corpus", "check", "--quiet"], cwd=tmp_path,
-                           capture_output=True, text=True, timeout=300)
+                           capture_output=True, text=True, timeout=300, env=env)
     assert check.returncode == 0, check.stdout[-2000:] + check.stderr[-2000:]
     assert check.stderr.strip().endswith("0 problem(s)")

@@ -34,7 +34,7 @@ class Pooling:
 
     @classmethod
     def parse(cls, spec: str | Pooling) -> Pooling:
-        """``last`` | ``mean`` | ``mean_from=K``; AmygdalaError naming ``--pooling`` otherwise."""
+        """``last`` | ``mean`` | ``mean_from=K``; AmygdalaError naming ``pooling`` otherwise."""
         if isinstance(spec, Pooling):
             return spec
         text = str(spec).strip()
@@ -45,7 +45,8 @@ class Pooling:
         m = re.fullmatch(r"mean_from\s*=\s*(\d+)", text)
         if m:
             return cls("mean_from", int(m.group(1)))
-        raise AmygdalaError(f"--pooling {text!r}: use one of {', '.join(POOLINGS)} (K a whole number, e.g. mean_from=50)")
+        raise AmygdalaError(f"pooling {text!r}: use one of {', '.join(POOLINGS)} (K a whole number, e.g. mean_from=50)",
+                            param="pooling")
 
     def __str__(self) -> str:
         return f"mean_from={self.skip}" if self.kind == "mean_from" else self.kind

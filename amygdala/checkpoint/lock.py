@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -20,6 +21,27 @@ from amygdala.checkpoint.safetensors import LOCK_FILE, LOCK_WAIT_S, CheckpointEr
 
 
 # --------------------------------------------------------------------------- the writer lock
+_HOLDER_BYTES = 96  # "PID holder", space-padded
+
+
+def _open_lock(model_dir: Path) -> int:
+    """The lock file's descriptor, refused unless it is a plain file of this folder.
+
+    Why: a shared model folder may carry ``.amygdala-train.lock`` as a symlink (or a hard link)
+    to a file elsewhere; the lock writes into its file, so it must never follow a link or write
+    through another name. O_NOFOLLOW refuses a symlink; fstat checks what was opened."""
+    path = model_dir / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot open the writer lock ({e.strerror}; a symlink is refused): remove it "
+                              "and retry") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        raise CheckpointError(f"{path}: the writer lock is not a plain file of this folder (a link or a special "
+                              "file); remove it and retry")
+    return fd
 _held: dict[str, int] = {}  # folders this process holds the lock of -> nesting depth
 _held_guard = threading.Lock()
 
@@ -53,7 +75,7 @@ def writer_lock(model_dir: str | os.PathLike, *, wait: float = LOCK_WAIT_S, hold
                 _held[key] -= 1
         return
     _check_folder(model_dir)
-    fd = os.open(model_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _open_lock(model_dir)
     try:
         deadline = time.monotonic() + wait
         while True:
@@ -68,8 +90,8 @@ def writer_lock(model_dir: str | os.PathLike, *, wait: float = LOCK_WAIT_S, hold
                         f"({LOCK_FILE}; waited {wait:g} s); stop that server or let its sync finish, or serve a "
                         "copy of the folder") from None
                 time.sleep(0.05)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {holder}".encode(), 0)
+        # Overwritten in place, padded, never truncated: the file is ours (see _open_lock).
+        os.pwrite(fd, f"{os.getpid()} {holder}".encode()[:_HOLDER_BYTES].ljust(_HOLDER_BYTES), 0)
         with _held_guard:
             _held[key] = 1
         try:

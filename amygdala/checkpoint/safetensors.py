@@ -22,6 +22,9 @@ BLOCK = 4096
 JOURNAL = ".amygdala-sync.journal"
 JOURNAL_TMP = JOURNAL + ".tmp"
 SIDECAR_TMP_SUFFIX = ".amygdala-tmp"
+#: The sidecar files a sync may write (and a journal may rename into place): the optimizer state
+#: (:data:`amygdala.finetune.state.STATE_FILE`). A journal naming any other file is refused.
+SIDECARS = frozenset({"amygdala-optimizer.pt"})
 MAGIC = b"AMYJRNL2"
 OLD_MAGIC = b"AMYJRNL1"  # no file records: replayed without the check
 LOCK_FILE = ".amygdala-train.lock"
@@ -111,7 +114,13 @@ def weight_files(model_dir: Path) -> list[Path]:
     _check_folder(model_dir)
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, RecursionError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index with a weight_map ({type(e).__name__})") from None
+        for n in names:  # a shared folder's index must not point a sync outside the folder
+            if not isinstance(n, str) or "/" in n or "\\" in n or n.startswith(".") or not n.endswith(".safetensors"):
+                raise CheckpointError(f"{index}: weight file {n!r} is not a plain *.safetensors name in the folder")
         files = [model_dir / n for n in names]
     else:
         files = sorted(model_dir.glob("*.safetensors"))

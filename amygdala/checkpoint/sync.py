@@ -17,11 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from amygdala.crash import crash_point
 from amygdala.checkpoint.layout import LayoutError, placements, to_checkpoint
 from amygdala.checkpoint.journal import _apply, _fsync_dir, _JournalWriter, _records, _recover
 from amygdala.checkpoint.lock import writer_lock
 from amygdala.checkpoint.safetensors import (
-    _CHUNK, BLOCK, JOURNAL, JOURNAL_TMP, LOCK_WAIT_S, SIDECAR_TMP_SUFFIX, CheckpointError, Entry, SyncReport,
+    _CHUNK, BLOCK, JOURNAL, JOURNAL_TMP, LOCK_WAIT_S, SIDECAR_TMP_SUFFIX, SIDECARS, CheckpointError, Entry,
+    SyncReport,
     _check_folder, _tied, read_entries,
 )
 
@@ -192,12 +194,12 @@ def _refuse_non_finite(model_dir: Path, name: str, tensor: torch.Tensor) -> None
 def _sync(model_dir: Path, served: Mapping[str, torch.Tensor], sidecars: Mapping[str, bytes] | None) -> SyncReport:
     t0 = time.perf_counter()
     report = SyncReport(replayed_blocks=_recover(model_dir))
-    entries = read_entries(model_dir)
-    views = checkpoint_views(model_dir, served, entries)
     sidecars = dict(sidecars or {})
     for name in sidecars:
-        if "/" in name or name.startswith(".") or name.endswith(".safetensors"):
-            raise CheckpointError(f"sidecar {name!r}: must be a plain file name in the folder, not a weight file")
+        if name not in SIDECARS:  # replay renames only these into place (journal._check_records)
+            raise CheckpointError(f"sidecar {name!r}: not one of the sidecars a sync writes ({', '.join(sorted(SIDECARS))})")
+    entries = read_entries(model_dir)
+    views = checkpoint_views(model_dir, served, entries)
 
     tmp = model_dir / JOURNAL_TMP
     writer = _JournalWriter(tmp)
@@ -216,12 +218,16 @@ def _sync(model_dir: Path, served: Mapping[str, torch.Tensor], sidecars: Mapping
         for name, data in sidecars.items():
             staged = name + SIDECAR_TMP_SUFFIX
             with open(model_dir / staged, "wb") as f:
-                f.write(data)
+                f.write(data[: len(data) // 2])
+                f.flush()
+                crash_point("sync.sidecar_half")
+                f.write(data[len(data) // 2 :])
                 f.flush()
                 os.fsync(f.fileno())
             writer.rename(staged, name)
             report.sidecars.append(name)
         report.journal_bytes = writer.close()
+        crash_point("sync.journal_written")
     except BaseException:
         writer.f.close()
         tmp.unlink(missing_ok=True)
@@ -234,7 +240,9 @@ def _sync(model_dir: Path, served: Mapping[str, torch.Tensor], sidecars: Mapping
     else:
         os.replace(tmp, model_dir / JOURNAL)  # the commit point
         _fsync_dir(model_dir)
+        crash_point("sync.committed")
         _apply(model_dir, model_dir / JOURNAL)
+        crash_point("sync.applied")
         (model_dir / JOURNAL).unlink()
         _fsync_dir(model_dir)
     report.seconds = time.perf_counter() - t0

@@ -40,7 +40,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         model=args.model, layers=args.layers, method=args.method, method_params=_method_params(args),
         pooling=args.pooling, min_positives=args.min_positives,
         chat_template=args.chat_template, batch_size=args.batch_size, device=args.device,
-        dtype=args.dtype, progress=not args.quiet, construction=args.construction, statistics=args.statistics,
+        dtype=args.dtype, model_dtype=args.model_dtype, progress=not args.quiet, construction=args.construction, statistics=args.statistics,
     )
     quality = _quality_config(args) if args.quality_report else None  # bad thresholds fail first
     config.quality_sites = quality is not None
@@ -64,8 +64,8 @@ def _add_build(sub) -> None:
     for name, text in (("build", "build concept vectors from a corpus and write a readout file"),
                        ("train", "old name of `build` (kept as an alias)")):
         p = sub.add_parser(name, help=text)
-        _corpus_arg(p)
-        _model_arg(p)
+        _corpus_arg(p, pairs=True)
+        _model_arg(p, dtype_flags=("--model-dtype",))  # --dtype here is the stored vectors' (older flag)
         p.add_argument("--layers", default="0.5,0.66", help="indices (10,15,20) or relative depths (0.5,0.66)")
         p.add_argument("--method", default="diffmean", help=f"{', '.join(METHODS)} (docs/methods.md; default diffmean)")
         p.add_argument("--method-param", action="append", default=[], metavar="NAME=VALUE",
@@ -93,61 +93,14 @@ def _add_build(sub) -> None:
 
 
 # --------------------------------------------------------------------------- demo
-DEMO_SENTENCE = "My hands were shaking as I opened the envelope, and then I laughed out loud: I got in."
-
-
-#: The demo's named subset: 12 concepts from 9 clusters, built in about a minute on 2 cores.
-DEMO_CONCEPTS = ["terrified", "calm", "furious", "grief_stricken", "joyful", "bored",
-                 "grateful", "proud", "lonely", "curious", "amused", "disgusted"]
-
-
-#: Part of the demo cache's key: bumped when ``build`` starts writing something new into
-#: readout.json (2: per-concept valence, arousal and descriptions, which the live page uses), so
-#: a readout cached by an older amygdala is built again instead of reused without them; 3: the
-#: mean-removed construction, both statistics sets and the emotionality and valence tracks).
-DEMO_CACHE_FORMAT = 3
-
-
-def _demo_readout(args: argparse.Namespace):
-    """(readout folder, loaded model or None, how it was obtained): a cached readout when one
-    was built from the same corpus texts, model and settings, else a fresh build cached there."""
-    import hashlib
-    import shutil
-
-    from amygdala.corpus import bundled_corpus, load_corpus
-    from amygdala.models import load_model, model_info, resolve_model
-    from amygdala.models.resolve import amygdala_home
-    from amygdala.pipeline import BuildConfig, build
-    from amygdala.readout import Readout
-
-    corpus = load_corpus(bundled_corpus())
-    if not args.all:
-        corpus = corpus.subset(DEMO_CONCEPTS)
-    info = model_info(resolve_model("default"))
-    key = hashlib.sha256(
-        f"{corpus.sha256()} {info.name} {args.layers} {args.method} {args.pooling} {DEMO_CACHE_FORMAT}".encode()
-    ).hexdigest()[:16]
-    cached = amygdala_home() / "readouts" / f"demo-{key}"
-    what = f"{len(corpus.concepts)} concepts" + ("" if args.all else " (a named subset; --all for every concept)")
-    if cached.is_dir() and not args.rebuild:
-        try:
-            Readout.load(cached)
-            shutil.copytree(cached, args.out, dirs_exist_ok=True)
-            return None, f"reused the cached readout of {what} ({cached}; --rebuild builds it again)"
-        except AmygdalaError:
-            pass  # a damaged cache is rebuilt below
-    loaded = load_model(info.path, None)
-    build(corpus, BuildConfig(layers=args.layers, method=args.method, pooling=args.pooling), args.out, loaded=loaded)
-    shutil.copytree(args.out, cached, dirs_exist_ok=True)
-    return loaded, f"built {what} from the bundled corpus, cached in {cached}"
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     """The README's main job: default model, bundled corpus, build (or reuse), read a sample sentence."""
     from amygdala.models import load_model
+    from amygdala.pipeline.demo import demo_readout
     from amygdala.readout import Readout, read_text
 
-    loaded, how = _demo_readout(args)
+    loaded, how = demo_readout(args.out, layers=args.layers, method=args.method, pooling=args.pooling,
+                               all_concepts=args.all, rebuild=args.rebuild)
     print(f"readout written to {args.out}: {how}")
     model, tokenizer, _ = loaded or load_model("default", None)
     rows = read_text(model, tokenizer, Readout.load(args.out), args.text, top=3)
@@ -157,6 +110,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _add_demo(sub) -> None:
     from amygdala.activations import DEFAULT_POOLING
+    from amygdala.pipeline.demo import DEMO_SENTENCE
 
     p = sub.add_parser("demo", help="build on the bundled corpus with the default model and read a sentence")
     p.add_argument("--out", type=Path, default=Path("out/demo"))

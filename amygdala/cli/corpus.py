@@ -39,17 +39,9 @@ def cmd_corpus_check(args: argparse.Namespace) -> int:
 
 def _emotional_neutral(args: argparse.Namespace, readout, corpus) -> list[str]:
     """The neutral texts that read as emotional under ``--readout``: a problem each; the worst 10 shown."""
-    from amygdala.models import load_model
-    from amygdala.pipeline import collect_corpus, matching_model
-    from amygdala.quality.neutral import emotional_neutral_texts
-    from amygdala.pipeline import corpus_for
+    from amygdala.quality.neutral import check_neutral
 
-    corpus = corpus_for(readout, corpus)
-    info = matching_model(readout, args.model)
-    model, tokenizer, _ = load_model(info.path, args.device)
-    acts, _ = collect_corpus(corpus, model, tokenizer, readout.layers, pooling="mean", neutral=False,
-                             chat_template=bool(readout.meta.get("chat_template")), progress=not args.quiet)
-    rows = emotional_neutral_texts(readout, corpus, acts)
+    rows = check_neutral(readout, corpus, args.model, args.device, progress=not args.quiet, dtype=args.model_dtype)
     flagged = [r for r in rows if r["flagged"]]
     for r in flagged:
         print(f"{r['where']}: neutral text reads as {r['concept']} (score {r['score']:+.2f}, the median {r['concept']} "

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from amygdala import AmygdalaError
-from amygdala.cli.common import _corpus_arg, _load_corpus, _model_arg
+from amygdala.cli.common import _corpus_arg, _load_corpus, _model_arg, _readout_arg
 
 log = logging.getLogger("amygdala")
 
@@ -26,7 +26,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
     )
     corpus = _load_corpus(args)
-    result = run_eval(args.readout, corpus, model=args.model, device=args.device, steering=steering,
+    result = run_eval(args.readout, corpus, model=args.model, device=args.device, dtype=args.model_dtype, steering=steering,
                       batch_size=args.batch_size, progress=not (args.quiet or args.json))
     if args.out is not None:
         paths = write(result, args.out)
@@ -41,7 +41,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="held-out accuracy, valence/arousal geometry and steering efficacy of a readout")
-    p.add_argument("--readout", type=Path, required=True, help="readout folder (from amygdala build)")
+    _readout_arg(p)
     _corpus_arg(p)
     _model_arg(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -42,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except AmygdalaError as e:
-        print(f"error: {e}", file=sys.stderr)
+        from amygdala.cli.common import flag_message
+
+        print(f"error: {flag_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from amygdala.cli.common import _corpus_arg, _load_corpus, _model_arg
+from amygdala.cli.common import _corpus_arg, _load_corpus, _model_arg, _readout_arg
 
 log = logging.getLogger("amygdala")
 
@@ -40,7 +40,7 @@ def cmd_quality(args: argparse.Namespace) -> int:
     config = _quality_config(args)
     corpus = _load_corpus(args)
     report = run_quality(
-        args.readout, corpus, args.out, model=args.model, device=args.device, cfg=config,
+        args.readout, corpus, args.out, model=args.model, device=args.device, dtype=args.model_dtype, cfg=config,
         batch_size=args.batch_size, progress=not args.quiet,
     )
     _print_quality(report, (args.out / JSON_NAME, args.out / HTML_NAME))
@@ -49,7 +49,7 @@ def cmd_quality(args: argparse.Namespace) -> int:
 
 def _add_quality(sub) -> None:
     p = sub.add_parser("quality", help="quality.json + report.html: clean, fragmented, redundant, wrong-cluster concepts")
-    p.add_argument("--readout", type=Path, required=True, help="readout folder (from amygdala build)")
+    _readout_arg(p)
     _corpus_arg(p)
     _model_arg(p)
     p.add_argument("--out", type=Path, required=True, help="output folder for quality.json + report.html")

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from amygdala.fields import parse_assignments
-from amygdala.cli.common import _model_arg
+from amygdala.cli.common import _model_arg, _readout_arg
 
 log = logging.getLogger("amygdala")
 
@@ -31,6 +31,7 @@ def _print_rows(rows: list[dict], unit: str) -> None:
 def cmd_read(args: argparse.Namespace) -> int:
     from amygdala.models import load_model
     from amygdala.pipeline import matching_model
+    from amygdala.models.weights import require_same_weights
     from amygdala import AmygdalaError
     from amygdala.readout import DEFAULT_SMOOTH, Readout, score_text, token_rows
 
@@ -41,7 +42,8 @@ def cmd_read(args: argparse.Namespace) -> int:
     if args.against is not None:
         readout.stats_for(args.against)  # a readout without that set fails before the model loads
     info = matching_model(readout, args.model)
-    model, tokenizer, _ = load_model(info.path, args.device)
+    require_same_weights(readout.weights, info.path, allow=args.allow_other_weights, where=str(args.readout))
+    model, tokenizer, _ = load_model(info.path, args.device, args.model_dtype)
     scored = score_text(model, tokenizer, readout, args.text, against=args.against, smooth=smooth)
     rows = token_rows(scored, readout, args.top)
     if args.html is not None:
@@ -69,8 +71,10 @@ def cmd_read(args: argparse.Namespace) -> int:
 def _add_read(sub) -> None:
     p = sub.add_parser("read", help="per-token concept scores of a text")
     p.add_argument("text")
-    p.add_argument("--readout", type=Path, required=True)
+    _readout_arg(p)
     _model_arg(p)
+    p.add_argument("--allow-other-weights", action="store_true",
+                   help="use the readout even when the model's weight files differ from the ones it was built from")
     p.add_argument("--top", type=int, default=3)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--html", type=Path, default=None, metavar="FILE",
@@ -90,6 +94,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from amygdala.models import load_model
     from amygdala.pipeline import matching_model
+    from amygdala.models.weights import require_same_weights
     from amygdala.readout import Readout, Steering, attach
     from amygdala.readout.text import TextScores, token_rows
 
@@ -97,7 +102,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     readout = Readout.load(args.readout)
     steering = Steering.from_concepts(readout, steer) if steer else None  # validates names first
     info = matching_model(readout, args.model)
-    model, tokenizer, _ = load_model(info.path, args.device)
+    require_same_weights(readout.weights, info.path, allow=args.allow_other_weights, where=str(args.readout))
+    model, tokenizer, _ = load_model(info.path, args.device, args.model_dtype)
     if getattr(tokenizer, "chat_template", None) and not args.raw:
         ids = tokenizer.apply_chat_template(
             [{"role": "user", "content": args.prompt}], add_generation_prompt=True, return_tensors="pt",
@@ -127,8 +133,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate with steering, optionally showing the readout")
     p.add_argument("prompt")
-    p.add_argument("--readout", type=Path, required=True)
+    _readout_arg(p)
     _model_arg(p)
+    p.add_argument("--allow-other-weights", action="store_true",
+                   help="use the readout even when the model's weight files differ from the ones it was built from")
     p.add_argument("--steer", action="append", default=[], metavar="CONCEPT=STRENGTH")
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--raw", action="store_true", help="no chat template around the prompt")

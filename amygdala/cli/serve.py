@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from amygdala import AmygdalaError
+from amygdala.cli.common import MODEL_HELP
 from amygdala.serve import launch
 from amygdala.serve.config import API_KEY_ENV, READOUT_ENV
 from amygdala.serve.launch import BIND_ENV, _need_vllm, vllm_argv
@@ -21,7 +22,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=launch.__doc__.split("What ``amygdala serve`` does:", 1)[1].strip(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", default="default", help="model folder, or 'default' (SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default="default", help=MODEL_HELP)
     p.add_argument("--readout", type=Path, default=None,
                    help="readout folder (readout.safetensors + readout.json); optional when AMYGDALA_API_KEY is set "
                         "(the training routes, docs/finetuning.md)")
@@ -30,6 +31,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--allow-remote-training", action="store_true",
                    help=f"with {API_KEY_ENV} set, allow a --host other than loopback: the training routes (which change "
                         "the served weights) are then reachable from the network")
+    p.add_argument("--allow-other-weights", action="store_true",
+                   help="serve the readout even when the model's weight files differ from the ones it was built from")
     p.add_argument("--dry-run", action="store_true", help="check, print the vLLM command line, start nothing")
     p.add_argument("--no-page", action="store_true", help="do not serve the live page at /amygdala/")
     p.add_argument("vllm_args", nargs=argparse.REMAINDER, metavar="-- VLLM_FLAGS", help="passed to vLLM unchanged")
@@ -44,11 +47,13 @@ def add_view_parser(subparsers) -> argparse.ArgumentParser:
         description="Start `amygdala serve` with the live page on, wait until it answers, and print the page's "
                     "address. Ctrl-C stops the server. Flags after -- go to vLLM.",
     )
-    p.add_argument("--model", default="default", help="model folder, or 'default' (SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default="default", help=MODEL_HELP)
     p.add_argument("--readout", type=Path, required=True, help="readout folder (readout.safetensors + readout.json)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--open", action="store_true", help="also open the page in the default browser")
+    p.add_argument("--allow-other-weights", action="store_true",
+                   help="serve the readout even when the model's weight files differ from the ones it was built from")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the server to start (default 600)")
     p.add_argument("vllm_args", nargs=argparse.REMAINDER, metavar="-- VLLM_FLAGS", help="passed to vLLM unchanged")
     p.set_defaults(func=view, no_page=False, dry_run=False, allow_remote_training=False)  # view: training stays local

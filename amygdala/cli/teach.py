@@ -13,9 +13,32 @@ from amygdala import AmygdalaError
 from amygdala.fields import parse_assignments
 
 
+def _key_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api-key-file", type=Path, default=None,
+                   help="a file holding the server's training key (default: $AMYGDALA_API_KEY)")
+    p.add_argument("--api-key", default=None,
+                   help="the key itself: visible to every user in `ps`; prefer --api-key-file or $AMYGDALA_API_KEY")
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    """--api-key-file, else --api-key (with a warning: argv shows in ps), else None ($AMYGDALA_API_KEY)."""
+    if getattr(args, "api_key_file", None) is not None:
+        try:
+            key = args.api_key_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise AmygdalaError(f"--api-key-file {args.api_key_file}: cannot read ({e})") from None
+        if not key:
+            raise AmygdalaError(f"--api-key-file {args.api_key_file}: empty; write the key on its first line")
+        return key
+    if args.api_key is not None:
+        print("amygdala: warning: --api-key shows the key to every user of this machine (ps); use --api-key-file "
+              "or AMYGDALA_API_KEY", file=sys.stderr)
+    return args.api_key
+
+
 def _server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", required=True, help="the running `amygdala serve`, e.g. http://127.0.0.1:8000")
-    p.add_argument("--api-key", default=None, help="the server's training key (default: $AMYGDALA_API_KEY)")
+    _key_args(p)
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="the served model's folder, for its tokenizer and chat template (default: the folder the server names)")
     p.add_argument("--raw", action="store_true", help="no chat template: text contexts are tokenized as they are")
@@ -37,11 +60,16 @@ def _connect(args: argparse.Namespace):
     from amygdala.teach.client import Server
     from amygdala.teach.tokens import Encoder
 
-    server = Server(args.server, args.api_key)
+    server = Server(args.server, _api_key(args))
     path = args.tokenizer or Path(server.model())
     if not path.is_dir():
         raise AmygdalaError(f"the server serves {str(path)!r}, not a folder here; give the model's folder with --tokenizer")
     return server, Encoder.load(path, raw=args.raw)
+
+
+def _print_undo(server, snapshot: str) -> None:
+    """The command that undoes a run: every training job restores its snapshot the same way."""
+    print(f"undo: amygdala rollback --server {server.root} --snapshot {snapshot}")
 
 
 def _write(path: Path | None, samples, what: str) -> None:
@@ -128,7 +156,7 @@ def cmd_teach(args: argparse.Namespace) -> int:
     report = teach(server, encoded, objective=args.objective, learning_rate=args.learning_rate, steps=args.steps,
                    concepts=args.concept, eval_samples=args.eval_samples, progress=not args.quiet)
     print(report.table())
-    print(f"undo: amygdala rollback --server {server.root} --snapshot {snapshot}")
+    _print_undo(server, snapshot)
     return 0
 
 
@@ -170,7 +198,7 @@ def cmd_dream(args: argparse.Namespace) -> int:
                         {"objective": args.objective, "learning_rate": args.learning_rate, "steps": args.steps},
                         progress=not args.quiet)
         print("loss " + ", ".join(f"{j.losses[0]:.4g} -> {j.losses[-1]:.4g}" for j in jobs if j.losses))
-        print(f"undo: amygdala rollback --server {server.root} --snapshot {snapshot}")
+        _print_undo(server, snapshot)
     return 0
 
 
@@ -212,7 +240,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     _write(args.out, report.samples, "pairs")
     print(report.table())
     if snapshot:
-        print(f"undo: amygdala rollback --server {server.root} --snapshot {snapshot}")
+        _print_undo(server, snapshot)
     return 0
 
 
@@ -235,7 +263,7 @@ def _add_distill(sub) -> None:
 def cmd_rollback(args: argparse.Namespace) -> int:
     from amygdala.teach.client import Server
 
-    r = Server(args.server, args.api_key).rollback(args.snapshot)
+    r = Server(args.server, _api_key(args)).rollback(args.snapshot)
     print(f"restored {r['snapshot']}: {r['tensors_restored']} of {r['tensors']} tensors changed back (served now; "
           f"prefix cache reset: {r['prefix_cache_reset']}); the next sync writes them to the folder")
     return 0
@@ -244,7 +272,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 def _add_rollback(sub) -> None:
     p = sub.add_parser("rollback", help="undo a teach/dream/distill run: restore its snapshot in the served weights")
     p.add_argument("--server", required=True)
-    p.add_argument("--api-key", default=None, help="the server's training key (default: $AMYGDALA_API_KEY)")
+    _key_args(p)
     p.add_argument("--snapshot", required=True, help="the id the run printed (snap-...)")
     p.set_defaults(func=cmd_rollback)
 

@@ -7,19 +7,30 @@ import logging
 import sys
 from pathlib import Path
 
-from amygdala.cli.common import _int_list, _model_arg
+from amygdala.cli.common import _int_list, _model_arg, _readout_arg
 
 log = logging.getLogger("amygdala")
 
 
 # --------------------------------------------------------------------------- export / import
+def _parse_concepts(items: list[str]) -> dict[str, float]:
+    """``--concept calm`` (weight 1) or ``--concept anxious=-0.5``; the rules of :func:`amygdala.fields.parse_assignments`."""
+    from amygdala.fields import parse_assignments
+    from amygdala.interop import InteropError
+
+    out = parse_assignments(items, "--concept", bare=1.0, example="calm or anxious=-0.5")
+    if not out:
+        raise InteropError("--concept: name at least one concept of the readout, e.g. --concept calm")
+    return out
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """A readout's concept (or mix) as a llama.cpp GGUF, a repeng GGUF or a steering-vectors file."""
-    from amygdala.interop import check_format, from_readout, parse_concepts, write_vectors
+    from amygdala.interop import check_format, from_readout, write_vectors
     from amygdala.readout import Readout
 
     fmt = check_format(args.format)
-    weights = parse_concepts(args.concept)
+    weights = _parse_concepts(args.concept)
     layers = _int_list("--layers", args.layers) if args.layers else None
     readout = Readout.load(args.readout)
     vectors = from_readout(readout, weights, args.strength, layers, args.model_hint)
@@ -66,29 +77,26 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def _import_statistics(args: argparse.Namespace, readout, vectors) -> None:
-    """The new (last) concept's neutral-text statistics, so it reads as z-scores like the others."""
-    from amygdala.corpus import bundled_corpus, load_corpus
+    """The new concept's neutral-text statistics, so it reads as z-scores like the others; every
+    check that needs no model (its shape, the corpus) fails before the model loads."""
+    from amygdala.corpus import load_corpus
     from amygdala.interop import check_fits, fill_statistics
-    from amygdala.models import load_model
-    from amygdala.pipeline import matching_model, neutral_statistics
+    from amygdala.pipeline import concept_statistics, matching_model, readout_corpus_root
 
     info = matching_model(readout, args.model)
     check_fits(vectors, info.hidden_size, info.num_layers, info.name, str(args.source))
-    built = (readout.meta.get("corpus") or {}).get("path")
-    root = args.corpus or (Path(built) if built and Path(built).is_dir() else bundled_corpus())
-    corpus = load_corpus(root)  # a bad corpus fails before the model loads
+    root = readout_corpus_root(readout, args.corpus)
+    corpus = load_corpus(root)
     print(f"measuring {args.name}'s neutral-text statistics on {len(corpus.neutral_texts())} texts of {root} "
           f"with {info.name}", file=sys.stderr)
-    model, tokenizer, _ = load_model(info.path, args.device)
-    rows = {l: readout.vectors[l][-1:] for l in readout.layers}
-    mean, std = neutral_statistics(corpus, model, tokenizer, rows, chat_template=bool(readout.meta.get("chat_template")),
-                                   progress=not args.quiet)
-    fill_statistics(readout, args.name, {l: mean[l][0] for l in mean}, {l: std[l][0] for l in std})
+    mean, std = concept_statistics(readout, args.name, corpus, str(info.path), args.device, progress=not args.quiet,
+                                   dtype=args.model_dtype)
+    fill_statistics(readout, args.name, mean, std)
 
 
 def _add_export(sub) -> None:
     p = sub.add_parser("export", help="a concept (or a mix) as a llama.cpp control vector, repeng or steering-vectors file")
-    p.add_argument("--readout", type=Path, required=True, help="readout folder (from amygdala build)")
+    _readout_arg(p)
     p.add_argument("--concept", action="append", default=[], metavar="CONCEPT[=WEIGHT]",
                    help="a concept of the readout, with a weight (default 1); repeat to export one combined vector")
     p.add_argument("--strength", type=float, default=1.0,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from amygdala.corpus.loader import Affect, Corpus, CorpusError, Text, load_corpus
 from amygdala.corpus.check import Problem, check_corpus
+from amygdala.corpus.pairs import from_pairs, from_texts, read_pairs_jsonl
 
 
 def bundled_corpus() -> Path:
@@ -15,4 +16,5 @@ def bundled_corpus() -> Path:
     return Path(__file__).resolve().parent / "bundled"
 
 
-__all__ = ["Affect", "Corpus", "CorpusError", "Text", "load_corpus", "Problem", "check_corpus", "bundled_corpus"]
+__all__ = ["Affect", "Corpus", "CorpusError", "Text", "load_corpus", "Problem", "check_corpus", "bundled_corpus",
+           "from_pairs", "from_texts", "read_pairs_jsonl"]

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from amygdala import AmygdalaError
+from amygdala.corpus.lint_config import LintConfig
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
 
@@ -23,30 +24,13 @@ NAME_RE = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
 #: ``baseline`` (a paired scenario told flat) and ``neutral`` (``direct/_*.txt`` and
 #: ``neutral/*.txt``: texts with no feeling) belong to no concept.
 STORY, PAIRED, BASELINE, DIRECT, NEUTRAL = "story", "paired", "baseline", "direct", "neutral"
+#: The negative half of a contrastive pair (``Corpus.from_pairs``, ``build --pairs``): a negative
+#: of its own concept only (``Text.negative_of``), and not neutral text.
+NEGATIVE = "negative"
 
 
 class CorpusError(AmygdalaError):
     """The corpus cannot be used as it is; the message names the file and the fix."""
-
-
-@dataclass(frozen=True)
-class LintConfig:
-    """Thresholds of ``amygdala corpus check``; overridable in the manifest's ``[lint]`` table."""
-
-    min_positives: int = 3
-    min_settings: int = 2
-    trouble_min_positives: int = 5
-    trouble_min_settings: int = 3
-    trouble_concepts: tuple[str, ...] = ()
-    min_words: int = 60
-    max_words: int = 200
-    direct_min_words: int = 5
-    direct_max_words: int = 100
-    near_duplicate_jaccard: float = 0.5
-    #: Every concept must have valence and arousal in the manifest.
-    require_affect: bool = False
-    #: No one setting may carry more than this share of a concept's scene texts (1.0: no limit).
-    max_setting_share: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -59,6 +43,7 @@ class Text:
     kind: str
     concept: str | None  # None for baselines and neutral descriptions
     setting: str | None
+    negative_of: str | None = None  # the concept whose pair this is the negative half of
 
     def where(self, root: Path | None = None) -> str:
         path = self.path
@@ -96,6 +81,18 @@ class Corpus:
     affect: dict[str, Affect | None] = field(default_factory=dict)
     #: Per cluster, "positive" / "negative" where the manifest says (``polarity``).
     polarity: dict[str, str] = field(default_factory=dict)
+    #: Per concept built from pairs, its (positive, negative) texts in order (corpus/pairs.py).
+    pairs: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+
+    @classmethod
+    def from_pairs(cls, pairs, **kw) -> Corpus:  # {concept: [(positive, negative), ...]}; corpus/pairs.py
+        from amygdala.corpus.pairs import from_pairs
+        return from_pairs(pairs, **kw)
+
+    @classmethod
+    def from_texts(cls, texts, **kw) -> Corpus:  # {concept: [texts]}, neutral=[...]; corpus/pairs.py
+        from amygdala.corpus.pairs import from_texts
+        return from_texts(texts, **kw)
 
     def valence(self) -> list[float | None]:
         return [a.valence if (a := self.affect.get(c)) else None for c in self.concepts]
@@ -111,7 +108,9 @@ class Corpus:
         return [t for t in self.texts if t.concept == concept]
 
     def negatives(self, concept: str) -> list[Text]:
-        """Every other concept's positives, every baseline and every neutral description."""
+        """Every other concept's positives, baselines and neutral texts; a pair concept: its pairs' negatives."""
+        if concept in self.pairs:
+            return [t for t in self.texts if t.negative_of == concept]
         return [t for t in self.texts if t.concept != concept]
 
     def settings(self, concept: str) -> set[str]:
@@ -126,6 +125,8 @@ class Corpus:
         h = hashlib.sha256()
         for t in self.texts:
             h.update(f"{t.kind}\0{t.concept}\0{t.text}\n".encode())
+            if t.negative_of is not None:  # only then: a folder corpus's hash stays what it was
+                h.update(f"negative_of\0{t.negative_of}\n".encode())
         return h.hexdigest()
 
     def cluster_of(self) -> list[str]:
@@ -145,8 +146,10 @@ class Corpus:
             )
         keep = set(concepts)
         order = [c for c in self.concepts if c in keep]
-        texts = [t for t in self.texts if t.concept is None or t.concept in keep]
-        return replace(self, concepts=order, texts=texts)
+        texts = [t for t in self.texts if (t.concept is None or t.concept in keep)
+                 and (t.negative_of is None or t.negative_of in keep)]
+        pairs = {c: p for c, p in self.pairs.items() if c in keep}
+        return replace(self, concepts=order, texts=texts, pairs=pairs)
 
     def require_positives(self, min_positives: int) -> None:
         """Raise when a concept cannot be built: fewer than ``min_positives`` texts."""
@@ -348,17 +351,17 @@ def load_corpus(
     skipped instead of raising, so the lint can report every problem in one run.
     """
     if root is None and direct_dir is None:
-        raise CorpusError("no corpus given; pass --corpus DIR and/or --direct-dir DIR")
+        raise CorpusError("no corpus given; pass a corpus folder (root) and/or a folder of direct descriptions (direct_dir)")
     root_path = Path(root) if root is not None else None
     extra = Path(direct_dir) if direct_dir is not None else None
     if root_path is not None:
         if not root_path.is_dir():
-            raise CorpusError(f"{root_path}: corpus folder does not exist; pass --corpus DIR")
+            raise CorpusError(f"{root_path}: corpus folder does not exist; pass an existing corpus folder")
         manifest, lint = _read_manifest(root_path / "manifest.toml")
     else:
         manifest, lint = {"concepts": {}, "clusters": {}}, LintConfig()
     if extra is not None and not extra.is_dir():
-        raise CorpusError(f"{extra}: --direct-dir folder does not exist")
+        raise CorpusError(f"{extra}: direct descriptions folder does not exist")
     direct_dirs = [root_path / "direct"] if root_path is not None and include_direct and (root_path / "direct").is_dir() else []
     direct_dirs += [extra] if extra is not None else []
     entries = _concept_entries(root_path, extra, manifest)

@@ -45,6 +45,16 @@ def cluster_order(concepts: list[str], clusters: list[str]) -> tuple[list[int], 
     return order, spans
 
 
+def _curves(ax, xlabel: str, ylabel: str, title: str) -> None:
+    """The spectra's panels: integer ranks along x, axis labels, a title, the legend and a light grid."""
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+
+
 def _label_size(row_inches: float) -> float:
     """Font size (points) of a label that fills 80% of a row ``row_inches`` tall, 9 at most."""
     return min(9.0, row_inches * 72 * 0.8)
@@ -160,12 +170,7 @@ def spectra(report: dict) -> bytes:
         ev = report["geometry"][str(l)]["explained_variance"]
         ax.plot(range(1, len(ev) + 1), ev, marker=".", label=f"layer {l}")
     ax.set_yscale("log")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("principal component of the concept vectors")
-    ax.set_ylabel("share of variance")
-    ax.set_title("concept-vector spectrum")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    _curves(ax, "principal component of the concept vectors", "share of variance", "concept-vector spectrum")
     if has_eig:
         ax = axes[1]
         for l in layers:
@@ -176,12 +181,7 @@ def spectra(report: dict) -> bytes:
             xs = list(range(1, k + 1))
             ax.plot(xs, q[1].tolist(), marker=".", label=f"layer {l}")
             ax.fill_between(xs, q[0].tolist(), q[2].tolist(), alpha=0.2)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("eigenvalue rank")
-        ax.set_ylabel("eigenvalue / first")
-        ax.set_title("subspace eigenvalues of M_pos - M_base (median, quartiles)")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
+        _curves(ax, "eigenvalue rank", "eigenvalue / first", "subspace eigenvalues of M_pos - M_base (median, quartiles)")
     fig.tight_layout()
     return png(fig)
 

@@ -6,10 +6,9 @@ too big for the machine would not fail cleanly but push the server (which shares
 into swap or the OOM killer. The estimate is an upper bound of one micro-batch's peak, meant
 to catch jobs many times too big, not to predict the peak closely:
 
-- activations kept for the backward: rows x width x layers x (16 x hidden + 3 x intermediate
-  + heads x width) values (the last term: attention weights when attention is not fused);
-- logits of the positions that predict continuation tokens: rows x keep x vocab float32
-  values, three times (logits, log-softmax, their gradient);
+- activations kept for the backward and the logits of the positions that predict continuation
+  tokens: :func:`amygdala.finetune.memory.step_activations`, the one model of a step, which
+  tests/test_memory.py checks against what autograd keeps;
 - one gradient per trainable parameter.
 """
 
@@ -19,6 +18,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from amygdala.finetune import memory
 from amygdala.finetune.inputs import JobConfig, Sample, batch_shape
 
 #: Share of the memory available now that one job may plan to use: the server keeps serving.
@@ -27,25 +27,19 @@ SHARE = 0.5
 
 @dataclass(frozen=True)
 class Dims:
-    """What the estimate needs of a model."""
+    """What the estimate needs of a model: its shapes (:class:`~amygdala.finetune.memory.Shapes`),
+    the bytes of one activation value and of the trainable parameters' gradients."""
 
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    vocab: int
+    shapes: memory.Shapes
     value_bytes: int  # bytes per activation value (the weights' dtype)
     gradient_bytes: int  # bytes of the trainable parameters' gradients
     device: str = "cpu"
 
     @classmethod
     def of(cls, model) -> Dims:
-        text = getattr(model.config, "get_text_config", lambda: model.config)()
         params = list(model.parameters())
-        hidden = int(text.hidden_size)
         return cls(
-            hidden=hidden, intermediate=int(getattr(text, "intermediate_size", None) or 4 * hidden),
-            layers=int(text.num_hidden_layers), heads=int(text.num_attention_heads), vocab=int(text.vocab_size),
+            shapes=memory.shapes_of(model),
             value_bytes=params[0].element_size(),
             gradient_bytes=sum(p.numel() * p.element_size() for p in params if p.requires_grad),
             device=params[0].device.type,
@@ -59,10 +53,7 @@ def estimate_bytes(samples: Sequence[Sample], config: JobConfig, dims: Dims) -> 
         chunk = list(samples[b : b + config.micro_batch])
         rows, width = batch_shape(chunk, config.objective)
         keep = 1 + max(max(len(s.continuation_ids), len(s.rejected_ids or ())) for s in chunk)
-        per_token = dims.layers * (16 * dims.hidden + 3 * dims.intermediate + dims.heads * width)
-        activations = rows * width * per_token * dims.value_bytes
-        logits = 3 * rows * keep * dims.vocab * 4
-        worst = max(worst, activations + logits)
+        worst = max(worst, memory.step_activations(dims.shapes, rows, width, keep, dims.value_bytes))
     return worst + dims.gradient_bytes
 
 

@@ -8,6 +8,11 @@ the gradients, the tensors autograd saves under activation checkpointing, transf
 
 Shapes come from a transformers config, with the model built on the meta device (no memory), so
 every architecture transformers knows is counted exactly, hybrids included.
+
+One model of a training step's activations serves both the plan and the trainer's memory budget
+(:mod:`amygdala.finetune.budget`, enforced before a job is queued): :func:`step_activations`
+(what the trainer's step keeps, no checkpointing) and :func:`checkpointed_activations` share the
+loss's logits term, :func:`loss_logits`, and both are checked against torch.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ class Shapes:
     plain: tuple[int, ...]  # numel of every other trainable tensor (norms, biases)
     layers: int
     hidden: int
+    intermediate: int  # the MLP's width
+    heads: int  # attention heads (query)
     vocab: int
     attention_layers: int  # layers with a KV cache that grows with the sequence
     kv_heads: int
@@ -76,7 +83,9 @@ def shapes_of(model: nn.Module) -> Shapes:
     kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     return Shapes(
         params=params, embedding=sum(embeds.values()), matrices=tuple(matrices), plain=tuple(plain),
-        layers=text.num_hidden_layers, hidden=text.hidden_size, vocab=text.vocab_size,
+        layers=text.num_hidden_layers, hidden=text.hidden_size,
+        intermediate=int(getattr(text, "intermediate_size", None) or 4 * text.hidden_size),
+        heads=text.num_attention_heads, vocab=text.vocab_size,
         attention_layers=attention, kv_heads=kv_heads, head_dim=head_dim,
         state_bytes_per_seq=(len(layer_types) - attention) * _linear_state_bytes(text),
     )
@@ -127,13 +136,30 @@ def gradients(s: Shapes, dtype_bytes: int) -> int:
     return s.trainable * dtype_bytes
 
 
+def loss_logits(positions: int, vocab: int) -> int:
+    """The loss's three float32 positions x vocab tensors (logits, their log-softmax, its
+    shifted copy or gradient): for a large vocabulary the largest term of a step (a chunked loss
+    would remove them)."""
+    return 3 * positions * vocab * 4
+
+
 def checkpointed_activations(s: Shapes, tokens: int, dtype_bytes: int) -> int:
     """Tensors autograd keeps from the forward under activation checkpointing: each block's
-    input and the final norm's input and output (tokens x hidden each), and three float32
-    tokens x vocab tensors of the loss (logits, their log-softmax, its shifted copy), which for a
-    large vocabulary are the largest term (a chunked loss would remove them). The backward pass
-    recomputes one block at a time on top: :func:`block_recompute`."""
-    return tokens * s.hidden * dtype_bytes * (s.layers + 2) + 3 * tokens * s.vocab * 4
+    input and the final norm's input and output (tokens x hidden each), and the loss's logits
+    over every position (:func:`loss_logits`). The backward pass recomputes one block at a time
+    on top: :func:`block_recompute`."""
+    return tokens * s.hidden * dtype_bytes * (s.layers + 2) + loss_logits(tokens, s.vocab)
+
+
+def step_activations(s: Shapes, rows: int, width: int, keep: int, dtype_bytes: int) -> int:
+    """An upper bound of what the trainer's step (no checkpointing) keeps for the backward, a
+    micro-batch of ``rows`` sequences padded to ``width`` whose loss reads the last ``keep``
+    positions (``logits_to_keep``): per token and layer 16 x hidden + 3 x intermediate + heads x
+    width values (the last: attention weights when attention is not fused), and the loss's
+    logits of the kept positions (:func:`loss_logits`). Within 1.0-1.25x of torch's on small
+    models (tests/test_memory.py)."""
+    per_token = s.layers * (16 * s.hidden + 3 * s.intermediate + s.heads * width)
+    return rows * width * per_token * dtype_bytes + loss_logits(rows * keep, s.vocab)
 
 
 def block_recompute(s: Shapes, tokens: int, dtype_bytes: int) -> int:

@@ -52,7 +52,7 @@ def decode(body: bytes) -> dict | None:
     """The message, or None when it is not a JSON object (answered as an unknown op)."""
     try:
         message = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return None
     return message if isinstance(message, dict) else None
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from amygdala import AmygdalaError
 from amygdala import checkpoint
+from amygdala.crash import crash_point
 from amygdala.finetune import budget, protocol
 from amygdala.fields import FieldError
 from amygdala.finetune.inputs import JobConfig, Sample
@@ -236,6 +237,7 @@ class TrainingService:
             with self._cond:
                 job.step, self._snapshot = step, snapshot
                 job.losses.append(loss)
+            crash_point("train.step")  # a kill -9 test's mid-job window (amygdala.crash)
 
         try:
             self.trainer.run(job.samples, job.config, on_step=on_step, stop=lambda: job.cancel)

@@ -8,17 +8,17 @@ numbers layers (``site: block_output``), so conversion is a change of container 
 >>> write_vectors(vectors, "calm.gguf", "gguf")        # llama.cpp --control-vector calm.gguf
 >>> vectors, fmt = read_vectors("calm.gguf")
 >>> r = add_concept(Readout.load("out/r"), vectors, "calm_mix", {"from": "calm.gguf", "format": fmt})
->>> # a readout with statistics: measure the new row's (pipeline.neutral_statistics), then
+>>> # a readout with statistics: measure the new row's (pipeline.concept_statistics), then
 >>> fill_statistics(r, "calm_mix", mean, std).save("out/r")
 """
 
 from amygdala.interop.files import read_vectors, sha256, write_vectors
 from amygdala.interop.vectors import (
     FORMATS, InteropError, LayerVectors, add_concept, check_fits, check_format, fill_statistics, from_readout,
-    new_readout, parse_concepts,
+    new_readout,
 )
 
 __all__ = [
     "FORMATS", "InteropError", "LayerVectors", "add_concept", "check_fits", "check_format", "fill_statistics",
-    "from_readout", "new_readout", "parse_concepts", "read_vectors", "sha256", "write_vectors",
+    "from_readout", "new_readout", "read_vectors", "sha256", "write_vectors",
 ]

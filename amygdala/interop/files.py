@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import struct
 import zipfile
 from pathlib import Path
 
@@ -26,12 +27,12 @@ def write_vectors(vectors: LayerVectors, path: str | Path, fmt: str) -> Path:
 def sniff(path: Path) -> str:
     """``gguf``, ``zip`` (torch.save) or ``pickle``; raises for anything else."""
     if not path.is_file():
-        raise InteropError(f"--from {path}: no such file")
+        raise InteropError(f"{path}: no such file")
     with open(path, "rb") as f:
         head = f.read(4)
     if head == gguf.MAGIC:
         return "gguf"
-    if zipfile.is_zipfile(path):
+    if pickles._is_zip(path):
         return "zip"
     if head[:1] == b"\x80":
         return "pickle"
@@ -50,7 +51,8 @@ def read_vectors(path: str | Path) -> tuple[LayerVectors, str]:
         return vectors, "gguf"
     try:
         obj = pickles.load(path)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as e:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError, KeyError, IndexError,
+            LookupError, RecursionError, MemoryError, OverflowError, OSError, struct.error, zipfile.BadZipFile) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InteropError(f"{path}: not a steering vector that can be loaded safely ({first})") from None
     for reader, fmt in ((steering_vectors.from_object, "steering-vectors"), (repeng.from_object, "repeng")):

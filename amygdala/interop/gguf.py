@@ -18,7 +18,9 @@ no slot for it.
 from __future__ import annotations
 
 import json
+import math
 import os
+import struct
 import tempfile
 from pathlib import Path
 
@@ -75,6 +77,116 @@ def is_gguf(path: Path) -> bool:
         return f.read(4) == MAGIC
 
 
+#: Caps of the bounded header parse: a control vector has a handful of keys and one tensor per layer.
+MAX_KV = 1024
+MAX_TENSORS = 4096
+MAX_STRING = 1 << 20
+_SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value type -> bytes
+_STRING, _ARRAY, _F32 = 8, 9, 0
+
+
+class _Header:
+    """GGUF's header read field by field, every count and length checked against the bytes left.
+
+    Why: ``gguf.GGUFReader`` loops once per declared array element, past the end of the file, so a
+    166-byte file declaring 2^40 elements ran for minutes and ran out of memory. Here a count can
+    never be larger than the bytes that could hold it, so the parse is linear in the file's size."""
+
+    def __init__(self, path: Path):
+        self.path, self.f = path, open(path, "rb")
+        self.size = os.fstat(self.f.fileno()).st_size
+
+    def fail(self, what: str):
+        raise InteropError(f"{self.path}: not a readable GGUF file ({what} at byte {self.f.tell()})")
+
+    def take(self, n: int) -> bytes:
+        if n > self.size - self.f.tell():
+            self.fail(f"{n} bytes declared, {self.size - self.f.tell()} left")
+        return self.f.read(n)
+
+    def skip(self, n: int) -> None:
+        if n > self.size - self.f.tell():
+            self.fail(f"{n} bytes declared, {self.size - self.f.tell()} left")
+        self.f.seek(n, os.SEEK_CUR)
+
+    def u32(self) -> int:
+        return struct.unpack("<I", self.take(4))[0]
+
+    def u64(self) -> int:
+        return struct.unpack("<Q", self.take(8))[0]
+
+    def string(self) -> bytes:
+        n = self.u64()
+        if n > MAX_STRING:
+            self.fail(f"a string of {n} bytes")
+        return self.take(n)
+
+    def value(self, kind: int, depth: int = 0) -> bytes | None:
+        """Skip one value (a string's bytes are returned: the architecture is one)."""
+        if kind in _SCALAR:
+            self.skip(_SCALAR[kind])
+        elif kind == _STRING:
+            return self.string()
+        elif kind == _ARRAY and depth == 0:
+            item, count = self.u32(), self.u64()
+            if item in _SCALAR:
+                self.skip(count * _SCALAR[item])
+            elif item in (_STRING, _ARRAY) and count <= (self.size - self.f.tell()) // 8:
+                for _ in range(count):
+                    self.value(item, depth + 1)
+            else:
+                self.fail(f"an array of {count} items of type {item}")
+        else:
+            self.fail(f"value type {kind}")
+        return None
+
+
+def check_header(path: Path) -> None:
+    """Refuse a GGUF that is not a well-formed control vector before any ``gguf`` reader sees it:
+    version 2 or 3, at most :data:`MAX_KV` keys and :data:`MAX_TENSORS` tensors, every length
+    inside the file, architecture ``controlvector``, F32 tensors of at most 4 dimensions whose data
+    lies inside the file."""
+    h = _Header(path)
+    with h.f:
+        if h.take(4) != MAGIC:
+            h.fail("no GGUF magic")
+        if (version := h.u32()) not in (2, 3):
+            h.fail(f"version {version}")
+        tensors, kvs = h.u64(), h.u64()
+        if tensors > MAX_TENSORS or kvs > MAX_KV:
+            h.fail(f"{tensors} tensors and {kvs} keys declared (a control vector has at most {MAX_TENSORS} and {MAX_KV})")
+        arch, alignment = None, 32
+        for _ in range(kvs):
+            key, kind = h.string(), h.u32()
+            if key == b"general.alignment" and kind == 4:
+                alignment = h.u32()
+                continue
+            text = h.value(kind)
+            if key == b"general.architecture":
+                arch = text.decode("utf-8", errors="replace") if text is not None else None
+        if arch != ARCH:
+            raise InteropError(
+                f"{path}: general.architecture is {arch!r}, not {ARCH!r}: this GGUF is not a control vector "
+                "(a model file?); pass a file written by amygdala export, repeng or llama-cvector-generator")
+        if not alignment or alignment & (alignment - 1):
+            h.fail(f"alignment {alignment}")
+        spans = []
+        for _ in range(tensors):
+            name, dims = h.string(), h.u32()
+            if dims > 4:
+                h.fail(f"tensor {name[:60]!r} with {dims} dimensions")
+            shape = [h.u64() for _ in range(dims)]
+            kind, offset = h.u32(), h.u64()
+            if kind != _F32:
+                raise InteropError(f"{path}: tensor {name.decode(errors='replace')} is of GGML type {kind}; llama.cpp "
+                                   "reads F32 control vectors only")
+            spans.append((name, offset, 4 * math.prod(shape)))
+        start = -(-h.f.tell() // alignment) * alignment
+        for name, offset, nbytes in spans:
+            if start + offset + nbytes > h.size:
+                h.fail(f"tensor {name[:60]!r}'s {nbytes} bytes at offset {offset} past the file's end")
+
+
 def _string(reader, key: str) -> str | None:
     field = reader.get_field(key)
     if field is None or not field.data:
@@ -90,6 +202,7 @@ def read(path: str | Path) -> LayerVectors:
 
     path = Path(path)
     try:
+        check_header(path)
         reader = gguf.GGUFReader(path)
     except (ValueError, OSError, IndexError, KeyError, TypeError) as e:
         raise InteropError(f"{path}: not a readable GGUF file ({e})") from None
@@ -102,7 +215,7 @@ def read(path: str | Path) -> LayerVectors:
     directions: dict[int, torch.Tensor] = {}
     for t in reader.tensors:
         prefix, dot, number = t.name.partition(".")
-        if prefix != "direction" or not dot or not number.isdigit():
+        if prefix != "direction" or not dot or not (number.isascii() and number.isdigit()):  # "²".isdigit() too
             raise InteropError(f"{path}: tensor {t.name!r} is not direction.<layer>; llama.cpp would reject this file")
         layer = int(number)
         if t.tensor_type != gguf.GGMLQuantizationType.F32:
@@ -111,12 +224,16 @@ def read(path: str | Path) -> LayerVectors:
         if max((i + 1 for i, d in enumerate(dims) if d > 1), default=1) != 1:
             raise InteropError(f"{path}: tensor {t.name} has shape {dims}; control vectors are 1-D")
         v = torch.from_numpy(np.array(t.data, dtype=np.float32).reshape(-1))
+        if layer in directions and directions[layer].shape != v.shape:  # direction.1 beside direction.01
+            raise InteropError(f"{path}: two tensors for layer {layer} of sizes {directions[layer].numel()} and "
+                               f"{v.numel()}; control vectors are of one size")
         directions[layer] = directions[layer] + v if layer in directions else v
     origin = {}
     if (text := _string(reader, ORIGIN_KEY)) is not None:
         try:
             origin = json.loads(text)
-        except json.JSONDecodeError:
-            origin = {"unparsed": text}
+            origin = origin if isinstance(origin, dict) else {"unparsed": text[:1000]}
+        except (ValueError, RecursionError):  # deep nesting raises RecursionError, not a decode error
+            origin = {"unparsed": text[:1000]}
     vectors = LayerVectors(directions, _string(reader, f"{ARCH}.model_hint"), origin)
     return vectors.check(str(path))

@@ -53,6 +53,7 @@ def from_object(obj, where: str) -> LayerVectors | None:
         layers = obj
     else:
         return None
-    if not isinstance(layers, dict) or not all(isinstance(v, torch.Tensor) for v in layers.values()):
-        raise InteropError(f"{where}: layer_activations must map layer numbers to tensors")
+    if not isinstance(layers, dict) or not all(isinstance(v, torch.Tensor) for v in layers.values()) or not all(
+            type(k) is int for k in layers):  # int("a") would be a traceback; a bool is no layer number
+        raise InteropError(f"{where}: layer_activations must map layer numbers (integers) to tensors")
     return LayerVectors({int(l): v.detach().float().cpu() for l, v in layers.items()}).check(where)

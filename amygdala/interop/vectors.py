@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 import torch
 
 from amygdala import AmygdalaError, __version__
-from amygdala.fields import parse_assignments
 from amygdala.readout import Readout, Steering
 
 #: The formats `amygdala export` writes and `amygdala import` reads.
@@ -35,7 +34,8 @@ class InteropError(AmygdalaError):
 def check_format(name: str) -> str:
     if name not in FORMATS:
         near = difflib.get_close_matches(name, FORMATS, n=1, cutoff=0.0)
-        raise InteropError(f"--format {name!r}: unknown; expected one of {', '.join(FORMATS)} (nearest: {near[0]})")
+        raise InteropError(f"fmt {name!r}: unknown; expected one of {', '.join(FORMATS)} (nearest: {near[0]})",
+                           param="fmt")
     return name
 
 
@@ -76,14 +76,6 @@ class LayerVectors:
         return self
 
 
-def parse_concepts(items: Sequence[str]) -> dict[str, float]:
-    """``--concept calm`` (weight 1) or ``--concept anxious=-0.5``; the rules of :func:`amygdala.fields.parse_assignments`."""
-    out = parse_assignments(items, "--concept", bare=1.0, example="calm or anxious=-0.5")
-    if not out:
-        raise InteropError("--concept: name at least one concept of the readout, e.g. --concept calm")
-    return out
-
-
 def from_readout(
     readout: Readout,
     weights: Mapping[str, float],
@@ -97,11 +89,11 @@ def from_readout(
     file applied at scale 1 steers like ``--steer`` with ``strength * weight`` per concept.
     """
     if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not torch.isfinite(torch.tensor(float(strength))):
-        raise InteropError(f"--strength {strength!r}: must be a finite number")
+        raise InteropError(f"strength {strength!r}: must be a finite number", param="strength")
     layers = list(readout.layers if layers is None else layers)
     missing = [l for l in layers if l not in readout.vectors]
     if missing:
-        raise InteropError(f"--layers {missing}: not in the readout (it has layers {readout.layers})")
+        raise InteropError(f"layers {missing}: not in the readout (it has layers {readout.layers})", param="layers")
     steering = Steering.from_concepts(readout, dict(weights), layers=layers) * float(strength)
     model = readout.meta.get("model") or {}
     hint = model_hint or model.get("model_type") or model.get("name") or "unknown"
@@ -131,9 +123,10 @@ def add_concept(
     (that needs the model): a readout with statistics gets NaN rows the caller must fill.
     """
     if not name or name.strip() != name:
-        raise InteropError(f"--name {name!r}: give a concept name without surrounding spaces")
+        raise InteropError(f"name {name!r}: give a concept name without surrounding spaces", param="name")
     if name in readout.concepts:
-        raise InteropError(f"--name {name!r}: the readout already has a concept of that name; choose another --name")
+        raise InteropError(f"name {name!r}: the readout already has a concept of that name; choose another name",
+                           param="name")
     num_layers = num_layers or (readout.meta.get("model") or {}).get("num_layers")
     check_fits(vectors, readout.hidden_size, num_layers, "the readout's model", provenance.get("from", "the file"))
     missing = [l for l in readout.layers if l not in vectors.directions]

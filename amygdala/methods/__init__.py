@@ -11,6 +11,7 @@ from amygdala.methods.base import (
     ConceptSets,
     Fit,
     Method,
+    check_corpus_fits,
     check_params,
     compute_vectors,
     concept_sets,
@@ -20,6 +21,6 @@ from amygdala.methods.base import (
 from amygdala.methods.subspace import EIGENVALUES_KEPT, TokenSubspaces
 
 __all__ = [
-    "EIGENVALUES_KEPT", "METHODS", "ConceptSets", "Fit", "Method", "TokenSubspaces", "check_params",
+    "EIGENVALUES_KEPT", "METHODS", "ConceptSets", "Fit", "Method", "TokenSubspaces", "check_corpus_fits", "check_params",
     "compute_vectors", "concept_sets", "fit", "unit",
 ]

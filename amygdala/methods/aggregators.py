@@ -16,6 +16,11 @@ Why each exists:
 - ``pca``: the top *uncentred* principal component of the pair differences. It keeps the
   direction the differences agree on and drops their magnitudes; centring would remove exactly
   the shared shift we want (the library mirrors the differences instead, so neither centres).
+- ``pca_diff``: repeng's ``ControlVector.train`` (0.4, its default ``pca_diff``): the top
+  *centred* principal component of the pair differences (scikit-learn's PCA centres), signed so
+  that in most pairs the positive projects above its negative. Centring drops the mean shift and
+  keeps the axis the pairs vary along; tests/test_corpus_pairs.py checks it against repeng's
+  algorithm on the same pairs.
 - ``logistic`` / ``logistic_l1``: a discriminative direction: it uses what separates positives
   from negatives, not what they merely have in common, so a feature a fraction of the negatives
   share (a scene, a narrator) pulls it less than it pulls a mean. L1 makes it sparse, which
@@ -66,6 +71,25 @@ def pca(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
         vec = vec / vec.norm()
     sign = torch.sign((deltas @ vec).mean())
     return (sign * vec).to(pos.dtype)
+
+
+def pca_diff(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """repeng's ``pca_diff``: first principal component of the centred pair differences, signed by
+    the pairs' majority vote (more pairs with positive above negative than below)."""
+    p, n = pairs(pos, neg)
+    deltas = (p - n).double()
+    if len(deltas) == 1:  # one pair: no variance to analyse; its difference is the only direction
+        return deltas[0].to(pos.dtype)
+    centred = deltas - deltas.mean(0)
+    if centred.shape[0] >= centred.shape[1]:
+        vec = torch.linalg.eigh(centred.T @ centred).eigenvectors[:, -1]
+    else:
+        vec = centred.T @ torch.linalg.eigh(centred @ centred.T).eigenvectors[:, -1]
+        vec = vec / vec.norm().clamp_min(1e-30)
+    votes = deltas @ vec
+    if int((votes < 0).sum()) > int((votes > 0).sum()):
+        vec = -vec
+    return vec.to(pos.dtype)
 
 
 def _regression_direction(pos: torch.Tensor, neg: torch.Tensor, model) -> torch.Tensor:

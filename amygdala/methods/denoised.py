@@ -34,7 +34,8 @@ def neutral_components(x: torch.Tensor, variance: float) -> torch.Tensor:
 def denoised(pooled, positives, negatives, layer, *, neutral: torch.Tensor, variance: float = 0.5):
     """Per concept: mean(positives) - mean over concepts of their means, neutral PCs removed."""
     if variance > 1:
-        raise AmygdalaError(f"--method denoised: variance={variance} is a share of the neutral variance, in (0, 1]")
+        raise AmygdalaError(f"method denoised: variance={variance} is a share of the neutral variance, in (0, 1]",
+                            param="method")
     if neutral is None or len(neutral) < 2:
         raise AmygdalaError(
             "--method denoised needs neutral texts (the corpus's neutral/ folder, paired baselines or "

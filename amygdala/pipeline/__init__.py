@@ -7,6 +7,6 @@ a corpus is resolved, checked, collected and fitted one way only.
 from amygdala.pipeline.build import (
     BuildConfig, BuildResult, build, collect_corpus, matching_model, neutral_statistics, plan,
 )
-from amygdala.pipeline.reuse import corpus_for
+from amygdala.pipeline.reuse import concept_statistics, corpus_for, readout_corpus_root
 
-__all__ = ["corpus_for", "BuildConfig", "BuildResult", "build", "collect_corpus", "matching_model", "neutral_statistics", "plan"]
+__all__ = ["concept_statistics", "corpus_for", "readout_corpus_root", "BuildConfig", "BuildResult", "build", "collect_corpus", "matching_model", "neutral_statistics", "plan"]

@@ -10,23 +10,50 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+from amygdala import AmygdalaError
 from amygdala.activations import DEFAULT_POOLING, Activations, Pooling, collect, distinct
 from amygdala.corpus import Corpus
-from amygdala.methods import METHODS, TokenSubspaces, check_params, concept_sets, fit
+from amygdala.methods import METHODS, TokenSubspaces, check_corpus_fits, check_params, concept_sets, fit
 from amygdala.models import load_model, model_info, parse_layers, relative_depth, resolve_model
 from amygdala.models.layers import projection_sites
+from amygdala.models.weights import weight_record
 from amygdala.readout import Readout
 from amygdala.readout.construction import TokenMoments, remove_shared
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from amygdala.methods import ConceptSets
+    from amygdala.models import ModelInfo
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class BuildConfig:
-    """Options of ``amygdala build``; the defaults are the CLI's."""
+    """Options of ``amygdala build``; the defaults are the CLI's. Every one is checked by
+    :func:`plan` before the model loads, and a bad one raises naming the field (``layers``).
+
+    Args:
+        model: model folder or ``"default"`` (SmolLM2-135M-Instruct).
+        layers: layer indices (``"10,15"``, negative from the end) or relative depths (``"0.5,0.66"``).
+        method: a name of :data:`amygdala.methods.METHODS` (docs/methods.md).
+        method_params: the method's parameters (``{"C": 0.1}``); strings are converted.
+        pooling: which tokens make a text's row: ``last``, ``mean``, ``mean_from=K``.
+        min_positives: fail when a concept has fewer positive texts.
+        chat_template: read texts as the assistant turn of a chat.
+        batch_size: texts per forward.
+        device: torch device, ``None`` for cuda when available.
+        dtype: dtype of the stored vectors, ``float32`` or ``float16``.
+        construction: ``mean_removed`` or ``as_built`` (below).
+        statistics: the z-scores' default statistics (below).
+        progress: show a progress bar.
+        quality_sites: also pool the projections the quality report reads (below).
+    """
 
     model: str | None = "default"
     layers: str = "0.5,0.66"
@@ -38,6 +65,8 @@ class BuildConfig:
     batch_size: int = 16
     device: str | None = None
     dtype: str = "float32"
+    #: The model weights' dtype (``--model-dtype``; None: fp32 on CPU, bf16 on GPU); ``dtype`` is the stored vectors'.
+    model_dtype: str | None = None
     #: ``mean_removed`` (default): the concept vectors' shared direction taken out and kept as the
     #: emotionality track (readout/construction.py says why); ``as_built``: the method's vectors as they are.
     construction: str = "mean_removed"
@@ -74,6 +103,7 @@ class Plan:
 def plan(corpus: Corpus, config: BuildConfig) -> Plan:
     """Validate everything cheap and resolve it. Logs the target layers' relative depths."""
     params = check_params(config.method, config.method_params)
+    check_corpus_fits(config.method, corpus)  # e.g. denoised on one concept's pairs: fail before the model loads
     pooling = Pooling.parse(config.pooling)
     corpus.require_positives(config.min_positives)
     path = resolve_model(config.model)
@@ -84,7 +114,7 @@ def plan(corpus: Corpus, config: BuildConfig) -> Plan:
     return Plan(path, layers, info.num_layers, info.hidden_size, params, pooling)
 
 
-def matching_model(readout: Readout, model: str | None = "default"):
+def matching_model(readout: Readout, model: str | None = "default") -> ModelInfo:
     """The model's :class:`~amygdala.models.ModelInfo`, after checking from its config alone (no
     weights loaded) that ``readout`` was built for a model of its shape."""
     info = model_info(resolve_model(model))
@@ -128,7 +158,8 @@ NeutralTokens = TokenStats
 
 
 def collect_corpus(
-    corpus: Corpus, model, tokenizer, layers: list[int], *, pooling: Pooling | str = DEFAULT_POOLING,
+    corpus: Corpus, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, layers: list[int], *,
+    pooling: Pooling | str = DEFAULT_POOLING,
     chat_template: bool = False, batch_size: int = 16, progress: bool = True, tokens: TokenSubspaces | None = None,
     neutral: bool = True, sites: dict | None = None,
 ) -> tuple[Activations, TokenStats | None]:
@@ -158,7 +189,8 @@ def collect_corpus(
 
 
 def neutral_statistics(
-    corpus: Corpus, model, tokenizer, vectors: dict[int, torch.Tensor], *, chat_template: bool = False,
+    corpus: Corpus, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, vectors: dict[int, torch.Tensor], *,
+    chat_template: bool = False,
     batch_size: int = 16, progress: bool = True,
 ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """The z-score statistics of ``vectors`` ([n, hidden] per layer) over the corpus's neutral
@@ -170,16 +202,34 @@ def neutral_statistics(
     stats = TokenStats(set(range(len(texts))), sorted(vectors), hidden)
     collect(model, tokenizer, texts, sorted(vectors), batch_size=batch_size, chat_template=chat_template,
             on_tokens=stats.add, progress=progress)
-    return stats.statistics(vectors)
+    measured = stats.statistics(vectors)
+    if measured is None:
+        raise AmygdalaError(f"{corpus.root}: no neutral text has a token past the first; z-score statistics need some")
+    return measured
 
 
-def build(corpus: Corpus, config: BuildConfig, out: str | Path | None = None, loaded=None) -> BuildResult:
+def build(
+    corpus: Corpus, config: BuildConfig, out: str | Path | None = None,
+    loaded: tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelInfo] | None = None,
+) -> BuildResult:
     """Build concept vectors on ``corpus`` and (when ``out`` is given) write the readout file.
 
-    ``loaded`` is an already loaded ``(model, tokenizer, info)`` to reuse.
+    Args:
+        corpus: the texts (:func:`amygdala.corpus.load_corpus`), already reduced to the concepts wanted.
+        config: the options; all checked before the model loads.
+        out: folder for ``readout.safetensors`` + ``readout.json`` (``None``: not written).
+        loaded: an already loaded ``(model, tokenizer, info)`` to reuse instead of loading ``config.model``.
+
+    Returns:
+        The :class:`BuildResult`: the readout, the corpus's pooled activations, the model and
+        tokenizer used, and the method's by-products.
+
+    Raises:
+        AmygdalaError: a bad option, a concept with too few positives, a corpus without usable
+            neutral tokens; each names the field or file at fault.
     """
     p = plan(corpus, config)
-    model, tokenizer, info = loaded or load_model(p.model_path, config.device)
+    model, tokenizer, info = loaded or load_model(p.model_path, config.device, config.model_dtype)
     # Per-token methods (subspace) accumulate each text's token rowspace in the same forward,
     # on the model's device, so no text runs twice and no token matrix is kept.
     tokens = None
@@ -193,9 +243,14 @@ def build(corpus: Corpus, config: BuildConfig, out: str | Path | None = None, lo
     sets = concept_sets(corpus, acts)
     fitted = fit(config.method, acts, sets, tokens=tokens, **p.params)
     vectors, tracks, names = construct(fitted.vectors, config.construction, acts, sets, corpus.valence())
-    mean, std = neutral.statistics(vectors)
+    if neutral is None:  # collect_corpus(neutral=True) always measures: not reachable
+        raise AmygdalaError("the corpus forward measured no statistics")
+    measured = neutral.statistics(vectors)
+    if measured is None:
+        raise AmygdalaError(f"{corpus.root}: no neutral text has a token past the first; z-score statistics need some")
+    mean, std = measured
     emotional = neutral.statistics(vectors, "emotional")
-    track_stats = neutral.statistics(tracks)
+    track_stats = neutral.statistics(tracks) or ({}, {})  # the same moments as measured: never None here
     readout = Readout(
         concepts=list(corpus.concepts),
         layers=p.layers,
@@ -212,7 +267,8 @@ def build(corpus: Corpus, config: BuildConfig, out: str | Path | None = None, lo
             "construction": config.construction,
             "statistics": {"default": config.statistics if emotional else "neutral"},
             "dtype": config.dtype,
-            "model": {"name": info.name, "num_layers": p.num_layers},
+            "model": {"name": info.name, "num_layers": p.num_layers,
+                      "weights": weight_record(info.path, str(next(model.parameters()).dtype).removeprefix("torch."))},
             "pooling": str(p.pooling),
             "method": config.method,
             "method_params": p.params,
@@ -235,7 +291,7 @@ CONSTRUCTIONS = ("mean_removed", "as_built")
 
 
 def construct(
-    fitted: dict[int, torch.Tensor], construction: str, acts: Activations, sets, valence: list[float | None],
+    fitted: dict[int, torch.Tensor], construction: str, acts: Activations, sets: ConceptSets, valence: list[float | None],
 ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], list[str]]:
     """The readout's concept vectors and tracks per layer from the method's vectors.
 

@@ -43,15 +43,15 @@ class QualityConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.fragmented_below <= self.clean_above <= 1.0:
             raise QualityError(
-                f"--fragmented-below {self.fragmented_below} / --clean-above {self.clean_above}: need "
-                "0 <= fragmented-below <= clean-above <= 1"
+                f"fragmented_below {self.fragmented_below} / clean_above {self.clean_above}: need "
+                "0 <= fragmented_below <= clean_above <= 1", param=("fragmented_below", "clean_above"),
             )
         if not 0.0 < self.redundant_r2 <= 1.0:
-            raise QualityError(f"--redundant-r2 {self.redundant_r2}: must be in (0, 1]")
+            raise QualityError(f"redundant_r2 {self.redundant_r2}: must be in (0, 1]", param="redundant_r2")
         if self.ridge_lambda < 0:
-            raise QualityError(f"--ridge-lambda {self.ridge_lambda}: must be >= 0")
+            raise QualityError(f"ridge_lambda {self.ridge_lambda}: must be >= 0", param="ridge_lambda")
         if not 0.0 < self.single_neuron_cos <= 1.0:
-            raise QualityError(f"--single-neuron-cos {self.single_neuron_cos}: must be in (0, 1]")
+            raise QualityError(f"single_neuron_cos {self.single_neuron_cos}: must be in (0, 1]", param="single_neuron_cos")
 
     def head_k(self, n_heads: int) -> int:
         """How many top heads ``head_concentration`` sums: ``top_heads``, but at most a quarter

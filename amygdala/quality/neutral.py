@@ -15,7 +15,33 @@ import torch
 from amygdala.activations import Activations
 from amygdala.corpus import Corpus
 from amygdala.corpus.loader import NEUTRAL
+from amygdala.models import load_model
+from amygdala.pipeline import collect_corpus, corpus_for, matching_model
 from amygdala.readout import Readout
+
+
+def check_neutral(readout: Readout, corpus: Corpus, model: str | None = "default", device: str | None = None,
+                  progress: bool = True, dtype: str | None = None) -> list[dict]:
+    """The mean-pooled forward over ``corpus`` (reduced to the readout's concepts) with the model
+    the readout was built for, then :func:`emotional_neutral_texts`: what ``amygdala corpus check
+    --readout`` reports.
+
+    Args:
+        readout: the readout whose vectors score the texts.
+        corpus: the corpus whose neutral texts are checked.
+        model: model folder or ``"default"``; checked against the readout before it loads.
+        device: torch device, ``None`` for cuda when available.
+        progress: show a progress bar.
+
+    Returns:
+        :func:`emotional_neutral_texts`'s rows, largest margin first.
+    """
+    corpus = corpus_for(readout, corpus)
+    info = matching_model(readout, model)
+    loaded, tokenizer, _ = load_model(info.path, device, dtype)
+    acts, _ = collect_corpus(corpus, loaded, tokenizer, readout.layers, pooling="mean", neutral=False,
+                             chat_template=bool(readout.meta.get("chat_template")), progress=progress)
+    return emotional_neutral_texts(readout, corpus, acts)
 
 
 def emotional_neutral_texts(readout: Readout, corpus: Corpus, acts: Activations) -> list[dict]:

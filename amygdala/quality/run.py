@@ -123,6 +123,7 @@ def run_quality(
     *,
     model: str | None = "default",
     device: str | None = None,
+    dtype: str | None = None,
     cfg: QualityConfig = QualityConfig(),
     batch_size: int = 16,
     progress: bool = True,
@@ -135,7 +136,7 @@ def run_quality(
     params = check_params(method, readout.meta.get("method_params") or {}) if method in METHODS else {}
     Path(out).mkdir(parents=True, exist_ok=True)
 
-    loaded_model, tokenizer, _ = load_model(info.path, device)
+    loaded_model, tokenizer, _ = load_model(info.path, device, dtype)
     tokens = None
     if method in METHODS and METHODS[method].needs_tokens:
         tokens = TokenSubspaces(readout.layers, info.hidden_size, next(loaded_model.parameters()).device)

@@ -20,12 +20,15 @@ import json
 import os
 import shutil
 import tempfile
+import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from amygdala import AmygdalaError, __version__
 
@@ -46,7 +49,19 @@ class ReadoutError(AmygdalaError):
 
 @dataclass
 class Readout:
-    """Concept vectors per layer, with optional neutral-text projection statistics."""
+    """Concept vectors per layer, with optional neutral-text projection statistics: the readout
+    file (``readout.safetensors`` + ``readout.json``, docs/readout-format.md) in memory.
+
+    Args:
+        concepts: the concept names, in row order.
+        layers: the decoder layers the vectors belong to, ascending.
+        vectors: per layer, [n_concepts, hidden] unit rows.
+        mean, std: per layer, [n_concepts] projection statistics over neutral-text tokens
+            (``None``: raw projections, no z-scores).
+        meta: readout.json's other fields (model, method, pooling, corpus, ...).
+        emotional_mean, emotional_std: the same over the emotional texts' tokens, when built.
+        track_names, track_vectors, track_mean, track_std: directions read beside the concepts.
+    """
 
     concepts: list[str]
     layers: list[int]
@@ -111,9 +126,10 @@ class Readout:
                 f"this readout has no {against!r} statistics (it has {', '.join(self.statistics)}); "
                 "rebuild it with this amygdala to get both"
             )
-        if against == "emotional":
-            return self.emotional_mean, self.emotional_std
-        return self.mean, self.std
+        mean, std = (self.emotional_mean, self.emotional_std) if against == "emotional" else (self.mean, self.std)
+        if mean is None or std is None:  # has_stats and statistics said otherwise: not reachable
+            raise ReadoutError(f"this readout has no {against!r} statistics")
+        return mean, std
 
     def zscore(self, scores: torch.Tensor, against: str | None = None) -> torch.Tensor:
         """[..., n_layers, n_concepts] raw scores to z-scores with the statistics ``against``
@@ -185,6 +201,22 @@ class Readout:
             body["tracks_std"] = [self.track_std[l].tolist() for l in self.layers]
         return body
 
+    @property
+    def weights(self) -> dict | None:
+        """The record of the weights this readout was built from (``model.weights``), None in older files."""
+        model = self.meta.get("model")
+        rec = model.get("weights") if isinstance(model, dict) else None
+        return rec if isinstance(rec, dict) else None
+
+    def check_weights(self, model_path: str | os.PathLike) -> list[str]:
+        """One line per weight file of ``model_path`` that differs from this readout's record
+        (empty: the same weights); raises for a file with no record, which cannot be checked."""
+        from amygdala.models.weights import differences
+
+        if self.weights is None:
+            raise ReadoutError("readout.json has no model.weights record (an older file); its weights cannot be checked")
+        return differences(self.weights, Path(model_path))
+
     def check_model(self, num_layers: int, hidden_size: int, model_name: str = "the model") -> None:
         """Raise when the file cannot fit a model with this shape (names both sides)."""
         if hidden_size != self.hidden_size:
@@ -217,7 +249,7 @@ class Readout:
 
     def _choice_json(self) -> dict:
         """What readers need to know about the construction, statistics and tracks."""
-        out = {}
+        out: dict[str, Any] = {}
         if self.has_stats:
             out["statistics"] = {"available": self.statistics, "default": self.default_statistics}
         if self.track_names:
@@ -228,7 +260,16 @@ class Readout:
         """Write both files into folder ``out``; a reader never sees a half-written pair.
 
         A new folder is built beside ``out`` and renamed into place; into an existing folder
-        the two files are renamed in, the json (which readers open first) last.
+        the two files are renamed in, the json (which readers open first) last. Two renames are
+        not one atomic step, so both files carry the same ``pair`` id (the json's field, the
+        safetensors metadata): :meth:`load` that catches the swap between its two reads sees
+        the ids differ and reads again.
+
+        Args:
+            out: the readout folder (created when missing).
+
+        Returns:
+            ``out`` as a :class:`~pathlib.Path`.
         """
         out = Path(out)
         info = self.to_json()
@@ -236,20 +277,21 @@ class Readout:
         tensors = {}
         for l in self.layers:
             tensors[f"layer_{l}.vectors"] = self.vectors[l].detach().to("cpu", dtype).contiguous()
-            if self.has_stats:
+            if self.mean is not None and self.std is not None:  # has_stats
                 tensors[f"layer_{l}.mean"] = self.mean[l].detach().float().cpu().contiguous()
                 tensors[f"layer_{l}.std"] = self.std[l].detach().float().cpu().contiguous()
-            if "emotional" in self.statistics:
+            if self.emotional_mean is not None and self.emotional_std is not None and "emotional" in self.statistics:
                 tensors[f"layer_{l}.emotional_mean"] = self.emotional_mean[l].detach().float().cpu().contiguous()
                 tensors[f"layer_{l}.emotional_std"] = self.emotional_std[l].detach().float().cpu().contiguous()
             if self.track_names:
                 tensors[f"layer_{l}.tracks"] = self.track_vectors[l].detach().float().cpu().contiguous()
                 tensors[f"layer_{l}.tracks_mean"] = self.track_mean[l].detach().float().cpu().contiguous()
                 tensors[f"layer_{l}.tracks_std"] = self.track_std[l].detach().float().cpu().contiguous()
+        pair = info["pair"] = uuid.uuid4().hex
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
         try:
-            save_file(tensors, tmp / TENSORS, metadata={"format_version": str(FORMAT_VERSION)})
+            save_file(tensors, tmp / TENSORS, metadata={"format_version": str(FORMAT_VERSION), "pair": pair})
             (tmp / MANIFEST).write_text(json.dumps(info, indent=1) + "\n")
             if not out.exists():
                 tmp.rename(out)
@@ -263,19 +305,24 @@ class Readout:
     # ------------------------------------------------------------------ reading
     @classmethod
     def load(cls, path: str | Path) -> Readout:
-        """Load and validate a readout folder (or either of its two files)."""
+        """Load and validate a readout folder (or either of its two files).
+
+        Args:
+            path: the folder, or its ``readout.json`` or ``readout.safetensors``.
+
+        Returns:
+            The :class:`Readout`, every tensor checked for shape and finiteness.
+
+        Raises:
+            ReadoutError: a missing or damaged file or field, named with what to do.
+        """
         path = Path(path)
         folder = path.parent if path.name in (TENSORS, MANIFEST) else path
         jpath, tpath = folder / MANIFEST, folder / TENSORS
         for p in (jpath, tpath):
             if not p.is_file():
                 raise ReadoutError(f"{p}: missing; a readout is a folder with {MANIFEST} and {TENSORS}")
-        try:
-            info = json.loads(jpath.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ReadoutError(f"{jpath}: not valid JSON ({e}); re-run amygdala build") from None
-        if not isinstance(info, dict):
-            raise ReadoutError(f"{jpath}: must be a JSON object")
+        info, tensors = _read_pair(jpath, tpath)
         missing = [k for k in REQUIRED if k not in info]
         if missing:
             raise ReadoutError(f"{jpath}: missing field(s) {', '.join(missing)}")
@@ -293,11 +340,9 @@ class Readout:
             raise ReadoutError(f"{jpath}: field hidden_size must be a positive integer")
         if info["dtype"] not in DTYPES:
             raise ReadoutError(f"{jpath}: field dtype {info['dtype']!r}; expected one of {', '.join(DTYPES)}")
-        try:
-            tensors = load_file(tpath)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise ReadoutError(f"{tpath}: damaged safetensors file ({e}); re-run amygdala build") from None
-        vectors, mean, std = {}, {}, {}
+        vectors: dict[int, torch.Tensor] = {}
+        mean: dict[int, torch.Tensor] = {}
+        std: dict[int, torch.Tensor] = {}
         for l in layers:
             key = f"layer_{l}.vectors"
             if key not in tensors:
@@ -323,10 +368,10 @@ class Readout:
         track_names = info.get("tracks") or []
         if not (isinstance(track_names, list) and all(isinstance(t, str) for t in track_names)):
             raise ReadoutError(f"{jpath}: field tracks must be a list of names")
-        tracks = {}
+        tracks: dict[str, dict[int, torch.Tensor]] = {}
         if track_names:
             k = len(track_names)
-            tracks = {name: _per_layer(tensors, tpath, layers, name, shape, required=True)
+            tracks = {name: _per_layer(tensors, tpath, layers, name, shape, required=True) or {}
                       for name, shape in (("tracks", (k, hidden)), ("tracks_mean", (k,)), ("tracks_std", (k,)))}
         meta = {k: v for k, v in info.items() if k not in (*REQUIRED, "format_version", "created_by", "tracks")}
         meta["dtype"] = info["dtype"]
@@ -346,7 +391,8 @@ class Readout:
         )
 
 
-def _per_layer(tensors: dict, tpath: Path, layers: list[int], name: str, shape: tuple, required: bool = False):
+def _per_layer(tensors: dict[str, torch.Tensor], tpath: Path, layers: list[int], name: str, shape: tuple[int, ...],
+               required: bool = False) -> dict[int, torch.Tensor] | None:
     """``layer_<idx>.<name>`` for every layer, checked for shape and finiteness; ``None`` when the
     file has it for no layer (and it is not ``required``)."""
     found = {l: tensors[f"layer_{l}.{name}"] for l in layers if f"layer_{l}.{name}" in tensors}
@@ -361,3 +407,28 @@ def _per_layer(tensors: dict, tpath: Path, layers: list[int], name: str, shape: 
         if not torch.isfinite(t).all():
             raise ReadoutError(f"{tpath}: layer_{l}.{name} holds NaN or inf values")
     return {l: t.float() for l, t in found.items()}
+
+
+def _read_pair(jpath: Path, tpath: Path, tries: int = 20) -> tuple[dict, dict]:
+    """The json and the tensors of one save: a save into an existing folder renames the two files
+    one after the other, so a reader between the renames would pair the old json with the new
+    tensors. Both carry the save's ``pair`` id; on a mismatch read both again (a save's renames
+    take microseconds). A file without the id (from before it, or written by another tool) is taken as it is."""
+    for attempt in range(tries):
+        try:
+            info = json.loads(jpath.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ReadoutError(f"{jpath}: not valid JSON ({e}); re-run amygdala build") from None
+        if not isinstance(info, dict):
+            raise ReadoutError(f"{jpath}: must be a JSON object")
+        try:
+            with safe_open(tpath, "pt") as f:  # one open: the metadata and the tensors of the same file
+                pair = (f.metadata() or {}).get("pair")
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ReadoutError(f"{tpath}: damaged safetensors file ({e}); re-run amygdala build") from None
+        if info.get("pair") is None or pair is None or info["pair"] == pair:  # no id: a file from before it, or written by hand
+            return info, tensors
+        time.sleep(0.01 * (attempt + 1))
+    raise ReadoutError(f"{jpath} and {tpath} are from different saves (pair {info.get('pair')} vs {pair}) and stayed so: "
+                       "another process is writing this readout; wait for it, or rebuild")

@@ -9,15 +9,19 @@ concatenated: ``session.scores()`` always has one row per position the model has
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from amygdala.models.layers import block_output, find_layers
 from amygdala.readout.format import Readout, ReadoutError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,9 @@ class Steering:
     ``Steering.from_concepts(readout, {"calm": 4, "angry": -2})`` adds 4 x calm's unit vector and
     -2 x angry's at each of the readout's layers (or ``layers``). Strength is in residual-stream
     units: the added vector has norm ``|strength|`` before summing.
+
+    Args:
+        deltas: per decoder layer, the [hidden] vector added to that block's output.
     """
 
     deltas: Mapping[int, torch.Tensor] = field(default_factory=dict)
@@ -35,6 +42,20 @@ class Steering:
     def from_concepts(
         cls, readout: Readout, strengths: Mapping[str, float], layers: list[int] | None = None
     ) -> Steering:
+        """The sum of ``strength`` x each named concept's unit vector, at each of ``layers``.
+
+        Args:
+            readout: where the concepts' vectors come from.
+            strengths: concept name -> strength in residual-stream units (negative steers away).
+            layers: the layers to steer (default: all of the readout's).
+
+        Returns:
+            The :class:`Steering` to pass to :func:`attach`.
+
+        Raises:
+            ReadoutError: an unknown concept (the nearest names listed), a layer not in the
+                readout, or a strength that is not a number.
+        """
         layers = readout.layers if layers is None else layers
         missing = [l for l in layers if l not in readout.vectors]
         if missing:
@@ -50,7 +71,16 @@ class Steering:
 
     @classmethod
     def from_vector(cls, vector: torch.Tensor, strength: float, layers: list[int]) -> Steering:
-        """A raw direction (normalised here) added with ``strength`` at ``layers``."""
+        """A raw direction (normalised here) added with ``strength`` at ``layers``.
+
+        Args:
+            vector: a [hidden] direction of any norm.
+            strength: the norm of the vector added, in residual-stream units.
+            layers: the layers to add it at.
+
+        Returns:
+            The :class:`Steering` adding it.
+        """
         v = vector.float() / vector.float().norm().clamp_min(1e-12)
         return cls({l: strength * v for l in layers})
 
@@ -98,13 +128,29 @@ class ReadoutSession:
 
 @contextmanager
 def attach(
-    model: nn.Module,
+    model: PreTrainedModel,
     readout: Readout,
     *,
     steering: Steering | None = None,
     record: bool = True,
 ) -> Iterator[ReadoutSession]:
     """Read out (and optionally steer) ``model`` inside the ``with`` block.
+
+    Hooks go on the decoder blocks at the readout's layers (and the steering's) when the block
+    is entered and come off when it exits, even on an exception, so the model is plain again.
+
+    Args:
+        model: a transformers causal LM of the shape the readout was built for (checked here).
+        readout: the concept vectors to read; its statistics turn scores into z-scores.
+        steering: vectors added to the block outputs at every position, prompt and generated.
+        record: keep each position's scores (``False``: steer only, nothing kept).
+
+    Returns:
+        A context manager yielding the :class:`ReadoutSession` whose ``scores()`` /
+        ``zscores()`` hold one row per position the model processed inside the block.
+
+    Raises:
+        ReadoutError: the readout or a steering layer does not fit the model.
 
     >>> with attach(model, readout, steering=Steering.from_concepts(readout, {"calm": 4})) as s:
     ...     model.generate(**inputs, max_new_tokens=20)
@@ -127,8 +173,8 @@ def attach(
     pending: dict[int, torch.Tensor] = {}
     pending_tracks: dict[int, torch.Tensor] = {}
 
-    def make_hook(layer: int):
-        def hook(_module, _inputs, output):
+    def make_hook(layer: int) -> Callable[[nn.Module, Any, Any], Any]:
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
             h = block_output(output)
             if layer in deltas:
                 h = h + deltas[layer]

@@ -141,9 +141,7 @@ class TrainingRoutes:
     async def train(self, request: Request):
         from amygdala.fields import FieldError
 
-        if (denied := self._denied(request)) is not None:
-            return denied
-        raw = await self._read_body(request)
+        raw = await self._authorized_body(request)
         if not isinstance(raw, bytes):
             return raw
         try:
@@ -151,6 +149,13 @@ class TrainingRoutes:
         except FieldError as e:
             return error_response(str(e), e.path)
         return await self._relay(message, "job", op=protocol.SUBMIT)
+
+    async def _authorized_body(self, request: Request):
+        """The body of a request with the key, or the response refusing it (401, then 413): the
+        routes that take a body check both the same way, the key first."""
+        if (denied := self._denied(request)) is not None:
+            return denied
+        return await self._read_body(request)
 
     async def _read_body(self, request: Request):
         """The body, or a 413 as soon as it is known to pass the cap: declared, or counted while read."""
@@ -193,15 +198,15 @@ class TrainingRoutes:
 
     async def rollback(self, request: Request):
         """Restore ``{"snapshot": id}`` in place: served at once, written by the next sync."""
-        if (denied := self._denied(request)) is not None:
-            return denied
-        raw = await self._read_body(request)
+        raw = await self._authorized_body(request)
         if not isinstance(raw, bytes):
             return raw
+        from amygdala.fields import FieldError
+
         try:
-            body = json.loads(raw)
-        except ValueError as e:  # not JSON, not UTF-8, or an integer past Python's digit limit
-            return error_response(f"body: not JSON ({str(e)[:200]}); send {{\"snapshot\": \"snap-...\"}}", "body")
+            body = json_body(raw, '{"snapshot": "snap-..."}')
+        except FieldError as e:
+            return error_response(str(e), e.path)
         if not isinstance(body, dict) or not isinstance(body.get("snapshot"), str):
             return error_response("snapshot: expected the id from POST /train/snapshot, e.g. {\"snapshot\": \"snap-...\"}",
                                   "snapshot")
@@ -223,16 +228,25 @@ class TrainingRoutes:
         return error_response(protocol.error_message(reply), error.get("field"), status=HTTPStatus(error.get("status") or refused))
 
 
+def json_body(raw: bytes, expected: str):
+    """A request body's JSON, or a FieldError naming ``body`` (answered 400): not JSON, not UTF-8,
+    an integer past Python's 4300 digits (ValueError), or nested ~1000 deep (RecursionError)."""
+    from amygdala.fields import FieldError
+
+    try:
+        return json.loads(raw)
+    except ValueError as e:
+        raise FieldError("body", f"not JSON ({str(e)[:200]}); send {expected}") from None
+    except RecursionError:
+        raise FieldError("body", f"JSON nested too deeply; send {expected}") from None
+
+
 def _checked_submit(raw: bytes, limits) -> bytes:
     """On a thread: the body parsed and checked (raises FieldError naming the field), then the
     worker's message encoded, so neither a large parse nor its encoding runs on the event loop."""
     from amygdala.finetune.inputs import parse_request
-    from amygdala.fields import FieldError
 
-    try:
-        body = json.loads(raw)
-    except ValueError as e:  # not JSON, not UTF-8, or an integer past Python's 4300 digits
-        raise FieldError("body", f"not JSON ({str(e)[:200]}); send {{\"samples\": [...], \"config\": {{...}}}}") from None
+    body = json_body(raw, '{"samples": [...], "config": {...}}')
     if limits is not None:
         parse_request(body, limits)
     return protocol.encode(protocol.request(protocol.SUBMIT, request=body))

@@ -37,18 +37,39 @@ from amygdala.serve.config import (
 SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
 
 
+def passed_host(extra: list[str], host: str) -> str:
+    """The address vLLM will bind: the last ``--host X`` / ``--host=X`` among the pass-through flags
+    (argparse's abbreviations ``--ho``/``--hos`` too), else ``host``.
+
+    Why: ``amygdala serve -- --host 0.0.0.0`` puts a second --host after ours, and vLLM takes the
+    last one; the remote-training refusal must judge that one."""
+    for i, flag in enumerate(extra):
+        name, eq, value = flag.partition("=")
+        if name in ("--ho", "--hos", "--host"):
+            if eq:
+                host = value
+            elif i + 1 < len(extra):
+                host = extra[i + 1]
+    return host
+
+
 def vllm_argv(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     """The checked vLLM command line and environment for ``args``."""
     from amygdala.models.resolve import DEFAULT_MODEL_NAME, model_info, resolve_model
+    from amygdala.models.weights import require_same_weights
     from amygdala.readout import Readout
 
 
     if args.readout is None and api_key() is None:
         raise AmygdalaError(f"nothing to serve: give --readout, or set {API_KEY_ENV} to serve the training routes")
-    remote = api_key() is not None and not is_loopback(args.host)
+    extra = list(args.vllm_args or [])
+    if extra[:1] == ["--"]:
+        extra = extra[1:]
+    host = passed_host(extra, args.host)  # vLLM binds the last --host, ours or a pass-through one
+    remote = api_key() is not None and not is_loopback(host)
     if remote and not args.allow_remote_training:
         raise AmygdalaError(
-            f"--host {args.host}: with {API_KEY_ENV} set the training routes, which change the served weights, would be "
+            f"--host {host}: with {API_KEY_ENV} set the training routes, which change the served weights, would be "
             "reachable from the network over plain HTTP; bind 127.0.0.1 (and put a TLS proxy in front), or add "
             "--allow-remote-training if you mean it")
     readout = Readout.load(args.readout) if args.readout is not None else None
@@ -56,10 +77,10 @@ def vllm_argv(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     info = model_info(path)
     if readout is not None:
         readout.check_model(info.num_layers, info.hidden_size, info.name)
+        # Before vLLM starts, on the folder it will load.
+        require_same_weights(readout.weights, path, allow=getattr(args, "allow_other_weights", False),
+                             where=str(args.readout))
     _check_entry_points()
-    extra = list(args.vllm_args or [])
-    if extra[:1] == ["--"]:
-        extra = extra[1:]
     world = parallel_size(extra)
     if world > 1 and api_key() is not None:
         # The same refusal the engine makes (finetune_engine.check_engine_config), without starting vLLM.

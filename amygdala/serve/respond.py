@@ -166,7 +166,7 @@ async def _rewrite_events(body, exchange, fmt, chat, forced_ids) -> AsyncIterato
             if event.startswith("data: ") and not event.startswith("data: [DONE]"):
                 try:
                     payload = _decode(event[len("data: "):])
-                except ValueError:  # json's and msgspec's decode errors both are
+                except (ValueError, RecursionError):  # json's and msgspec's decode errors both are ValueError
                     out.append(event)
                     continue
                 if isinstance(payload, dict) and "choices" in payload:

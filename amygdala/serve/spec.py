@@ -150,8 +150,9 @@ def _parse_steer(value, readout: Readout | None, shape: ModelShape) -> tuple[Ste
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise FieldError("steer", f"not valid JSON ({e.msg}); give a list of steering objects") from None
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise FieldError("steer", f"not valid JSON ({getattr(e, 'msg', 'nested too deeply')}); give a list of "
+                             "steering objects") from None
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, list):

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,27 @@ class Generation:
     token_ids: list[int]
     rows: list[list[list[float]]] = field(default_factory=list)
     finish_reason: str | None = None
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme.lower(), (parts.hostname or "").lower(), parts.port
+
+
+class _KeepKeyAtHome(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only within the origin when the request carries the training key.
+
+    Why: urllib's own handler copies every header, ``Authorization`` included, onto a redirect
+    to any host, so a server (or anyone on the path) answering 302 to elsewhere would get the key."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if req.has_header("Authorization") and _origin(newurl) != _origin(req.full_url):
+            raise ServerError(f"{req.full_url}: redirected ({code}) to another origin ({newurl}); not followed, so the "
+                              "training key is not sent there. Give --server the address that answers itself")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_KeepKeyAtHome())
 
 
 class Server:
@@ -56,7 +78,7 @@ class Server:
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.root + path, data=data, method=method, headers=headers)
         try:
-            return urllib.request.urlopen(req, timeout=timeout or self.timeout)
+            return _OPENER.open(req, timeout=timeout or self.timeout)
         except urllib.error.HTTPError as e:
             try:
                 err = json.loads(e.read() or b"{}").get("error", {})

@@ -31,7 +31,20 @@ from pathlib import Path
 from amygdala.teach.samples import Context, SampleError, TeachSample, json_lines, parse_messages, scores_of
 
 CORRECTION = "#correction"
-_TAG = re.compile(r"^\s*([A-Za-z_][\w\- ]*?)\s*:\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
+# A tag line is "name: number", split at its first ":" and each side matched whole: no pattern
+# with two runs of optional spaces around the colon, which backtracked quadratically on a line
+# of 8k spaces, ':', 8k spaces.
+_TAG_NAME = re.compile(r"[A-Za-z_][\w\- ]*")
+_TAG_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def _tag(line: str) -> tuple[str, float] | None:
+    name, colon, number = line.partition(":")
+    name, number = name.strip(), number.strip()
+    if not colon or not _TAG_NAME.fullmatch(name) or not _TAG_NUMBER.fullmatch(number):
+        return None
+    value = float(number)
+    return (name.strip(), value) if math.isfinite(value) else None
 
 
 # --------------------------------------------------------------------------- transcripts
@@ -101,7 +114,7 @@ def transcripts_to_samples(path: str | Path, source: str | None = None) -> list[
 # --------------------------------------------------------------------------- scored notes
 def parse_tags(value: object, where: str) -> dict[str, float]:
     """Tag lines (``calm: 0.8``), as one string or a list of strings -> scores."""
-    lines = value.splitlines() if isinstance(value, str) else value
+    lines = value.split("\n") if isinstance(value, str) else value
     if not isinstance(lines, list):
         raise SampleError(f"{where}: expected tag lines like 'calm: 0.8', got {type(value).__name__}")
     out = {}
@@ -110,10 +123,10 @@ def parse_tags(value: object, where: str) -> dict[str, float]:
             raise SampleError(f"{where}[{i}]: expected a tag line like 'calm: 0.8', got {type(line).__name__}")
         if not line.strip():
             continue
-        m = _TAG.match(line)
-        if not m or not math.isfinite(float(m.group(2))):
-            raise SampleError(f"{where}: line {line!r}: expected 'concept: number', e.g. 'calm: 0.8'")
-        out[m.group(1).strip()] = float(m.group(2))
+        tag = _tag(line)
+        if tag is None:
+            raise SampleError(f"{where}: line {line[:80]!r}: expected 'concept: number', e.g. 'calm: 0.8'")
+        out[tag[0]] = tag[1]
     return out
 
 

@@ -94,9 +94,9 @@ def neutral_texts(path: Path | None = None, n: int = 16) -> list[str]:
         try:
             texts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
         except (OSError, UnicodeDecodeError) as e:
-            raise SampleError(f"--neutral {path}: cannot read ({e})") from None
+            raise SampleError(f"{path}: cannot read the neutral texts ({e})") from None
         if not texts:
-            raise SampleError(f"--neutral {path}: no texts; one per line")
+            raise SampleError(f"{path}: no neutral texts; one per line")
         return texts
     from amygdala.corpus import bundled_corpus, load_corpus
 
@@ -105,7 +105,7 @@ def neutral_texts(path: Path | None = None, n: int = 16) -> list[str]:
 
 def split(prompts: Sequence[Context], heldout: float) -> tuple[list[Context], list[Context]]:
     if len(prompts) < 2:
-        raise SampleError(f"--prompts: {len(prompts)} prompt(s); distill needs at least 2 (some are held out)")
+        raise SampleError(f"prompts: {len(prompts)} prompt(s); distill needs at least 2 (some are held out)", param="prompts")
     k = min(len(prompts) - 1, max(1, math.ceil(heldout * len(prompts))))
     return list(prompts[:-k]), list(prompts[-k:])
 

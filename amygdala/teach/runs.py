@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from amygdala.teach.client import Server, ServerError
-from amygdala.teach.samples import Context, SampleError, TeachSample, parse_messages
+from amygdala.teach.samples import Context, SampleError, TeachSample, file_lines, parse_messages
 
 #: The server refuses bigger jobs (amygdala.finetune.inputs.Limits.max_samples).
 MAX_SAMPLES_PER_JOB = 4096
@@ -26,10 +26,7 @@ MAX_SAMPLES_PER_JOB = 4096
 def read_prompts(path: str | Path) -> list[Context]:
     """One prompt per line: plain text, or a JSON list of chat messages. Blank lines are skipped."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise SampleError(f"{path}: cannot read ({e})") from None
+    lines = file_lines(path)
     out: list[Context] = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -37,9 +34,10 @@ def read_prompts(path: str | Path) -> list[Context]:
         if line.lstrip().startswith("["):
             try:
                 messages = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SampleError(f"{path}:{n}: starts like JSON messages but is not JSON ({e.msg}); "
-                                  "write plain text or a JSON list of messages") from None
+            except (json.JSONDecodeError, RecursionError) as e:
+                raise SampleError(f"{path}:{n}: starts like JSON messages but is not JSON "
+                                  f"({getattr(e, 'msg', 'nested too deeply')}); write plain text or a JSON list of "
+                                  "messages") from None
             out.append(parse_messages(messages, f"{path}:{n}"))
         else:
             out.append(line.strip())

@@ -126,20 +126,34 @@ def parse_sample(raw: object, where: str) -> TeachSample:
     return TeachSample(context, raw["chosen"], raw.get("rejected"), scores, source)
 
 
-def json_lines(path: str | Path) -> Iterable[tuple[int, object]]:
-    """(line number, decoded JSON) of each non-blank line; a line that is not JSON is a SampleError."""
+def file_lines(path: str | Path) -> list[str]:
+    """A UTF-8 file's lines, split at "\n" only (a "\r" before it dropped): the one line reader of JSONL.
+
+    Why not ``str.splitlines``: it also splits at U+2028, U+2029, U+0085 and others, which JSON
+    written with ``ensure_ascii=False`` keeps raw inside strings, so a sample could not be read back."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise SampleError(f"{path}: cannot read ({e})") from None
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            yield n, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SampleError(f"{path}:{n}: not JSON ({e.msg} at column {e.colno}); one JSON object per line") from None
+    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+
+
+def loads(line: str, where: str):
+    """``json.loads`` whose every failure is a SampleError (deep nesting raises RecursionError)."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise SampleError(f"{where}: not JSON ({e.msg} at column {e.colno}); one JSON object per line") from None
+    except RecursionError:
+        raise SampleError(f"{where}: JSON nested too deeply; one flat JSON object per line") from None
+
+
+def json_lines(path: str | Path) -> Iterable[tuple[int, object]]:
+    """(line number, decoded JSON) of each non-blank line; a line that is not JSON is a SampleError."""
+    for n, line in enumerate(file_lines(path), 1):
+        if line.strip():
+            yield n, loads(line, f"{path}:{n}")
 
 
 def read_numbered(path: str | Path) -> list[tuple[int, TeachSample]]:

@@ -30,8 +30,8 @@ class Encoder:
         try:
             tok = AutoTokenizer.from_pretrained(str(path))
         except (OSError, ValueError) as e:
-            raise SampleError(f"--tokenizer {path}: cannot load a tokenizer there ({e}); give the served model's "
-                              "folder with --tokenizer") from None
+            raise SampleError(f"tokenizer {path}: cannot load a tokenizer there ({e}); give the served model's "
+                              "folder", param="tokenizer") from None
         try:
             length = getattr(AutoConfig.from_pretrained(str(path)), "max_position_embeddings", None)
         except (OSError, ValueError):

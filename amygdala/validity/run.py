@@ -27,7 +27,7 @@ JSON_NAME, HTML_NAME = "eval.json", "eval.html"
 
 
 def run_eval(
-    readout_path: str | Path, corpus: Corpus, *, model: str | None = "default", device: str | None = None,
+    readout_path: str | Path, corpus: Corpus, *, model: str | None = "default", device: str | None = None, dtype: str | None = None,
     steering: SteeringConfig | None = SteeringConfig(), batch_size: int = 16, progress: bool = True,
     max_folds: int | None = None,
 ) -> dict:
@@ -36,7 +36,7 @@ def run_eval(
         readout.concept_index(name)  # an unknown name fails here, with the nearest ones, before the model loads
     corpus = corpus_for(readout, corpus)
     info = matching_model(readout, model)
-    loaded, tokenizer, _ = load_model(info.path, device)
+    loaded, tokenizer, _ = load_model(info.path, device, dtype)
     method = readout.meta.get("method") or "diffmean"
     pooled_method = method in METHODS and not METHODS[method].needs_tokens
     # The per-token view keeps the held-out stories' tokens and the token moments from this same forward.

@@ -87,13 +87,22 @@ def _token(scored: TextScores, rows, i: int) -> dict:
     return out
 
 
+def script_json(value) -> str:
+    """JSON safe inside a ``<script>`` element: every ``<``, ``>`` and ``&`` as ``\\u003c`` etc.
+
+    Why all three, not only ``</``: ``<!--<script`` puts the HTML parser in its "double escaped"
+    state, where ``</script>`` no longer ends the element and the page renders nothing. JSON
+    strings accept the escapes, so ``JSON.parse`` gives back the same text."""
+    text = json.dumps(value, separators=(",", ":"))
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
 def offline_html(conversation: dict) -> str:
     """The page with its assets inlined and ``conversation`` embedded: one file, no network."""
     page = asset("index.html").decode()
     style = asset("style.css").decode()
     script = asset("app.js").decode()
-    # "</" inside a <script> element would end it early; JSON allows the escaped form.
-    data = json.dumps(conversation, separators=(",", ":")).replace("</", "<\\/")
+    data = script_json(conversation)
     for needle in (_STYLE_LINK, _SCRIPT_TAG, _DATA_SLOT):
         if needle not in page:
             raise RuntimeError(f"amygdala/view/assets/index.html lost its {needle!r} marker; reinstall amygdala")

@@ -73,6 +73,13 @@ def make_readout(path: Path, *, hidden: int = HIDDEN, seed: int = 1, stats: bool
     return path
 
 
+def make_files(root: Path, *, tracks: bool = False) -> tuple[Path, Path, Path, Path]:
+    """(root, tiny model, its readout, a readout of the wrong hidden size): what the serve tests
+    start servers on, built once per module; ``tracks`` as in :func:`make_readout`."""
+    return (root, make_tiny_model(root / "model"), make_readout(root / "readout", tracks=tracks),
+            make_readout(root / "bad-readout", hidden=64))
+
+
 def prompt_words(n: int, seed: int = 0) -> str:
     """``n`` words of the tiny vocabulary (n tokens, plus the BOS the tokenizer adds)."""
     import random

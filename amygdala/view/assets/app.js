@@ -199,7 +199,21 @@
     rendered: 0,        // tokens whose spans exist
   };
   const $ = (id) => document.getElementById(id);
-  const authKey = new URLSearchParams(location.search).get("key");
+  // The key comes from the address's fragment (#key=KEY: never sent to the server, so never in its
+  // access log) or a prompt after a 401, and is taken out of the address bar at once (history).
+  // A page without an origin of its own (a snapshot opened in a sandbox, about:blank) may not use
+  // sessionStorage at all: reading it throws there, and the page must still draw.
+  const keyStore = {
+    get() { try { return sessionStorage.getItem("amygdala-key"); } catch (e) { return null; } },
+    set(k) { try { sessionStorage.setItem("amygdala-key", k); } catch (e) { /* kept in memory only */ } },
+  };
+  let authKey = new URLSearchParams(location.hash.replace(/^#/, "")).get("key") || keyStore.get();
+  if (location.hash.includes("key=")) history.replaceState(null, "", location.pathname + location.search);
+  if (authKey) keyStore.set(authKey);
+  function askKey() {
+    const k = window.prompt("This server needs its API key (vLLM --api-key):");
+    if (k) { authKey = k; keyStore.set(k); location.reload(); }
+  }
 
   function headers() {
     const h = { "Content-Type": "application/json" };
@@ -280,7 +294,8 @@
       return;
     }
     if (!resp.ok) {
-      notice(`The readout manifest answered ${resp.status}${resp.status === 401 ? ": add ?key=YOUR_KEY to the page's address" : ""}.`);
+      notice(`The readout manifest answered ${resp.status}${resp.status === 401 ? ": open the page as /amygdala/#key=YOUR_KEY, or reload and give the key" : ""}.`);
+      if (resp.status === 401) askKey();
       disableComposer("no manifest");
       return;
     }
@@ -841,7 +856,9 @@
   /** The page with its files inlined and the conversation embedded (what amygdala read --html writes). */
   async function snapshotHtml() {
     const [page, style, script] = await Promise.all(["index.html", "style.css", "app.js"].map((f) => fetch(f).then((r) => r.text())));
-    const data = JSON.stringify(conversation()).replace(/<\//g, "<\\/");
+    // every <, > and & escaped (as view/offline.py's script_json): a comment opener followed by a script tag in a text would
+    // otherwise keep the HTML parser from ending the data element, and the snapshot renders nothing
+    const data = JSON.stringify(conversation()).replace(/[<>&]/g, (ch) => "\\u00" + ch.charCodeAt(0).toString(16).padStart(2, "0"));
     // Built from parts: this file is itself inlined into a <script> element, which a literal
     // closing tag or comment opener would end or confuse.
     const close = "<" + "/script>", slot = "<" + "!--snapshot-data--" + ">";

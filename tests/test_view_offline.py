@@ -1,0 +1,124 @@
+"""The live page's code without a server, in a real headless Chromium: the panel's hysteresis
+rule against an oracle, the offline snapshot's inlining, ``amygdala read --html`` against
+``read``'s own scores, the page's routes and off switch. Split from tests/test_view.py (which
+starts ``amygdala view``)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from helpers import view as vh
+from helpers.view import ENTER_Z, EXIT_Z, asset, hysteresis, open_offline
+from amygdala.readout import Readout
+
+#: Module fixtures (tests/helpers/view.py): each module its own browser and files.
+browser, files = vh.browser_fixture(), vh.files_fixture()
+
+
+def test_hysteresis_rule_in_the_browser(browser):
+    """app.js's rule against the oracle: entry, staying between the thresholds, leaving."""
+    pg = browser.new_page()
+    pg.set_content("<script>" + asset("app.js") + "</script>")
+    step = "(a) => window.amygdala.hysteresisStep(a[0], a[1], {k: a[2], enter: a[3], exit: a[4]})"
+    assert pg.evaluate(step, [[], [2.0, 0.5, 1.2], 1, 1.0, 0.5]) == [0]       # only the top 1 enters
+    assert pg.evaluate(step, [[0], [0.7, 0.5, 1.2], 1, 1.0, 0.5]) == [2, 0]   # 0 stays (0.7 >= exit, rank < 2k)
+    assert pg.evaluate(step, [[0, 2], [0.4, 0.5, 1.2], 1, 1.0, 0.5]) == [2]   # 0 leaves below exit
+    assert pg.evaluate(step, [[0], [0.8, 0.9, 1.2], 1, 1.0, 0.5]) == [2]      # 0 leaves at rank 2 >= 2k
+    assert pg.evaluate(step, [[], [0.9, 0.8], 2, 1.0, 0.5]) == []             # nothing reaches entry
+    rng = np.random.default_rng(0)
+    listed_js, listed_py = [], []
+    for _ in range(200):
+        values = (rng.normal(size=30) * 1.5).round(3).tolist()
+        listed_js = pg.evaluate(step, [listed_js, values, 8, ENTER_Z, EXIT_Z])
+        listed_py = hysteresis(listed_py, values, 8, ENTER_Z, EXIT_Z)
+        assert listed_js == listed_py
+    assert pg.evaluate("window.amygdala.nearestNames('anxius', ['anxious', 'calm', 'angry'], 2)") == ["anxious", "angry"]
+    # A chunk of several tokens: pieces join to the text whatever the tokens' own strings lack.
+    split = "(a) => window.amygdala.splitText(a[0], a[1])"
+    assert pg.evaluate(split, [" w75 w118 w0", ["w75", "w118", "w0"]]) == [" w75", " w118", " w0"]
+    assert pg.evaluate(split, ["Hello, world", ["Hello", ",", " world"]]) == ["Hello", ",", " world"]
+    assert pg.evaluate(split, ["ab", ["x", "y"]]) == ["", "ab"]
+    pg.close()
+
+
+def test_snapshot_inlines_the_page_safely():
+    from amygdala.view import offline_html
+
+    assert "</script" not in asset("app.js").lower() and "<!--" not in asset("app.js")
+    conv = {"format": "amygdala-conversation", "version": 1, "manifest": {"concepts": ["a"], "layers": [0]},
+            "readout": "raw", "alignment": "own", "messages": [{"role": "text", "content": "</script><b>x",
+            "steer": [], "tokens": [{"text": "</script><b>x", "readout": [[1.0]]}]}]}
+    html = offline_html(conv)
+    js = asset("app.js")
+    for tag in ('<link rel="stylesheet" href="style.css">', '<script src="app.js">'):
+        assert html.count(tag) == js.count(tag)  # the page's own reference was replaced by the file
+    assert html.count("</script>") == 2  # the data's own "</script>" was escaped
+
+
+def test_read_html_writes_a_snapshot_that_matches_read(files, browser, tmp_path):
+    """``amygdala read --html``: the teacher-forced readout of a text as an offline page."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from amygdala.readout import DEFAULT_SMOOTH, score_text
+
+    root, model, readout_path = files
+    out = tmp_path / "read.html"
+    text = "w5 w6 w7 w8 w9"
+    proc = subprocess.run([sys.executable, "-m", "amygdala", "read", text, "--readout", str(readout_path),
+                           "--model", str(model), "--html", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    readout = Readout.load(readout_path)
+    hf = AutoModelForCausalLM.from_pretrained(model).eval()
+    # read's default smoothing and statistics: the page shows what `read` prints.
+    scored = score_text(hf, AutoTokenizer.from_pretrained(model), readout, text, smooth=DEFAULT_SMOOTH)
+    pg = open_offline(browser, out)
+    try:
+        assert pg.locator(".msg.text .tok").all_inner_texts() == scored.tokens
+        assert "teacher-forced" in pg.inner_text("#notice").lower()
+        last = scored.scores[-1]
+        for l, layer in enumerate(readout.layers):
+            for row in pg.locator(f'.pc[data-layer="{layer}"]').all():
+                c = readout.concepts.index(row.get_attribute("data-concept"))
+                assert abs(float(row.locator(".val").inner_text()) - float(last[l, c])) < 0.006
+    finally:
+        pg.context.close()
+
+
+def test_page_routes_and_the_off_switch(monkeypatch):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from amygdala.serve import page as page_routes
+    from amygdala.serve.config import PAGE_ENV
+
+    app = FastAPI()
+    page_routes.attach(app)
+    client = TestClient(app)
+    r = client.get("/amygdala/")
+    assert r.status_code == 200 and "text/html" in r.headers["content-type"] and b"app.js" in r.content
+    assert client.get("/amygdala/app.js").headers["content-type"].startswith("text/javascript")
+    assert client.get("/amygdala", follow_redirects=False).status_code in (302, 307)
+    assert client.get("/amygdala/../pyproject.toml").status_code == 404
+    monkeypatch.setenv(PAGE_ENV, "0")
+    off = FastAPI()
+    page_routes.attach(off)
+    assert TestClient(off).get("/amygdala/").status_code == 404
+
+
+@pytest.mark.vllm  # imports vLLM
+def test_serve_no_page_flag_sets_the_switch(files, monkeypatch):
+    from amygdala.cli.main import build_parser
+    from amygdala.serve.launch import vllm_argv
+    from amygdala.serve.config import PAGE_ENV
+
+    pytest.importorskip("vllm")
+    monkeypatch.delenv(PAGE_ENV, raising=False)
+    _, model, readout = files
+    args = build_parser().parse_args(["serve", "--model", str(model), "--readout", str(readout), "--no-page"])
+    assert vllm_argv(args)[1][PAGE_ENV] == "0"
+    args = build_parser().parse_args(["serve", "--model", str(model), "--readout", str(readout)])
+    assert PAGE_ENV not in vllm_argv(args)[1]
