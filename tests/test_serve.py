@@ -1,6 +1,8 @@
 """The vLLM plugin on the real CPU build of vLLM: readout, steering, prefix cache, bad input.
 
-One tiny random Llama (hidden 128, head_dim 64) and its random readout; two server processes
+One tiny random Llama (hidden 128, head_dim 64) and its random readout (with tracks and both
+statistics sets, as builds since issue 23 write it; files without them run in the other vLLM
+modules: test_serve_live.py, test_serve_parallel.py, ...); two server processes
 per module: the server under test (readout loaded, prefix caching and cached-token counts on)
 and a plain vLLM server without the plugin (the reference for "no steering at all"). References
 for the scores come from amygdala's transformers readout (:func:`amygdala.readout.attach`) on
@@ -30,7 +32,7 @@ RTOL = 1e-4
 # --------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    return sh.make_files(tmp_path_factory.mktemp("serve"))
+    return sh.make_files(tmp_path_factory.mktemp("serve"), tracks=True)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +104,13 @@ def test_manifest(server, readout):
     code, m = server.get("/readout/manifest")
     assert code == 200
     assert m["concepts"] == readout.concepts and m["layers"] == readout.layers and m["hidden_size"] == 128
-    torch.testing.assert_close(torch.tensor(m["std"]), torch.stack([readout.std[l] for l in readout.layers]))
+    # mean/std: the default statistics (emotional, in this file); every set under statistics_sets.
+    torch.testing.assert_close(torch.tensor(m["std"]), torch.stack([readout.emotional_std[l] for l in readout.layers]))
+    torch.testing.assert_close(torch.tensor(m["statistics_sets"]["neutral"]["std"]), torch.stack([readout.std[l] for l in readout.layers]))
+    assert m["tracks"] == ["emotionality", "valence"] and m["statistics"]["default"] == "emotional"
+    from amygdala.readout import DEFAULT_SMOOTH
+
+    assert m["smooth"] == DEFAULT_SMOOTH
 
 
 @vllm
@@ -237,12 +245,40 @@ def test_readout_off_and_zscore(server, files, readout):
     assert code == 200 and "readout" not in off["choices"][0]
     assert off["choices"][0]["text"] == raw["choices"][0]["text"]
     _, z = server.post("/completions", {**b, "readout": "zscore"})
-    mean = torch.stack([readout.mean[l] for l in readout.layers])
-    std = torch.stack([readout.std[l] for l in readout.layers])
-    want = (torch.tensor(raw["choices"][0]["readout"]) - mean) / std
+    want = readout.zscore(torch.tensor(raw["choices"][0]["readout"]))  # the file's default statistics
     torch.testing.assert_close(torch.tensor(z["choices"][0]["readout"]), want, atol=1e-4, rtol=1e-4)
+    want = readout.track_zscore(torch.tensor(raw["choices"][0]["tracks"]))  # tracks: over neutral text
+    torch.testing.assert_close(torch.tensor(z["choices"][0]["tracks"]), want, atol=1e-4, rtol=1e-4)
     chunks = server.stream("/completions", {**b, "readout": False})
     assert not any("readout" in ch for c in chunks for ch in c["choices"])
+
+
+@vllm
+def test_tracks_match_transformers_per_token_streamed_and_for_the_prompt(server, files, hf, readout):
+    """The emotionality and valence tracks travel beside every token's readout: equal to the
+    transformers readout's track projections (``ReadoutSession.tracks``) at the same positions,
+    streamed chunk by chunk (``tracks_tokens`` when a chunk carries several) and for the prompt."""
+    b = body(files, sh.prompt_words(12, seed=4), max_tokens=6, return_token_ids=True, readout_prompt=True)
+    code, r = server.post("/completions", b)
+    assert code == 200, r
+    c = r["choices"][0]
+    ids = c["prompt_token_ids"] + c["token_ids"]
+    with attach(hf, readout) as session, torch.no_grad():
+        hf(torch.tensor([ids]))
+    want = session.tracks()[0]  # [positions, n_layers, n_tracks]
+    p = len(c["prompt_token_ids"])
+    assert len(c["tracks"]) == len(c["readout"]) == len(c["token_ids"])
+    torch.testing.assert_close(torch.tensor(c["tracks"]), want[p - 1 : p - 1 + len(c["token_ids"])], atol=ATOL, rtol=RTOL)
+    assert c["prompt_tracks"][0] is None
+    torch.testing.assert_close(torch.tensor(c["prompt_tracks"][1:]), want[: p - 1], atol=ATOL, rtol=RTOL)
+    chunks = server.stream("/completions", {**b, "return_token_ids": False, "stream_interval": 2})
+    got = []
+    for ch in (ch for x in chunks for ch in x["choices"] if "readout" in ch):
+        many = ch.get("tracks_tokens", [ch["tracks"]])
+        assert ch["tracks"] == many[-1] and len(many) == len(ch.get("readout_tokens", [ch["readout"]]))
+        got += many
+    assert any("tracks_tokens" in ch for x in chunks for ch in x["choices"])
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(c["tracks"]))
 
 
 @vllm

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import serve as sh
 from amygdala.fields import FieldError
 from amygdala.readout import Readout
 from amygdala.serve.proxy import Exchange, RowStore
@@ -147,3 +148,38 @@ def test_stream_rewrite_puts_each_tokens_rows_in_its_chunk():
     std = torch.stack([r.std[l] for l in r.layers])
     want = (torch.tensor(np.stack(rows[:2])) - mean) / std
     torch.testing.assert_close(torch.tensor(payload["choices"][0]["readout"]), want)
+
+
+def test_worker_rows_carry_the_tracks_and_the_formatter_splits_them(tmp_path):
+    """The worker's projection (hooks.read_matrix: concepts, then tracks, in one matmul) and the
+    API side's split (Formatter) give exactly Readout.zscore / Readout.track_zscore of the separate
+    projections; a file without tracks gives plain concept rows and no track fields."""
+    from amygdala.serve.hooks import read_matrix
+
+    new = Readout.load(sh.make_readout(tmp_path / "new", hidden=16, tracks=True))
+    old = Readout.load(sh.make_readout(tmp_path / "old", hidden=16))
+    h = torch.randn(5, 16, generator=torch.Generator().manual_seed(3))  # 5 tokens' block outputs
+    for r in (new, old):
+        rows = torch.stack([h @ read_matrix(r, l).T for l in r.layers], dim=1).numpy()  # [5, L, C + T]
+        concepts = torch.stack([h @ r.vectors[l].T for l in r.layers], dim=1)
+        fmt = Formatter(r)
+        for i in range(5):
+            torch.testing.assert_close(torch.tensor(fmt.row(rows[i], "raw")), concepts[i])
+            torch.testing.assert_close(torch.tensor(fmt.row(rows[i], "zscore")), r.zscore(concepts[i]), atol=1e-5, rtol=1e-5)
+        if r is old:
+            assert rows.shape[-1] == len(r.concepts) and fmt.tracks(rows[0], "zscore") is None
+            payload = rewrite_json({"choices": [{"index": 0}]}, _exchange("zscore", list(rows)), fmt, chat=True)
+            assert "tracks" not in payload["choices"][0]
+            continue
+        tracks = torch.stack([h @ r.track_vectors[l].T for l in r.layers], dim=1)
+        for i in range(5):
+            torch.testing.assert_close(torch.tensor(fmt.tracks(rows[i], "raw")), tracks[i])
+            torch.testing.assert_close(torch.tensor(fmt.tracks(rows[i], "zscore")), r.track_zscore(tracks[i]), atol=1e-5, rtol=1e-5)
+        payload = rewrite_json({"choices": [{"index": 0}]}, _exchange("zscore", list(rows)), fmt, chat=True)
+        torch.testing.assert_close(torch.tensor(payload["choices"][0]["tracks"]), r.track_zscore(tracks), atol=1e-5, rtol=1e-5)
+
+
+def _exchange(mode: str, rows: list) -> Exchange:
+    ex = Exchange(RequestSpec(mode), n=1)
+    ex.pending[(0, 0)] = rows
+    return ex

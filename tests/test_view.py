@@ -44,6 +44,25 @@ def over_median(values) -> list[float]:
     return [float(v) - float(np.sort(np.asarray(values, dtype=np.float32))[len(values) // 2]) for v in values]
 
 
+def smooth(rows: list, n: int) -> list:
+    """The page's smoothing, written independently of app.js: each row the mean of the last ``n``
+    rows of its message that have a readout (itself included); rows without one stay None."""
+    have = [np.asarray(r, dtype=np.float64) for r in rows if r is not None]
+    out, k = [], 0
+    for r in rows:
+        if r is None:
+            out.append(None)
+            continue
+        k += 1
+        out.append(np.mean(have[max(0, k - n) : k], axis=0))
+    return out
+
+
+def page_smooth(server: sh.Server) -> int:
+    """The smoothing the page applies by default: the server manifest's ``smooth``."""
+    return int(server.get("/readout/manifest")[1]["smooth"])
+
+
 def valence(row) -> float:
     w = np.array(VALENCE) - np.mean(VALENCE)
     return float(np.mean([(w * np.array(layer)).sum() / np.abs(w).sum() for layer in row]))
@@ -139,7 +158,10 @@ def test_chat_tokens_colours_and_panel_follow_the_stream(servers, page, tmp_path
     open_page(page, url)
     assert "5 concepts" in page.inner_text("#readout-info")
     chat(page, PROMPT)
-    text, rows = streamed(server, [{"role": "user", "content": PROMPT}])
+    text, raw = streamed(server, [{"role": "user", "content": PROMPT}])
+    n = page_smooth(server)
+    assert n > 1 and page.input_value("#smooth") == str(n)
+    rows = smooth(raw, n)  # what the page shows: the manifest's smoothing over the message
     spans = page.locator(".msg.assistant .tok")
     assert spans.count() == len(rows) > 0
     assert "".join(spans.all_inner_texts()) == text
@@ -183,10 +205,19 @@ def test_read_the_prompt_shows_its_tokens_with_their_readout(servers, page):
                                                  "max_tokens": 2, "readout": "zscore", "readout_prompt": True})
     first = chunks[0]["choices"][0]
     assert prompt.locator(".tok").all_inner_texts() == first["prompt_tokens"]
-    # The panel can pin a prompt token: its values are that token's streamed row.
+    # The panel can pin a prompt token: its values are that token's streamed row, smoothed over
+    # the prompt's rows before it (the first position, the attention sink, has none).
+    assert first["prompt_readout"][0] is None
+    shown = smooth(first["prompt_readout"], page_smooth(server))
     i = len(first["prompt_tokens"]) - 2
     prompt.locator(".tok").nth(i).click()
     layer = sh.LAYERS[0]
+    for row in page.locator(f'.pc[data-layer="{layer}"]').all():
+        c = sh.CONCEPTS.index(row.get_attribute("data-concept"))
+        assert abs(float(row.locator(".val").inner_text()) - shown[i][0][c]) < 0.006
+    # Smoothing off (1 token): the pinned token shows its own row.
+    page.fill("#smooth", "1")
+    page.dispatch_event("#smooth", "change")
     for row in page.locator(f'.pc[data-layer="{layer}"]').all():
         c = sh.CONCEPTS.index(row.get_attribute("data-concept"))
         assert abs(float(row.locator(".val").inner_text()) - first["prompt_readout"][i][0][c]) < 0.006
@@ -200,7 +231,8 @@ def test_hover_shows_each_layers_top_concepts(servers, page):
     url, server, _ = servers
     open_page(page, url)
     chat(page, PROMPT)
-    _, rows = streamed(server, [{"role": "user", "content": PROMPT}])
+    _, raw = streamed(server, [{"role": "user", "content": PROMPT}])
+    rows = smooth(raw, page_smooth(server))
     page.hover(".msg.assistant .tok >> nth=2")
     tip = page.locator("#tooltip")
     tip.wait_for(state="visible")
@@ -250,7 +282,7 @@ def test_concept_search_by_name_description_and_nearest_names(servers, page):
     page.press("#search", "Enter")
     message = page.inner_text("#search-message")
     assert "unknown concept" in message and "calmm" in message and "calm" in message.split("nearest:")[1]
-    assert page.locator(".track").count() == 0
+    assert page.locator(".track[data-concept]").count() == 0  # no concept's track was added
     page.click("#search-message a >> text=calm")
     assert page.locator('.track[data-concept="calm"]').count() == 1
 

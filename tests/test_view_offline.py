@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from helpers import view as vh
 from helpers.view import ENTER_Z, EXIT_Z, asset, hysteresis, open_offline
@@ -43,6 +44,53 @@ def test_hysteresis_rule_in_the_browser(browser):
     assert pg.evaluate(split, ["Hello, world", ["Hello", ",", " world"]]) == ["Hello", ",", " world"]
     assert pg.evaluate(split, ["ab", ["x", "y"]]) == ["", "ab"]
     pg.close()
+
+
+def test_statistics_switch_and_smoothing_against_the_readout(browser, tmp_path):
+    """The page's statistics switch and smoothing give exactly ``Readout.zscore(raw, against)``
+    and ``smooth_causal`` (the library's own functions, which ``read`` prints): z of one set
+    turned into z of the other per layer and concept, a causal mean that skips the attention
+    sink; the emotionality track drawn from the tokens' tracks."""
+    from amygdala.readout import smooth_causal
+    from amygdala.view import offline_html
+
+    readout = Readout.load(vh.sh.make_readout(tmp_path / "ro", tracks=True))
+    assert readout.default_statistics == "emotional"
+    g = torch.Generator().manual_seed(5)
+    raw = torch.randn(9, len(readout.layers), len(readout.concepts), generator=g) * 3  # 9 tokens
+    tracks = torch.randn(9, len(readout.layers), 2, generator=g)
+    z = {against: readout.zscore(raw, against) for against in ("emotional", "neutral")}
+    manifest = readout.manifest()
+    tokens = [{"text": f" t{i}", "readout": None if i == 0 else z["emotional"][i].tolist(),
+               "tracks": None if i == 0 else tracks[i].tolist()} for i in range(9)]
+    conv = {"format": "amygdala-conversation", "version": 1, "manifest": manifest, "readout": "zscore",
+            "statistics": "emotional", "smoothed": 1, "alignment": "own",
+            "messages": [{"role": "text", "content": "".join(t["text"] for t in tokens), "steer": [], "tokens": tokens}]}
+    path = tmp_path / "snap.html"
+    path.write_text(offline_html(conv))
+    sink = torch.tensor([True] + [False] * 8)
+    pg = open_offline(browser, path)
+    try:
+        def shown(i: int) -> list[float]:
+            return pg.evaluate(f"Array.from(window.amygdala.state.tokens[{i}].row)")
+
+        def emotionality(i: int) -> float:
+            return pg.evaluate(f"window.amygdala.state.tokens[{i}].tracks.emotionality")
+
+        assert pg.input_value("#smooth") == str(manifest.get("smooth", 1))
+        for against, n in (("emotional", 1), ("neutral", 1), ("neutral", 4), ("emotional", 3)):
+            pg.select_option("#statistics", against)
+            pg.fill("#smooth", str(n))
+            pg.dispatch_event("#smooth", "change")
+            want = smooth_causal(z[against], n, skip=sink)
+            want_emo = smooth_causal(tracks[..., 0].mean(-1), n, skip=sink)  # mean over the layers
+            for i in range(1, 9):
+                np.testing.assert_allclose(shown(i), want[i].flatten().tolist(), atol=1e-4, err_msg=f"{against}, {n}, token {i}")
+                assert abs(emotionality(i) - float(want_emo[i])) < 1e-4
+        assert pg.evaluate("window.amygdala.state.tokens[0].row") is None  # the sink has no readout
+        assert pg.is_visible("#emotionality")
+    finally:
+        pg.context.close()
 
 
 def test_snapshot_inlines_the_page_safely():

@@ -84,7 +84,7 @@ def _add_read(sub) -> None:
                         "another feeling?); default: the readout file's")
     p.add_argument("--smooth", type=int, default=None, metavar="N",
                    help="causal moving average over the last N tokens (1: none; default "
-                        "amygdala.readout.DEFAULT_SMOOTH, 3)")
+                        "amygdala.readout.DEFAULT_SMOOTH, 8)")
     p.set_defaults(func=cmd_read)
 
 

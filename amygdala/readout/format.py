@@ -190,6 +190,15 @@ class Readout:
             mean, std = self.stats_for(None)
             body["mean"] = [mean[l].tolist() for l in self.layers]
             body["std"] = [std[l].tolist() for l in self.layers]
+            # Every set, so a client (the page's statistics switch) can turn z of one into z of another.
+            body["statistics_sets"] = {}
+            for name in self.statistics:
+                m, s = self.stats_for(name)
+                body["statistics_sets"][name] = {"mean": [m[l].tolist() for l in self.layers],
+                                                 "std": [s[l].tolist() for l in self.layers]}
+        if stats and self.track_names:
+            body["tracks_mean"] = [self.track_mean[l].tolist() for l in self.layers]
+            body["tracks_std"] = [self.track_std[l].tolist() for l in self.layers]
         return body
 
     @property

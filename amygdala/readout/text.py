@@ -9,10 +9,11 @@ import torch
 from amygdala.readout.format import Readout
 from amygdala.readout.runtime import attach
 
-#: ``read --smooth``'s default: a causal moving average over the last N tokens. Three tokens keep a
-#: word's pieces together without smearing one clause into the next; one constant, easy to change
-#: when the per-token eval (docs/validity.md) says otherwise.
-DEFAULT_SMOOTH = 3
+#: ``read --smooth``'s default and the live page's (the server's manifest carries it as ``smooth``):
+#: a causal moving average over the last N tokens. Eight, from the per-token eval (docs/validity.md,
+#: mean-removed vectors, emotional statistics, 2264 held-out stories): token cluster top-1 17.0%
+#: unsmoothed, 20.0% over 4 tokens, 21.8% over 8.
+DEFAULT_SMOOTH = 8
 
 
 @dataclass

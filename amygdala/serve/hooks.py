@@ -67,7 +67,7 @@ class _Plan:
     steer_tables: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [1 + n, hidden]
     read_rows: torch.Tensor | None = None  # [m] token rows whose scores are wanted
     read_keys: list[tuple[str, str, int]] = field(default_factory=list)  # (tag, req_id, k)
-    scores: torch.Tensor | None = None  # [m, n_layers, n_concepts] float32
+    scores: torch.Tensor | None = None  # [m, n_layers, n_concepts + n_tracks] float32
 
 
 class WorkerState:
@@ -88,7 +88,11 @@ class WorkerState:
         mine = [(l, pos) for pos, l in enumerate(readout.layers) if l in owned]
         self.read_pos = {l: j for j, (l, _) in enumerate(mine)}  # layer -> column of this stage's scores
         self.manifest_pos = [pos for _, pos in mine]
-        self.vt = {l: readout.vectors[l].to(self.device, torch.float32).T.contiguous() for l, _ in mine}
+        # The tracks (emotionality, valence; files since issue 23) are read in the same matmul, as
+        # extra columns after the concepts: one row per token carries both, so the channel and the
+        # API side's row store need nothing new; amygdala.serve.respond splits them again.
+        self.vt = {l: read_matrix(readout, l).to(self.device, torch.float32).T.contiguous() for l, _ in mine}
+        self.width = len(readout.concepts) + len(readout.track_names)
         self.requests: dict[str, _Request | None] = {}
         self.plan: _Plan | None = None
         address = os.environ.get(CHANNEL_ENV)
@@ -145,7 +149,7 @@ class WorkerState:
         if reads and self.read_pos:
             plan.read_rows = torch.tensor([r for r, _ in reads], device=self.device)
             plan.read_keys = [key for _, key in reads]
-            plan.scores = torch.empty(len(reads), len(self.read_pos), len(self.readout.concepts), device=self.device)
+            plan.scores = torch.empty(len(reads), len(self.read_pos), self.width, device=self.device)
         self.plan = plan
 
     def end_step(self, send: bool = True) -> None:
@@ -208,6 +212,15 @@ class WorkerState:
                 part = Steering.from_vector(vector, float(item["strength"]), list(item["layers"]))
             steering = steering + part
         return {l: d.to(self.device, self.dtype) for l, d in steering.deltas.items()}
+
+
+def read_matrix(readout: Readout, layer: int) -> torch.Tensor:
+    """The directions one layer's rows are projected on: the concept vectors [n_concepts, hidden],
+    then the track directions [n_tracks, hidden] where the file has them (older files: none)."""
+    vectors = readout.vectors[layer].float()
+    if not readout.track_names:
+        return vectors
+    return torch.cat([vectors, readout.track_vectors[layer].float()])
 
 
 def _pad(idx: torch.Tensor, rows: int) -> torch.Tensor:

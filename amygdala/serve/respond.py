@@ -9,6 +9,13 @@ token's matrix and ``readout_tokens`` lists all of them, so no token's scores ar
 With ``readout_prompt``, each choice (its first chunk, when streaming) also carries
 ``prompt_tokens`` and ``prompt_readout``, one matrix per prompt token (null for the first).
 
+A readout with tracks (``emotionality``, ``valence``: files built since issue 23) adds the same
+per token for them beside every ``readout``: ``tracks`` (``[n_layers][n_tracks]`` per token, in the
+manifest's ``tracks`` order; a list of them non-streaming), ``tracks_tokens`` beside
+``readout_tokens`` and ``prompt_tracks`` beside ``prompt_readout``. Raw projections with
+``"readout": true``, z over neutral text with ``"zscore"`` (the tracks' statistics are always
+neutral: "how emotional is this token compared with plain prose"). Older files: no track fields.
+
 To know how many tokens a streamed chunk carries, the route asks vLLM for ``token_ids`` in the
 chunks (``return_token_ids``) and strips them again here when the client did not ask for them.
 Streamed completions with ``echo`` can't do that (vLLM then drops the echoed text), so there a
@@ -37,21 +44,39 @@ except ImportError:  # pragma: no cover
 class Formatter:
     """Rows to JSON lists, raw or z-scored with the readout's default statistics (the file's
     ``statistics.default``: emotional text for new builds, neutral for older files), the same
-    set ``amygdala read`` uses and the manifest's ``mean``/``std`` carry."""
+    set ``amygdala read`` uses and the manifest's ``mean``/``std`` carry.
+
+    A worker row is ``[n_layers, n_concepts + n_tracks]`` (amygdala.serve.hooks reads the tracks in
+    the same matmul): :meth:`row` gives the concept part, :meth:`tracks` the track part."""
 
     def __init__(self, readout: Readout):
+        self.n_concepts = len(readout.concepts)
+        self.has_tracks = bool(readout.track_names)
         self.mean = self.std = None
         if readout.has_stats:
             mean, std = readout.stats_for(None)
             self.mean = np.stack([mean[l].numpy() for l in readout.layers])
             self.std = np.maximum(np.stack([std[l].numpy() for l in readout.layers]), 1e-6)
+        if self.has_tracks:  # Readout.track_zscore's statistics: neutral text, std floored alike
+            self.track_mean = np.stack([readout.track_mean[l].numpy() for l in readout.layers])
+            self.track_std = np.maximum(np.stack([readout.track_std[l].numpy() for l in readout.layers]), 1e-6)
 
     def row(self, row: Row | None, mode: str) -> list | None:
         if row is None:
             return None
+        row = row[:, : self.n_concepts]
         if mode == "zscore":
             row = (row - self.mean) / self.std
         return row.tolist()
+
+    def tracks(self, row: Row | None, mode: str) -> list | None:
+        """The row's tracks ``[n_layers][n_tracks]`` (z over neutral text with ``zscore``)."""
+        if row is None or not self.has_tracks:
+            return None
+        part = row[:, self.n_concepts :]
+        if mode == "zscore":
+            part = (part - self.track_mean) / self.track_std
+        return part.tolist()
 
 
 def _choice_key(index: int, n: int, chat: bool) -> tuple[int, int]:
@@ -68,7 +93,10 @@ def rewrite_json(payload: dict, exchange: Exchange, fmt: Formatter, chat: bool) 
     mode = exchange.spec.readout
     for choice in payload.get("choices") or []:
         prompt, idx = _choice_key(choice.get("index", 0), exchange.n, chat)
-        choice["readout"] = [fmt.row(r, mode) for r in exchange.claim(prompt, idx)]
+        rows = exchange.claim(prompt, idx)
+        choice["readout"] = [fmt.row(r, mode) for r in rows]
+        if fmt.has_tracks:
+            choice["tracks"] = [fmt.tracks(r, mode) for r in rows]
         _add_prompt(choice, exchange, fmt, prompt, idx)
     return payload
 
@@ -79,7 +107,10 @@ def _add_prompt(choice: dict, exchange: Exchange, fmt: Formatter, prompt: int, i
         return
     exchange.prompt_sent.add((prompt, idx))
     choice["prompt_tokens"] = exchange.prompt_tokens[prompt]
-    choice["prompt_readout"] = [fmt.row(r, exchange.spec.readout) for r in exchange.prompt_rows[prompt]]
+    rows = exchange.prompt_rows[prompt]
+    choice["prompt_readout"] = [fmt.row(r, exchange.spec.readout) for r in rows]
+    if fmt.has_tracks:
+        choice["prompt_tracks"] = [fmt.tracks(r, exchange.spec.readout) for r in rows]
 
 
 def _rewrite_chunk(payload: dict, exchange: Exchange, fmt: Formatter, chat: bool, forced_ids: bool) -> dict:
@@ -101,6 +132,10 @@ def _rewrite_chunk(payload: dict, exchange: Exchange, fmt: Formatter, chat: bool
             choice["readout"] = fmt.row(rows[-1], mode)
             if len(rows) > 1:
                 choice["readout_tokens"] = [fmt.row(r, mode) for r in rows]
+            if fmt.has_tracks:
+                choice["tracks"] = fmt.tracks(rows[-1], mode)
+                if len(rows) > 1:
+                    choice["tracks_tokens"] = [fmt.tracks(r, mode) for r in rows]
     if forced_ids and "prompt_token_ids" in payload:
         payload["prompt_token_ids"] = None
     return payload

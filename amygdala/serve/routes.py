@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException
 
 from amygdala.serve.channel import Receiver
 from amygdala.serve.config import PLUGIN_NAME, channel_address, load_readout, max_steer_strength
+from amygdala.readout import DEFAULT_SMOOTH
 from amygdala.serve.respond import Formatter, rewrite_body, rewrite_stream
 from amygdala.serve.proxy import CURRENT, EngineClientProxy, Exchange, RowStore
 from amygdala.serve.spec import FIELDS, ModelShape, RequestSpec, parse
@@ -144,7 +145,8 @@ class AmygdalaEndpoints:
     async def manifest(self) -> JSONResponse:
         if self.readout is None:
             return error_response("no readout file is loaded on this server (start it with AMYGDALA_READOUT)", status=HTTPStatus.NOT_FOUND)
-        return JSONResponse(self.readout.manifest())
+        # smooth: the causal moving average `amygdala read` applies by default, the page's default too.
+        return JSONResponse({**self.readout.manifest(), "smooth": DEFAULT_SMOOTH})
 
     async def handle(self, request, raw_request: Request, original, *, chat: bool):
         """Run vLLM's own handler ``original`` with the request's readout and steering applied."""

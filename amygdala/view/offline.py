@@ -4,8 +4,8 @@ A conversation (``amygdala-conversation``, version 1) is JSON::
 
     {"format": "amygdala-conversation", "version": 1, "created": "2026-11-29T14:00:00Z",
      "source": "page" | "amygdala read", "model": "...",
-     "manifest": {...the readout's manifest, without mean/std...},
-     "readout": "zscore" | "raw",
+     "manifest": {...the readout's manifest: statistics_sets, no default mean/std...},
+     "readout": "zscore" | "raw", "statistics": "neutral" | "emotional", "smoothed": 1,
      "alignment": "sampled" | "own",
      "messages": [{"role": "user" | "assistant" | "text", "content": "...", "steer": [...],
                    "tokens": [{"text": "...", "readout": [[...n_concepts...], ...n_layers] | null,
@@ -45,9 +45,13 @@ def asset(name: str) -> bytes:
 
 
 def manifest_of(readout: Readout) -> dict:
-    """The readout's manifest as a conversation carries it (statistics left out: values are
-    already z-scored or raw, as ``readout`` says)."""
-    return readout.manifest(stats=False)
+    """The readout's manifest as a conversation carries it: values are already z-scored or raw,
+    as ``readout`` says, so the default statistics are left out; every set's mean and std stay
+    (``statistics_sets``) so the snapshot's statistics switch can turn z of one into z of another."""
+    body = readout.manifest(stats=True)
+    for key in ("mean", "std", "tracks_mean", "tracks_std"):
+        body.pop(key, None)
+    return body
 
 
 def conversation_of_text(readout: Readout, scored: TextScores, *, text: str, model: str = "") -> dict:
@@ -61,6 +65,10 @@ def conversation_of_text(readout: Readout, scored: TextScores, *, text: str, mod
         "model": model,
         "manifest": manifest_of(readout),
         "readout": "zscore" if scored.zscore else "raw",
+        # Which statistics the z-scores use and the smoothing `read` applied: the page converts
+        # from the first and does not smooth again (its smoothing control shows the window).
+        "statistics": scored.against,
+        "smoothed": scored.smooth,
         "alignment": "own",
         "messages": [{
             "role": "text",

@@ -47,21 +47,37 @@ def make_tiny_model(path: Path, *, seed: int = 0) -> Path:
     return path
 
 
-def make_readout(path: Path, *, hidden: int = HIDDEN, seed: int = 1, stats: bool = True) -> Path:
-    """Random unit concept vectors at LAYERS, with neutral-text statistics for z-scores."""
+def make_readout(path: Path, *, hidden: int = HIDDEN, seed: int = 1, stats: bool = True, tracks: bool = False) -> Path:
+    """Random unit concept vectors at LAYERS, with neutral-text statistics for z-scores.
+
+    ``tracks``: also what a build since issue 23 writes: emotional-text statistics (the default
+    set) and the ``emotionality`` and ``valence`` tracks with their neutral-text statistics. The
+    values are random: these files test how scores travel, not what they mean."""
     g = torch.Generator().manual_seed(seed)
     vectors = {l: torch.nn.functional.normalize(torch.randn(len(CONCEPTS), hidden, generator=g), dim=1) for l in LAYERS}
     mean = {l: torch.randn(len(CONCEPTS), generator=g) for l in LAYERS} if stats else None
     std = {l: torch.rand(len(CONCEPTS), generator=g) + 0.5 for l in LAYERS} if stats else None
     meta = {"model": {"name": "tiny-llama", "num_layers": NUM_LAYERS}, "method": "random"}
-    Readout(list(CONCEPTS), list(LAYERS), vectors, mean, std, meta=meta).save(path)
+    extra = {}
+    if tracks:
+        meta.update(construction="mean_removed", statistics={"available": ["neutral", "emotional"], "default": "emotional"})
+        extra = dict(
+            emotional_mean={l: torch.randn(len(CONCEPTS), generator=g) + 1.0 for l in LAYERS},
+            emotional_std={l: torch.rand(len(CONCEPTS), generator=g) + 0.8 for l in LAYERS},
+            track_names=["emotionality", "valence"],
+            track_vectors={l: torch.nn.functional.normalize(torch.randn(2, hidden, generator=g), dim=1) for l in LAYERS},
+            track_mean={l: torch.randn(2, generator=g) for l in LAYERS},
+            track_std={l: torch.rand(2, generator=g) + 0.5 for l in LAYERS},
+        )
+    Readout(list(CONCEPTS), list(LAYERS), vectors, mean, std, meta=meta, **extra).save(path)
     return path
 
 
-def make_files(root: Path) -> tuple[Path, Path, Path, Path]:
+def make_files(root: Path, *, tracks: bool = False) -> tuple[Path, Path, Path, Path]:
     """(root, tiny model, its readout, a readout of the wrong hidden size): what the serve tests
-    start servers on, built once per module."""
-    return root, make_tiny_model(root / "model"), make_readout(root / "readout"), make_readout(root / "bad-readout", hidden=64)
+    start servers on, built once per module; ``tracks`` as in :func:`make_readout`."""
+    return (root, make_tiny_model(root / "model"), make_readout(root / "readout", tracks=tracks),
+            make_readout(root / "bad-readout", hidden=64))
 
 
 def prompt_words(n: int, seed: int = 0) -> str:

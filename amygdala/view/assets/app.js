@@ -143,6 +143,40 @@
     return out;
   }
 
+  /**
+   * One token's z-scores with statistics ``from`` as z-scores with statistics ``to`` (the page's
+   * statistics switch): raw = z * std_from + mean_from, z' = (raw - mean_to) / std_to, per layer
+   * and concept, stds floored at 1e-6 as the server and ``Readout.zscore`` floor them. ``sets``:
+   * the manifest's ``statistics_sets``. The row itself when there is nothing to convert.
+   */
+  function convertRow(row, sets, from, to, nLayers, nConcepts) {
+    if (!row || !sets || from === to || !sets[from] || !sets[to]) return row;
+    const a = sets[from], b = sets[to];
+    const out = new Float32Array(nLayers * nConcepts);
+    for (let l = 0; l < nLayers; l++) {
+      for (let c = 0; c < nConcepts; c++) {
+        const raw = row[l * nConcepts + c] * Math.max(a.std[l][c], 1e-6) + a.mean[l][c];
+        out[l * nConcepts + c] = (raw - b.mean[l][c]) / Math.max(b.std[l][c], 1e-6);
+      }
+    }
+    return out;
+  }
+
+  /**
+   * The causal moving average ``amygdala read --smooth`` computes (``smooth_causal``): the mean of
+   * ``rows`` over the last ``n`` entries, the last one included. Entries that are null (the
+   * attention sink, a token without a readout) are in no window. ``rows`` are arrays of equal length.
+   */
+  function smoothLast(rows, n) {
+    const take = [];
+    for (let j = rows.length - 1; j >= 0 && take.length < n; j--) if (rows[j]) take.push(rows[j]);
+    if (!take.length) return null;
+    const out = new Float32Array(take[0].length);
+    for (const r of take) for (let i = 0; i < out.length; i++) out[i] += r[i];
+    for (let i = 0; i < out.length; i++) out[i] /= take.length;
+    return out;
+  }
+
   function fmt(v) { return v == null || !isFinite(v) ? "–" : (v >= 0 ? " " : "") + v.toFixed(2); }
 
   // ------------------------------------------------------------------ state
@@ -199,13 +233,32 @@
   }
 
   // ------------------------------------------------------------------ manifest
-  function useManifest(m, zscore) {
+  function useManifest(m, zscore, statistics, smoothed) {
     S.manifest = m;
     S.L = m.layers.length;
     S.C = m.concepts.length;
     S.zscore = zscore;
     S.weights = valenceWeights(m.valence);
-    S.against = m.statistics ? m.statistics.default : "neutral";
+    // base: the statistics the rows arrive in (the server's default, or what `read --html` used);
+    // against: the switch's choice, shown. sets: every set's mean/std, for converting between them.
+    S.base = statistics || (m.statistics ? m.statistics.default : "neutral");
+    S.against = S.base;
+    S.sets = zscore && m.statistics_sets && m.statistics_sets[S.base] ? m.statistics_sets : null;
+    S.trackNames = Array.isArray(m.tracks) ? m.tracks : [];
+    const sw = $("statistics");
+    sw.value = S.against;
+    for (const opt of sw.options) opt.disabled = !(S.sets && S.sets[opt.value]) && opt.value !== S.base;
+    sw.disabled = !S.sets || Object.keys(S.sets).length < 2;
+    sw.title = sw.disabled ? "this readout holds one set of statistics (or its values are raw): nothing to switch"
+      : "z against neutral text: is this token more X than plain prose? Against emotional text: X rather than another feeling?";
+    // smooth: read --html already smoothed its rows (`smoothed`), the live page smooths here.
+    S.smooth = smoothed > 1 ? 1 : Math.max(1, m.smooth || 1);
+    const sm = $("smooth");
+    sm.value = smoothed > 1 ? smoothed : S.smooth;
+    sm.disabled = smoothed > 1;
+    sm.title = smoothed > 1 ? `amygdala read smoothed these values over the last ${smoothed} tokens (read --smooth)`
+      : "a causal moving average over the last N tokens of each message (1: none); amygdala read's default";
+    $("emotionality").hidden = !S.trackNames.includes("emotionality");
     S.clusterIndex = null;
     if (Array.isArray(m.clusters)) {
       const groups = new Map();
@@ -217,7 +270,7 @@
     }
     S.listed = m.layers.map(() => []);
     S.hasTracks = Array.isArray(m.tracks) && m.tracks.includes("valence");
-    $("readout-info").textContent = `${S.C} concepts × layers ${m.layers.join(", ")} · ${zscore ? `z-scores over ${S.against} text` : "raw projections"}`
+    $("readout-info").textContent = `${S.C} concepts × layers ${m.layers.join(", ")} · ${zscore ? "z-scores" : "raw projections"}`
       + (m.construction ? ` · ${m.construction.replace("_", " ")}` : "")
       + (S.hasTracks ? " · colour: valence track" : S.weights ? " · colour: valence" : " · no valence in this readout: tokens are not coloured");
     $("readout-info").title = S.weights
@@ -304,21 +357,72 @@
     return values.map((x) => x - median);
   }
 
+  /** A token's tracks as {name: value}, mean over the layers: from the server's [n_layers][n_tracks]
+   *  matrix, or as a snapshot stores them already. null without tracks. */
+  function trackValues(tracks) {
+    if (!tracks) return null;
+    if (!Array.isArray(tracks)) return tracks;
+    const out = {};
+    S.trackNames.forEach((name, k) => { out[name] = tracks.reduce((a, layer) => a + layer[k], 0) / tracks.length; });
+    return out;
+  }
+
   function addToken(msg, text, matrix, tracks) {
-    let row = null;
+    let base = null;
     if (matrix) {
-      row = new Float32Array(S.L * S.C);
-      for (let l = 0; l < S.L; l++) row.set(matrix[l], l * S.C);
-      for (let l = 0; l < S.L; l++) {
-        const values = row.subarray(l * S.C, (l + 1) * S.C);
-        S.listed[l] = hysteresisStep(S.listed[l], S.zscore ? entryValues(values) : values, { k: PANEL_K, enter: S.zscore ? ENTER_Z : null, exit: S.zscore ? EXIT_Z : null });
-      }
+      base = new Float32Array(S.L * S.C);
+      for (let l = 0; l < S.L; l++) base.set(matrix[l], l * S.C);
     }
     const i = S.tokens.length;
-    // tracks: {emotionality, valence} z over neutral text, where the readout has them (read --html).
-    S.tokens.push({ text, row, msg, tracks: tracks || null });
+    // base / baseTracks: as received; row / tracks: what is shown (the chosen statistics, smoothed).
+    const t = { text, base, baseTracks: base ? trackValues(tracks) : null, msg, row: null, tracks: null };
+    S.tokens.push(t);
     msg.tokens.push(i);
+    viewToken(i);
     schedule();
+  }
+
+  /** Token ``i``'s shown row and tracks from the tokens before it in its message, and the
+   *  panel's list stepped with it. */
+  function viewToken(i) {
+    const t = S.tokens[i];
+    t.conv = convertRow(t.base, S.sets, S.base, S.against, S.L, S.C);
+    t.row = t.tracks = null;
+    if (!t.base) return;
+    // The window: this token and the ones before it in its message that have a readout.
+    const idx = t.msg.tokens, rows = [], trk = [];
+    for (let q = idx.lastIndexOf(i); q >= 0 && rows.length < S.smooth; q--) {
+      const x = S.tokens[idx[q]];
+      if (x.conv) { rows.push(x.conv); trk.push(x.baseTracks); }
+    }
+    t.row = smoothLast(rows, S.smooth);
+    if (t.baseTracks) {
+      const names = Object.keys(t.baseTracks);
+      const sm = smoothLast(trk.map((x) => (x ? Float32Array.from(names, (n) => x[n]) : null)), S.smooth);
+      t.tracks = {};
+      names.forEach((n, k) => { t.tracks[n] = sm[k]; });
+    }
+    if (!t.row) return;
+    for (let l = 0; l < S.L; l++) {
+      const values = t.row.subarray(l * S.C, (l + 1) * S.C);
+      S.listed[l] = hysteresisStep(S.listed[l], S.zscore ? entryValues(values) : values, { k: PANEL_K, enter: S.zscore ? ENTER_Z : null, exit: S.zscore ? EXIT_Z : null });
+    }
+  }
+
+  /** The statistics switch or the smoothing changed: every token's shown values, the panel's list
+   *  (replayed from the first token) and every colour again. */
+  function restyle() {
+    S.listed = S.manifest.layers.map(() => []);
+    S.tokens.forEach((_, i) => viewToken(i));
+    document.querySelectorAll(".tok").forEach((span) => {
+      span.style.backgroundColor = tokenColour(S.tokens[+span.dataset.i]);
+    });
+    renderPanel();
+    renderTracks();
+  }
+
+  function tokenColour(t) {
+    return valenceColour(t.tracks && t.tracks.valence != null ? t.tracks.valence / 2 : tokenValence(t.row, S.weights, S.L, S.C));
   }
 
   function schedule() {
@@ -344,7 +448,7 @@
       span.className = "tok";
       span.dataset.i = S.rendered;
       span.textContent = t.text;
-      const colour = valenceColour(t.tracks && t.tracks.valence != null ? t.tracks.valence / 2 : tokenValence(t.row, S.weights, S.L, S.C));
+      const colour = tokenColour(t);
       if (colour) span.style.backgroundColor = colour;
       frag.appendChild(span);
     }
@@ -378,10 +482,11 @@
         const list = S.selected != null
           ? argsortDesc(values).slice(0, PANEL_K)
           : S.listed[l];
+        const entry = S.zscore ? entryValues(values) : values;
         const top = Math.max(1e-9, ...list.map((c) => Math.abs(values[c])));
         for (const c of list) {
           const div = document.createElement("div");
-          div.className = "pc" + (S.zscore && values[c] < ENTER_Z ? " fading" : "");
+          div.className = "pc" + (S.zscore && entry[c] < ENTER_Z ? " fading" : "");
           div.dataset.concept = S.manifest.concepts[c];
           div.dataset.layer = layer;
           div.innerHTML = `<span class="bar" style="width:${(100 * Math.abs(values[c]) / top).toFixed(1)}%"></span>`
@@ -531,6 +636,13 @@
   }
 
   function renderTracks() {
+    const emo = $("emotionality");
+    if (!emo.hidden) {
+      const values = Float32Array.from(S.tokens, (t) => (t.tracks && t.tracks.emotionality != null ? t.tracks.emotionality : NaN));
+      const ti = panelToken();
+      emo.querySelector(".now").textContent = ti == null ? "" : fmt(values[ti]);
+      drawSparkline(emo.querySelector("canvas"), values, ti);
+    }
     for (const track of S.tracks) {
       const values = series(track.c);
       const ti = panelToken();
@@ -682,7 +794,7 @@
     if (!ch) return;
     if (ch.prompt_readout && ch.prompt_tokens && !msg.prompt) {  // the first chunk, with readout_prompt
       msg.prompt = addMessage("prompt", ch.prompt_tokens.join(""), [], msg);
-      ch.prompt_tokens.forEach((text, i) => addToken(msg.prompt, text, ch.prompt_readout[i]));
+      ch.prompt_tokens.forEach((text, i) => addToken(msg.prompt, text, ch.prompt_readout[i], ch.prompt_tracks && ch.prompt_tracks[i]));
     }
     const content = (ch.delta && ch.delta.content) || "";
     msg.content += content;
@@ -694,7 +806,8 @@
     // Several tokens in one chunk (the client fell behind): split the text at their logprobs' strings.
     const lp = (ch.logprobs && ch.logprobs.content) || [];
     const texts = splitText(content, lp.length === rows.length ? lp.map((x) => x.token) : rows.map(() => ""));
-    rows.forEach((r, i) => addToken(msg, texts[i], r));
+    const tracks = ch.tracks_tokens || (ch.tracks ? [ch.tracks] : []);
+    rows.forEach((r, i) => addToken(msg, texts[i], r, tracks[i]));
   }
 
   function setBusy(busy) {
@@ -714,13 +827,16 @@
       created: new Date().toISOString().replace(/\.\d+Z$/, "Z"),
       source: S.snapshot ? S.snapshot.source : "page",
       model: S.model || (S.snapshot && S.snapshot.model) || "",
-      manifest: m, readout: S.zscore ? "zscore" : "raw",
+      // The rows as they arrived (statistics S.base, not smoothed): the snapshot's controls work as here.
+      manifest: m, readout: S.zscore ? "zscore" : "raw", statistics: S.base, smoothed: 1,
       alignment: S.snapshot ? S.snapshot.alignment : "sampled",
       messages: S.messages.map((msg) => ({
         role: msg.role, content: msg.content, steer: msg.steer,
         tokens: msg.tokens.map((i) => {
           const t = S.tokens[i];
-          return { text: t.text, readout: t.row ? S.manifest.layers.map((_, l) => Array.from(t.row.subarray(l * S.C, (l + 1) * S.C), (x) => Math.round(x * 1e4) / 1e4)) : null };
+          const out = { text: t.text, readout: t.base ? S.manifest.layers.map((_, l) => Array.from(t.base.subarray(l * S.C, (l + 1) * S.C), (x) => Math.round(x * 1e4) / 1e4)) : null };
+          if (t.baseTracks) out.tracks = t.baseTracks;
+          return out;
         }),
       })),
     };
@@ -757,7 +873,7 @@
     if (data.format !== FORMAT) { notice(`This file is not an ${FORMAT} (format ${escapeHtml(data.format)}).`); return; }
     S.snapshot = data;
     document.body.classList.add("snapshot");
-    useManifest(data.manifest, data.readout === "zscore");
+    useManifest(data.manifest, data.readout === "zscore", data.statistics, data.smoothed || 1);
     $("model").textContent = data.model || "";
     $("status").textContent = `snapshot (${data.source}, ${data.created})`;
     $("export-html").hidden = true;
@@ -790,6 +906,13 @@
       if (span && S.tokens[+span.dataset.i].row) select(+span.dataset.i === S.selected ? null : +span.dataset.i);
     });
     document.addEventListener("keydown", (ev) => { if (ev.key === "Escape" && S.selected != null) select(null); });
+    $("statistics").addEventListener("change", () => { S.against = $("statistics").value; restyle(); });
+    $("smooth").addEventListener("change", () => {
+      const n = Math.round(Number($("smooth").value));
+      S.smooth = isFinite(n) && n >= 1 ? Math.min(n, 256) : 1;
+      $("smooth").value = S.smooth;
+      restyle();
+    });
     $("search").addEventListener("input", renderSuggestions);
     $("search").addEventListener("keydown", (ev) => { if (ev.key === "Enter") { ev.preventDefault(); submitSearch(); } });
     $("search").addEventListener("blur", () => setTimeout(() => { $("suggestions").textContent = ""; }, 150));
@@ -798,7 +921,7 @@
   }
 
   window.amygdala = {
-    state: S, hysteresisStep, splitText, nearestNames, searchConcepts, tokenValence, valenceWeights, valenceColour, editDistance,
+    state: S, hysteresisStep, convertRow, smoothLast, splitText, nearestNames, searchConcepts, tokenValence, valenceWeights, valenceColour, editDistance,
     addTrack: (name) => addTrack(S.manifest.concepts.indexOf(name)), conversation, snapshotHtml, send,
     // For bench/view.py: feed chunks and draw synchronously, without a server or frame timing.
     addMessage, onChunk, frame,
