@@ -99,14 +99,16 @@ class _Header:
     def fail(self, what: str):
         raise InteropError(f"{self.path}: not a readable GGUF file ({what} at byte {self.f.tell()})")
 
-    def take(self, n: int) -> bytes:
+    def _room(self, n: int) -> None:
         if n > self.size - self.f.tell():
             self.fail(f"{n} bytes declared, {self.size - self.f.tell()} left")
+
+    def take(self, n: int) -> bytes:
+        self._room(n)
         return self.f.read(n)
 
     def skip(self, n: int) -> None:
-        if n > self.size - self.f.tell():
-            self.fail(f"{n} bytes declared, {self.size - self.f.tell()} left")
+        self._room(n)
         self.f.seek(n, os.SEEK_CUR)
 
     def u32(self) -> int:

@@ -77,26 +77,23 @@ def read_vector_file(data: bytes, folder: Path):
     return read_vectors(_file(folder, "v.bin", data))
 
 
-def read_readout_json(data: bytes, folder: Path):
+def _readout_with(folder: Path, name: str, data: bytes):
+    """The seed readout copied afresh with its file ``name`` replaced by ``data``, loaded."""
     from amygdala.readout import Readout
 
-    seed = folder / "readout-seed"
     out = folder / "readout"
     shutil.rmtree(out, ignore_errors=True)
-    shutil.copytree(seed, out)
-    (out / "readout.json").write_bytes(data)
+    shutil.copytree(folder / "readout-seed", out)
+    (out / name).write_bytes(data)
     return Readout.load(out)
+
+
+def read_readout_json(data: bytes, folder: Path):
+    return _readout_with(folder, "readout.json", data)
 
 
 def read_readout_tensors(data: bytes, folder: Path):
-    from amygdala.readout import Readout
-
-    seed = folder / "readout-seed"
-    out = folder / "readout"
-    shutil.rmtree(out, ignore_errors=True)
-    shutil.copytree(seed, out)
-    (out / "readout.safetensors").write_bytes(data)
-    return Readout.load(out)
+    return _readout_with(folder, "readout.safetensors", data)
 
 
 def read_manifest(data: bytes, folder: Path):
