@@ -134,7 +134,7 @@ def test_readout_that_does_not_fit_model(planted, tmp_path, capsys):
 
 def test_interrupted_train_leaves_no_output(planted, tmp_path, monkeypatch):
     model, corpus, _ = planted
-    import amygdala.readout.format as fmt
+    import amygdala.readout.files as fmt
 
     def crash(*a, **k):
         raise KeyboardInterrupt

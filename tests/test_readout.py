@@ -113,7 +113,7 @@ def _half_swapped(tmp_path):
 
 def test_a_reader_between_the_two_renames_reads_again_and_gets_the_new_pair(tmp_path, monkeypatch):
     """The reader's wait is where the writer's second rename lands (no race: the sleep does it)."""
-    from amygdala.readout import format as fmt
+    from amygdala.readout import files as fmt
 
     folder, new_json = _half_swapped(tmp_path)
     waits = []
@@ -123,7 +123,7 @@ def test_a_reader_between_the_two_renames_reads_again_and_gets_the_new_pair(tmp_
 
 
 def test_a_pair_from_two_saves_that_stays_so_is_a_clear_error(tmp_path, monkeypatch):
-    from amygdala.readout import format as fmt
+    from amygdala.readout import files as fmt
 
     folder, _ = _half_swapped(tmp_path)
     monkeypatch.setattr(fmt.time, "sleep", lambda s: None)
