@@ -20,13 +20,11 @@ import pytest
 import torch
 
 from helpers import serve as sh
+from helpers.parity import ATOL, RTOL, assert_parity, body, chat_body, reference, streamed_rows
 from amygdala.readout import Readout, Steering, attach
 
 #: Tests that start vLLM; the others (request parsing, response rewriting) run anywhere.
 vllm = pytest.mark.vllm
-
-ATOL = 2e-3  # scores are ~10-40 in size; fp32 vLLM vs transformers differ by ~1e-5 relative
-RTOL = 1e-4
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -69,33 +67,6 @@ def hf(files):
 @pytest.fixture(scope="module")
 def readout(files) -> Readout:
     return Readout.load(files[2])
-
-
-def body(files, prompt, **kw) -> dict:
-    return {"model": str(files[1]), "prompt": prompt, "temperature": 0, "max_tokens": 8, **kw}
-
-
-def chat_body(files, content, **kw) -> dict:
-    return {"model": str(files[1]), "messages": [{"role": "user", "content": content}], "temperature": 0, "max_tokens": 6, **kw}
-
-
-def reference(hf, readout, ids: list[int], steering: Steering | None = None):
-    """amygdala's transformers readout over ``ids``: scores [T, L, C] and logits [T, vocab]."""
-    with attach(hf, readout, steering=steering) as session, torch.no_grad():
-        logits = hf(torch.tensor([ids])).logits[0]
-    return session.scores()[0], logits
-
-
-def assert_parity(hf, readout, prompt_ids, gen_ids, rows, steering=None, greedy=True):
-    """vLLM's row k = the transformers block output at the position that sampled token k."""
-    scores, logits = reference(hf, readout, list(prompt_ids) + list(gen_ids), steering)
-    p = len(prompt_ids)
-    assert len(rows) == len(gen_ids)
-    got = torch.tensor(rows)
-    want = scores[p - 1 : p - 1 + len(gen_ids)]
-    torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
-    if greedy:  # and vLLM's greedy tokens are transformers' (steered) argmax
-        assert logits[p - 1 : p - 1 + len(gen_ids)].argmax(-1).tolist() == list(gen_ids)
 
 
 # --------------------------------------------------------------------------- manifest, shapes
@@ -195,18 +166,6 @@ def test_several_prompts_and_n_choices_keep_their_own_rows(server, files, hf, re
 
 
 # --------------------------------------------------------------------------- streaming, modes
-def streamed_rows(chunks: list[dict]) -> list:
-    """Every token's rows from a stream, in order; a chunk of several tokens lists them all."""
-    rows = []
-    for c in chunks:
-        for ch in c["choices"]:
-            if "readout" in ch:
-                many = ch.get("readout_tokens", [ch["readout"]])
-                assert ch["readout"] == many[-1] and len(ch["readout"]) == 2
-                rows += many
-    return rows
-
-
 @vllm
 def test_stream_chunks_carry_their_token_rows(server, files):
     b = body(files, sh.prompt_words(12, seed=1), max_tokens=8)
