@@ -125,7 +125,8 @@ def test_a_list_of_differently_placed_terms_adds_each_where_it_is_placed(setup):
 
 
 @pytest.mark.parametrize("place, param", [(dict(positions="foo"), "positions"), (dict(from_token=-1), "from_token"),
-                                          (dict(from_token=True), "from_token"), (dict(from_token=1.5), "from_token")])
+                                          (dict(from_token=True), "from_token"), (dict(from_token=1.5), "from_token"),
+                                          (dict(from_token=10**400), "from_token")])
 def test_bad_placement_is_refused_naming_it(setup, place, param):
     _, _, readout, _ = setup
     with pytest.raises(ReadoutError, match=f"^{param}:"):

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 #: unsteered prompt, as steering-vectors' ``min_token_index=len(prompt)`` does; the prompt's KV is
 #: then exactly the unsteered KV. "prompt": the prompt's positions only.
 POSITIONS = ("all", "generated", "prompt")
+#: The largest ``from_token``: past any context length, and within int64 position arithmetic.
+MAX_POSITION = 2**31 - 1
 
 
 def placement_mask(positions: Any, prompt_len: int, where: str = "all", from_token: int | None = None) -> Any:
@@ -51,8 +53,10 @@ def check_placement(where: object, from_token: object) -> None:
     if where not in POSITIONS:
         raise ReadoutError(f"positions: steering is placed at one of {', '.join(POSITIONS)}, got {where!r}",
                            param="positions")
-    if from_token is not None and (isinstance(from_token, bool) or not isinstance(from_token, int) or from_token < 0):
-        raise ReadoutError(f"from_token: steering starts at a whole-number position >= 0, got {from_token!r}",
+    if from_token is not None and (isinstance(from_token, bool) or not isinstance(from_token, int)
+                                   or not 0 <= from_token <= MAX_POSITION):
+        raise ReadoutError(f"from_token: steering starts at a whole-number position 0..{MAX_POSITION}, got "
+                           f"{str(from_token)[:20]!r}",
                            param="from_token")
 
 
