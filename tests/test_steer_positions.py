@@ -140,3 +140,27 @@ def test_cli_bad_placement_exits_2_naming_the_flag(tmp_path, capsys, flags, says
     assert code == 2
     err = capsys.readouterr().err
     assert says in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_generate_places_the_steering(planted, tmp_path, capsys):
+    """``generate --steer-positions generated``: the first new token is sampled unsteered (its
+    readout row is the plain run's); it is ``--steer-from 3`` (BOS + 2 prompt words), and
+    ``--steer-from 0`` is the unplaced ``--steer``."""
+    model, corpus, _ = planted
+    out = tmp_path / "out"
+    main(["build", "--corpus", str(corpus), "--model", str(model), "--layers", "1,2", "--out", str(out), "--quiet"])
+    capsys.readouterr()
+    base = ["generate", "--readout", str(out), "--model", str(model), "--raw", "--max-new-tokens", "8", "--show-readout",
+            "w1 w2"]
+
+    def run(*flags) -> list[str]:
+        assert main(base + list(flags)) == 0
+        return capsys.readouterr().out.splitlines()  # the text, then one readout row per new token
+
+    plain = run()
+    steer = ["--steer", "alpha=30", "--steer", "beta=-10"]
+    everywhere, generated = run(*steer), run(*steer, "--steer-positions", "generated")
+    assert everywhere[:2] != plain[:2]
+    assert generated[1] == plain[1]
+    assert run(*steer, "--steer-from", "3") == generated
+    assert run(*steer, "--steer-from", "0") == everywhere
