@@ -59,7 +59,8 @@ def _model_arg(p: argparse.ArgumentParser, dtype_flags: tuple[str, ...] = ("--dt
 
 
 #: The flag of each library parameter whose flag is not ``--`` + its name with dashes.
-FLAGS = {"method_params": "--method-param", "fmt": "--format"}
+FLAGS = {"method_params": "--method-param", "fmt": "--format", "positions": "--steer-positions",
+         "from_token": "--steer-from"}
 
 
 def flag_message(error: AmygdalaError) -> str:
@@ -78,3 +79,13 @@ def _int_list(flag: str, text: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise AmygdalaError(f"{flag} {text!r}: expected layer indices, e.g. 14,19") from None
+
+
+def _placement_args(p: argparse.ArgumentParser) -> None:
+    """``--steer-positions`` / ``--steer-from``: where every ``--steer`` term is added (the
+    library checks the values, so the CLI and the API keep one rule set)."""
+    p.add_argument("--steer-positions", default="all", metavar="all|generated|prompt",
+                   help="where --steer is added: every position (default), only generated tokens' positions "
+                        "(the prompt is read unsteered), or only the prompt's")
+    p.add_argument("--steer-from", type=int, default=None, metavar="N",
+                   help="add --steer only at positions >= N of the whole sequence (prompt included)")

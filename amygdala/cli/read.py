@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from amygdala.fields import parse_assignments
-from amygdala.cli.common import _model_arg, _readout_arg
+from amygdala.cli.common import _model_arg, _placement_args, _readout_arg
 
 log = logging.getLogger("amygdala")
 
@@ -96,11 +96,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from amygdala.pipeline import matching_model
     from amygdala.models.weights import require_same_weights
     from amygdala.readout import Readout, Steering, attach
+    from amygdala.readout.runtime import check_placement
     from amygdala.readout.text import TextScores, token_rows
 
     steer = parse_assignments(args.steer, "--steer", example="calm=4")  # before anything loads
+    check_placement(args.steer_positions, args.steer_from)
     readout = Readout.load(args.readout)
-    steering = Steering.from_concepts(readout, steer) if steer else None  # validates names first
+    steering = Steering.from_concepts(readout, steer).placed(args.steer_positions, args.steer_from) if steer else None
     info = matching_model(readout, args.model)
     require_same_weights(readout.weights, info.path, allow=args.allow_other_weights, where=str(args.readout))
     model, tokenizer, _ = load_model(info.path, args.device, args.model_dtype)
@@ -138,6 +140,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--allow-other-weights", action="store_true",
                    help="use the readout even when the model's weight files differ from the ones it was built from")
     p.add_argument("--steer", action="append", default=[], metavar="CONCEPT=STRENGTH")
+    _placement_args(p)
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--raw", action="store_true", help="no chat template around the prompt")
     p.add_argument("--show-readout", action="store_true", help="print each generated token's top concepts")

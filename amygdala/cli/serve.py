@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 from amygdala import AmygdalaError
-from amygdala.cli.common import MODEL_HELP
+from amygdala.cli.common import MODEL_HELP, _placement_args
 from amygdala.serve import launch
-from amygdala.serve.config import API_KEY_ENV, READOUT_ENV
+from amygdala.serve.config import API_KEY_ENV, DEFAULT_STEER_ENV, READOUT_ENV
 from amygdala.serve.launch import BIND_ENV, _need_vllm, vllm_argv
 
 
@@ -33,6 +33,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "the served weights) are then reachable from the network")
     p.add_argument("--allow-other-weights", action="store_true",
                    help="serve the readout even when the model's weight files differ from the ones it was built from")
+    p.add_argument("--steer", action="append", default=[], metavar="CONCEPT=STRENGTH",
+                   help="server-wide steering of every request without a steer field of its own (a request's "
+                        "steer, [] included, replaces it); shown as default_steer in /v1/readout/manifest")
+    _placement_args(p)
     p.add_argument("--dry-run", action="store_true", help="check, print the vLLM command line, start nothing")
     p.add_argument("--no-page", action="store_true", help="do not serve the live page at /amygdala/")
     p.add_argument("vllm_args", nargs=argparse.REMAINDER, metavar="-- VLLM_FLAGS", help="passed to vLLM unchanged")
@@ -66,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         readout = f"{READOUT_ENV}={shlex.quote(env[READOUT_ENV])} " if READOUT_ENV in env else ""
         bind = f"{BIND_ENV}={shlex.quote(env[BIND_ENV])} " if env.get(BIND_ENV) and BIND_ENV not in os.environ else ""
-        print(f"{readout}{bind}VLLM_PLUGINS={env['VLLM_PLUGINS']} {shlex.join(argv)}")
+        steer = f"{DEFAULT_STEER_ENV}={shlex.quote(env[DEFAULT_STEER_ENV])} " if DEFAULT_STEER_ENV in env else ""
+        print(f"{readout}{steer}{bind}VLLM_PLUGINS={env['VLLM_PLUGINS']} {shlex.join(argv)}")
         return 0
     sys.stdout.flush()
     sys.stderr.flush()

@@ -52,6 +52,9 @@ DEFAULT_MAX_BODY = 32 << 20
 #: past any of them yet keeps a float16 residual stream (max 65504) from overflowing.
 MAX_STRENGTH_ENV = "AMYGDALA_MAX_STEER_STRENGTH"
 DEFAULT_MAX_STRENGTH = 1000.0
+#: The server-wide steering (``amygdala serve --steer``): a JSON list of ``steer`` items (the
+#: request field's format) applied to every request that has no ``steer`` of its own.
+DEFAULT_STEER_ENV = "AMYGDALA_DEFAULT_STEER"
 #: Set by ``amygdala serve --allow-remote-training``: the training routes on a non-loopback host were meant.
 ALLOW_REMOTE_ENV = "AMYGDALA_ALLOW_REMOTE_TRAINING"
 #: ``0`` leaves out the page (``GET /amygdala/``) the endpoint plugin serves by default.

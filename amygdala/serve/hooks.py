@@ -8,7 +8,10 @@ metadata from, the batch order ``input_batch.req_ids``, the token offsets
 ``query_start_loc`` and ``num_computed_tokens``. From those:
 
 - steering: each token row gets its own request's delta (a gather from a small per-step
-  table, row 0 = zeros), added to the residual stream after the chosen layers;
+  table, row 0 = zeros), added to the residual stream after the chosen layers; a token's
+  position is ``num_computed_tokens + its offset in the request's rows``, so a placed term
+  ("generated": position >= the prompt's length, "prompt", ``from_token``) is added to the
+  rows :func:`amygdala.readout.runtime.placement_mask` picks, the rule transformers uses;
 - readout: the row sampled from is the last of each request's rows in this step; the token
   sampled from it is generated token ``k = position + 1 - prompt_len`` (``k < 0`` for a
   partial prefill chunk, which samples nothing, so it is skipped). A request that reads its
@@ -42,6 +45,7 @@ import torch
 
 from amygdala.models.layers import find_layers
 from amygdala.readout import Readout, ReadoutError, Steering
+from amygdala.readout.runtime import placement_mask
 from amygdala.serve.channel import Sender
 from amygdala.serve.config import CHANNEL_ENV, WIRE_KEY
 from amygdala.serve.patching import not_eager
@@ -54,8 +58,10 @@ class _Request:
     """A request's parsed wire spec, cached for its lifetime in the worker."""
 
     tag: str | None
-    deltas: dict[int, torch.Tensor]
+    deltas: dict[int, torch.Tensor]  # the terms added at every position
     prompt: bool = False  # read every prompt position too
+    #: terms placed at some positions only: (positions, from_token, per-layer deltas)
+    placed: list[tuple[str, int | None, dict[int, torch.Tensor]]] = field(default_factory=list)
 
 
 @dataclass
@@ -114,15 +120,15 @@ class WorkerState:
         computed = batch.num_computed_tokens_cpu[:num_reqs]
         if len(self.requests) > len(runner.requests):
             self.requests = {r: v for r, v in self.requests.items() if r in runner.requests}
-        steered: list[tuple[int, _Request]] = []
+        steered: list[tuple[int, _Request, int]] = []
         reads: list[tuple[int, tuple[str, str, int]]] = []
         for i, rid in enumerate(req_ids):
             state = runner.requests[rid]
             req = self._request(rid, state.sampling_params)
             if req is None:
                 continue
-            if req.deltas:
-                steered.append((i, req))
+            if req.deltas or req.placed:
+                steered.append((i, req, state.num_prompt_tokens))
             if req.tag is not None:
                 k = int(computed[i] + qsl[i + 1] - qsl[i]) - state.num_prompt_tokens
                 if k >= 0:
@@ -140,12 +146,27 @@ class WorkerState:
         plan = _Plan(num_tokens=int(qsl[num_reqs]))
         if steered:
             idx = np.zeros(plan.num_tokens, dtype=np.int64)
-            for row, (i, _) in enumerate(steered, start=1):
-                idx[qsl[i] : qsl[i + 1]] = row
-            plan.steer_idx = torch.from_numpy(idx).to(self.device)
-            layers = sorted({l for _, req in steered for l in req.deltas})
-            for l in layers:
-                plan.steer_tables[l] = torch.stack([self.zero] + [req.deltas.get(l, self.zero) for _, req in steered])
+            rows: list[dict[int, torch.Tensor]] = []  # the table's rows after row 0
+            for i, req, prompt_len in steered:
+                lo, hi = int(qsl[i]), int(qsl[i + 1])
+                if not req.placed:
+                    rows.append(req.deltas)
+                    idx[lo:hi] = len(rows)
+                    continue
+                positions = int(computed[i]) + np.arange(hi - lo)
+                # Which placed terms each row gets, as bits; one table row per combination present.
+                code = np.zeros(hi - lo, dtype=np.int64)
+                for bit, (where, start, _) in enumerate(req.placed):
+                    code |= placement_mask(positions, prompt_len, where, start).astype(np.int64) << bit
+                for c in np.unique(code).tolist():
+                    row = _summed([req.deltas] + [d for bit, (_, _, d) in enumerate(req.placed) if c >> bit & 1])
+                    if row:
+                        rows.append(row)
+                        idx[lo:hi][code == c] = len(rows)
+            if rows:
+                plan.steer_idx = torch.from_numpy(idx).to(self.device)
+                for l in sorted({l for row in rows for l in row}):
+                    plan.steer_tables[l] = torch.stack([self.zero] + [row.get(l, self.zero) for row in rows])
         if reads and self.read_pos:
             plan.read_rows = torch.tensor([r for r, _ in reads], device=self.device)
             plan.read_keys = [key for _, key in reads]
@@ -194,7 +215,10 @@ class WorkerState:
         req = None
         if isinstance(wire, dict):
             try:
-                req = _Request(wire.get("tag"), self._deltas(wire.get("steer") or []), bool(wire.get("prompt")))
+                groups = self._deltas(wire.get("steer") or [])
+                everywhere = groups.pop(("all", None), {})
+                req = _Request(wire.get("tag"), everywhere, bool(wire.get("prompt")),
+                               [(where, start, d) for (where, start), d in groups.items()])
             except (ReadoutError, KeyError, TypeError, ValueError):
                 # The API server checked the spec; a failure here is a bug, not bad input.
                 log.exception("amygdala: ignoring the steering of request %s", rid)
@@ -202,16 +226,27 @@ class WorkerState:
         self.requests[rid] = req
         return req
 
-    def _deltas(self, items: list[dict]) -> dict[int, torch.Tensor]:
-        steering = Steering()
+    def _deltas(self, items: list[dict]) -> dict[tuple[str, int | None], dict[int, torch.Tensor]]:
+        """The items summed per placement: (positions, from_token) -> per-layer deltas."""
+        groups: dict[tuple[str, int | None], Steering] = {}
         for item in items:
             if "concept" in item:
                 part = Steering.from_concepts(self.readout, {item["concept"]: float(item["strength"])}, list(item["layers"]))
             else:
                 vector = torch.tensor(item["vector"], dtype=torch.float32)
                 part = Steering.from_vector(vector, float(item["strength"]), list(item["layers"]))
-            steering = steering + part
-        return {l: d.to(self.device, self.dtype) for l, d in steering.deltas.items()}
+            key = (item.get("positions", "all"), item.get("from_token"))
+            groups[key] = groups[key] + part if key in groups else part
+        return {key: {l: d.to(self.device, self.dtype) for l, d in g.deltas.items()} for key, g in groups.items()}
+
+
+def _summed(parts: list[dict[int, torch.Tensor]]) -> dict[int, torch.Tensor]:
+    """Per-layer sum of several terms' deltas."""
+    out: dict[int, torch.Tensor] = {}
+    for part in parts:
+        for l, d in part.items():
+            out[l] = out[l] + d if l in out else d
+    return out
 
 
 def read_matrix(readout: Readout, layer: int) -> torch.Tensor:

@@ -19,19 +19,23 @@ also sets ``VLLM_CPU_OMP_THREADS_BIND`` when you have not (docs/scale.md): vLLM'
 binding gives each worker one NUMA node and refuses to start with fewer nodes than workers.
 With ``AMYGDALA_API_KEY`` set it also serves the training routes (``--readout`` is then
 optional; docs/finetuning.md), and then refuses a non-loopback ``--host`` unless
-``--allow-remote-training`` says that putting them on the network is meant.
+``--allow-remote-training`` says that putting them on the network is meant. ``--steer calm=8``
+(with ``--steer-positions`` / ``--steer-from``) sets ``AMYGDALA_DEFAULT_STEER``: the steering of
+every request that has no ``steer`` of its own.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 
 from amygdala import AmygdalaError
 from amygdala.serve.config import (
-    ALLOW_REMOTE_ENV, API_KEY_ENV, PAGE_ENV, PLUGIN_NAME, READOUT_ENV, TRAINING_NEEDS_ONE_WORKER, api_key, is_loopback,
+    ALLOW_REMOTE_ENV, API_KEY_ENV, DEFAULT_STEER_ENV, PAGE_ENV, PLUGIN_NAME, READOUT_ENV, TRAINING_NEEDS_ONE_WORKER,
+    api_key, is_loopback,
 )
 
 SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
@@ -80,6 +84,7 @@ def vllm_argv(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         # Before vLLM starts, on the folder it will load.
         require_same_weights(readout.weights, path, allow=getattr(args, "allow_other_weights", False),
                              where=str(args.readout))
+    default_steer = _default_steer(args, readout, info)
     _check_entry_points()
     world = parallel_size(extra)
     if world > 1 and api_key() is not None:
@@ -101,6 +106,8 @@ def vllm_argv(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         env[PAGE_ENV] = "0"
     if args.readout is not None:
         env[READOUT_ENV] = str(Path(args.readout).resolve())
+    if default_steer is not None:
+        env[DEFAULT_STEER_ENV] = default_steer
     plugins = [p.strip() for p in env.get("VLLM_PLUGINS", "").split(",") if p.strip()]
     if "VLLM_PLUGINS" in env and PLUGIN_NAME not in plugins:
         plugins.append(PLUGIN_NAME)
@@ -110,6 +117,28 @@ def vllm_argv(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         if binding is not None:
             env[BIND_ENV] = binding
     return argv, env
+
+
+def _default_steer(args: argparse.Namespace, readout, info) -> str | None:
+    """``--steer`` as the JSON of ``AMYGDALA_DEFAULT_STEER``, checked as the server will check it
+    (None: no --steer given, the environment's value, if any, stays)."""
+    from amygdala.fields import parse_assignments
+    from amygdala.readout.runtime import check_placement
+    from amygdala.serve.config import max_steer_strength
+    from amygdala.serve.spec import ModelShape, default_steering
+
+    steer = parse_assignments(getattr(args, "steer", None) or [], "--steer", example="calm=8")
+    check_placement(getattr(args, "steer_positions", "all"), getattr(args, "steer_from", None))
+    if not steer:
+        return None
+    if readout is None:
+        raise AmygdalaError("--steer needs --readout (the concepts' vectors)")
+    place: dict = {"positions": args.steer_positions}
+    if args.steer_from is not None:
+        place["from_token"] = args.steer_from
+    text = json.dumps([{"concept": name, "strength": value, **place} for name, value in steer.items()])
+    default_steering(text, readout, ModelShape(info.num_layers, info.hidden_size, max_steer_strength()))
+    return text
 
 
 #: vLLM's CPU build: which CPUs each worker's OpenMP threads use ("0-3|4-7": one list per worker).

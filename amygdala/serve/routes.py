@@ -11,13 +11,15 @@ load tracking, keep-alive and all) and only:
 3. mark the request (:data:`amygdala.serve.proxy.CURRENT`) for the engine-client proxy;
 4. add ``readout`` to the response or to every streamed chunk.
 
-``GET /v1/readout/manifest`` describes the loaded readout (404 when there is none);
+``GET /v1/readout/manifest`` describes the loaded readout (404 when there is none) and the
+server-wide ``default_steer``;
 ``GET /amygdala/`` is the live page (:mod:`amygdala.serve.page`). vLLM only
 loads endpoint plugins named in ``VLLM_PLUGINS``. With ``AMYGDALA_API_KEY`` set, the training
 routes (:mod:`amygdala.serve.finetune_routes`) are attached here too.
 """
 
 import logging
+import os
 from argparse import Namespace
 from http import HTTPStatus
 
@@ -28,11 +30,11 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
 from amygdala.serve.channel import Receiver
-from amygdala.serve.config import PLUGIN_NAME, channel_address, load_readout, max_steer_strength
+from amygdala.serve.config import DEFAULT_STEER_ENV, PLUGIN_NAME, channel_address, load_readout, max_steer_strength
 from amygdala.readout import DEFAULT_SMOOTH
 from amygdala.serve.respond import Formatter, rewrite_body, rewrite_stream
 from amygdala.serve.proxy import CURRENT, EngineClientProxy, Exchange, RowStore
-from amygdala.serve.spec import FIELDS, ModelShape, RequestSpec, parse
+from amygdala.serve.spec import FIELDS, ModelShape, RequestSpec, SteerItem, default_steering, parse
 from amygdala.fields import FieldError
 from amygdala.serve.errors import error_response
 from amygdala.serve import page
@@ -87,6 +89,7 @@ class AmygdalaEndpoints:
         self.store = RowStore(len(self.readout.layers) if self.readout is not None else 0)
         self.max_strength = max_steer_strength()  # a bad AMYGDALA_MAX_STEER_STRENGTH stops the server at start
         self.shape: ModelShape | None = None
+        self.default_steer: tuple[SteerItem, ...] = ()  # amygdala serve --steer; checked once the shape is known
         self.receiver: Receiver | None = None
         self.training = TrainingRoutes()  # /train, /train/status, /checkpoint with AMYGDALA_API_KEY
 
@@ -133,6 +136,7 @@ class AmygdalaEndpoints:
         config = engine_client.model_config
         self.shape = ModelShape(config.hf_text_config.num_hidden_layers, config.get_hidden_size(), self.max_strength)
         self.readout.check_model(self.shape.num_layers, self.shape.hidden_size, str(config.model))
+        self.default_steer = default_steering(os.environ.get(DEFAULT_STEER_ENV), self.readout, self.shape)
         self.receiver = Receiver(channel_address(), self.store.deliver)
         self.receiver.start()
         for name in ("openai_serving_completion", "openai_serving_chat"):
@@ -146,7 +150,9 @@ class AmygdalaEndpoints:
         if self.readout is None:
             return error_response("no readout file is loaded on this server (start it with AMYGDALA_READOUT)", status=HTTPStatus.NOT_FOUND)
         # smooth: the causal moving average `amygdala read` applies by default, the page's default too.
-        return JSONResponse({**self.readout.manifest(), "smooth": DEFAULT_SMOOTH})
+        # default_steer: what a request without its own steer gets (amygdala serve --steer).
+        return JSONResponse({**self.readout.manifest(), "smooth": DEFAULT_SMOOTH,
+                             "default_steer": [s.wire() for s in self.default_steer]})
 
     async def handle(self, request, raw_request: Request, original, *, chat: bool):
         """Run vLLM's own handler ``original`` with the request's readout and steering applied."""
@@ -182,7 +188,7 @@ class AmygdalaEndpoints:
             request.vllm_xargs = {k: v for k, v in xargs.items() if k not in FIELDS} or None
         extra = request.model_extra or {}
         shape = self.shape or ModelShape(0, 0, self.max_strength)
-        spec = parse(extra, xargs, self.readout, shape)
+        spec = parse(extra, xargs, self.readout, shape, self.default_steer)
         if getattr(request, "use_beam_search", False) and spec.active:
             if spec.steer or any(k in extra or k in (xargs or {}) for k in FIELDS):
                 raise FieldError("use_beam_search", "readout and steering do not support beam search")

@@ -11,7 +11,11 @@ as a JSON string because vLLM only allows scalars and flat lists there)::
     "readout": true | false | "raw" | "zscore"       (default: true when a readout is loaded)
     "readout_prompt": true | false                    (default: false; the prompt's tokens too)
     "steer": [{"concept": "calm", "strength": 4.0, "layers": [15, 20]},
-              {"vector": [...hidden floats...], "strength": -2.0}]
+              {"vector": [...hidden floats...], "strength": -2.0,
+               "positions": "generated", "from_token": 12}]
+
+``positions`` ("all" default, "generated", "prompt") and ``from_token`` (steer positions >= it)
+place a term as :class:`amygdala.readout.Steering` does (:data:`amygdala.readout.runtime.POSITIONS`).
 """
 
 from __future__ import annotations
@@ -24,11 +28,13 @@ from dataclasses import dataclass
 
 from amygdala.fields import FieldError, finite, is_int, short
 from amygdala.readout import Readout, ReadoutError
+from amygdala.readout.runtime import MAX_POSITION, POSITIONS
+from amygdala.serve.config import DEFAULT_STEER_ENV
 
 FIELDS = ("readout", "steer", "readout_prompt")
 _ON = {"true", "1", "on", "yes", "raw"}
 _OFF = {"false", "0", "off", "no", "none"}
-_ITEM_KEYS = {"concept", "vector", "strength", "layers"}
+_ITEM_KEYS = {"concept", "vector", "strength", "layers", "positions", "from_token"}
 #: A raw vector is normalised in float32 by the worker: outside these lengths that overflows or
 #: loses its direction, and only the direction counts, so a client can always scale into it.
 VECTOR_NORMS = (1e-6, 1e15)
@@ -50,6 +56,8 @@ class SteerItem:
     layers: tuple[int, ...]
     concept: str | None = None
     vector: tuple[float, ...] | None = None
+    positions: str = "all"
+    from_token: int | None = None
 
     def wire(self) -> dict:
         out: dict = {"strength": self.strength, "layers": list(self.layers)}
@@ -57,6 +65,10 @@ class SteerItem:
             out["concept"] = self.concept
         else:
             out["vector"] = list(self.vector or ())
+        if self.positions != "all":
+            out["positions"] = self.positions
+        if self.from_token is not None:
+            out["from_token"] = self.from_token
         return out
 
 
@@ -87,6 +99,13 @@ class RequestSpec:
         requests with the same salt and the same steering, whose KV is the same. A prompt
         readout needs every prompt position computed, which a cache hit would skip, so such a
         request gets a salt of its own (its KV is then reused by no other request).
+
+        Placed steering ("generated", ``from_token``) is salted the same, though its prompt KV is
+        the unsteered KV: vLLM puts the salt in the first block's hash only and chains the rest
+        from it, so there is no salting from a position on, and vLLM also caches the blocks of
+        generated tokens. An unsalted generated-only request would leave steered blocks of its
+        reply that an unsteered follow-up (the same conversation, one turn on) would reuse as
+        its own. The placement is part of the salt (:meth:`SteerItem.wire`).
         """
         if not self.steer and not self.prompt:
             return user_salt
@@ -96,17 +115,33 @@ class RequestSpec:
 
 
 def parse(
-    fields: dict, xargs: dict | None, readout: Readout | None, shape: ModelShape
+    fields: dict, xargs: dict | None, readout: Readout | None, shape: ModelShape,
+    default_steer: tuple[SteerItem, ...] = (),
 ) -> RequestSpec:
     """The spec of a request from its extra top-level ``fields`` and its ``vllm_xargs``.
 
-    Top-level fields win over the same keys in ``vllm_xargs``.
+    Top-level fields win over the same keys in ``vllm_xargs``. A request without ``steer`` (or
+    with ``null``) gets ``default_steer``, the server's (:func:`default_steering`); its own
+    ``steer``, an empty list included, replaces it.
     """
     merged = {k: v for k, v in (xargs or {}).items() if k in FIELDS}
     merged.update({k: v for k, v in fields.items() if k in FIELDS})
     mode = _parse_readout(merged, readout)
-    steer = _parse_steer(merged.get("steer"), readout, shape)
+    given = merged.get("steer")
+    steer = default_steer if given is None else _parse_steer(given, readout, shape)
     return RequestSpec(mode, steer, _parse_prompt(merged.get("readout_prompt"), mode))
+
+
+def default_steering(text: str | None, readout: Readout | None, shape: ModelShape) -> tuple[SteerItem, ...]:
+    """The server-wide steering from ``AMYGDALA_DEFAULT_STEER`` (``amygdala serve --steer``),
+    checked as a request's ``steer`` is, so that an unmodified OpenAI client or eval harness
+    measures the steered model; a bad value names the variable and the item."""
+    if not text:
+        return ()
+    try:
+        return _parse_steer(text, readout, shape)
+    except FieldError as e:
+        raise FieldError(f"{DEFAULT_STEER_ENV} {e.path}", e.message) from None
 
 
 def _parse_prompt(value, mode: str | None) -> bool:
@@ -188,7 +223,14 @@ def _parse_item(i: int, item, readout: Readout, shape: ModelShape) -> SteerItem:
     else:
         vector = _parse_vector(f"{where}.vector", item["vector"], shape.hidden_size)
     layers = _parse_layers(f"{where}.layers", item.get("layers"), readout, shape, needs_readout_layer=has_concept)
-    return SteerItem(strength, layers, concept, vector)
+    positions = item.get("positions", "all")
+    if positions not in POSITIONS:
+        raise FieldError(f"{where}.positions", f"must be one of {', '.join(POSITIONS)}, got {short(positions)}")
+    from_token = item.get("from_token")
+    if from_token is not None and not (is_int(from_token) and 0 <= from_token <= MAX_POSITION):
+        raise FieldError(f"{where}.from_token", f"must be a whole number 0..{MAX_POSITION} (a position in the whole "
+                         f"sequence, prompt included), got {short(from_token)}")
+    return SteerItem(strength, layers, concept, vector, positions, from_token)
 
 
 
