@@ -106,7 +106,7 @@ def _request(**sample):
     (_request(continuation_ids=[7, True]), "samples[0].continuation_ids[1]", "not an integer"),
     (_request(continuation_ids="7 8"), "samples[0].continuation_ids", "expected a list"),
     (_request(context_ids=list(range(10)), continuation_ids=list(range(7))), "samples[0].continuation_ids", "17 tokens, over the model's 16"),
-    (_request(rejected_ids=[9]), "samples[0].rejected_ids", "only objectives orpo and dpo"),
+    (_request(rejected_ids=[9]), "samples[0].rejected_ids", "only objectives orpo, dpo and dpop"),
     (_request(extra=[1]), "samples[0].extra", "unknown field"),
     ({"samples": [], "config": {}}, "samples", "non-empty list"),
     ({"samples": [[1, 2]], "config": {}}, "samples[0]", "expected an object"),

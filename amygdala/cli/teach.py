@@ -46,9 +46,43 @@ def _server_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train_args(p: argparse.ArgumentParser, objective: str, lr: float, steps: int) -> None:
-    p.add_argument("--objective", default=objective, choices=["sft", "orpo", "dpo"], help=f"default {objective}")
+    p.add_argument("--objective", default=objective, choices=["sft", "orpo", "dpo", "dpop"], help=f"default {objective}")
     p.add_argument("--learning-rate", type=float, default=lr, help=f"default {lr:g}")
     p.add_argument("--steps", type=int, default=steps, help=f"optimizer updates over all samples (default {steps})")
+    # None: left to the server's defaults (docs/finetuning.md), so only what is given is sent
+    p.add_argument("--anchor", type=float, default=None,
+                   help="weight of the KL to the weights the job started from (default 0: off; 0.1-1 is gentle)")
+    p.add_argument("--anchor-texts", type=Path, default=None, metavar="FILE",
+                   help="neutral texts, one per line, the anchor also keeps in place (needs --anchor)")
+    p.add_argument("--dpop-lambda", type=float, default=None, help="with --objective dpop: the penalty's weight (default 1)")
+    p.add_argument("--holdout", type=float, default=None,
+                   help="share of the samples held out for early stopping (default 0: off; e.g. 0.2)")
+    p.add_argument("--patience", type=int, default=None,
+                   help="with --holdout: stop after the held-out loss rose this many steps in a row (default 2)")
+
+
+def _train_options(args: argparse.Namespace, encoder) -> dict:
+    """The anchored-objective flags as ``/train`` config settings, checked here (a bad one must
+    fail before anything is generated or trained), with the flag named."""
+    from amygdala.fields import FieldError
+    from amygdala.finetune.inputs import Limits, parse_config
+
+    options = {key: getattr(args, key) for key in ("anchor", "dpop_lambda", "holdout", "patience")
+               if getattr(args, key) is not None}
+    if args.anchor_texts is not None:
+        try:
+            lines = [t for t in args.anchor_texts.read_text(encoding="utf-8").splitlines() if t.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise AmygdalaError(f"--anchor-texts {args.anchor_texts}: cannot read it ({e})") from None
+        options["neutral"] = [list(encoder.tokenizer(t)["input_ids"]) for t in lines]
+    try:
+        parse_config(options, Limits(vocab_size=2**31, max_length=2**31))
+    except FieldError as e:
+        key = e.path.removeprefix("config.").split("[")[0]
+        if key == "neutral":  # say which text: config.neutral[i] is the i-th non-empty line
+            raise AmygdalaError(f"--anchor-texts {args.anchor_texts}: {e}") from None
+        raise AmygdalaError(f"--{key.replace('_', '-')}: {str(e).partition(': ')[2]}") from None
+    return options
 
 
 def _generation_args(p: argparse.ArgumentParser, what: str) -> None:
@@ -64,7 +98,10 @@ def _connect(args: argparse.Namespace):
     path = args.tokenizer or Path(server.model())
     if not path.is_dir():
         raise AmygdalaError(f"the server serves {str(path)!r}, not a folder here; give the model's folder with --tokenizer")
-    return server, Encoder.load(path, raw=args.raw)
+    encoder = Encoder.load(path, raw=args.raw)
+    if hasattr(args, "anchor"):  # the jobs that train (_train_args)
+        server.train_options = _train_options(args, encoder)
+    return server, encoder
 
 
 def _print_undo(server, snapshot: str) -> None:

@@ -9,7 +9,11 @@ to catch jobs many times too big, not to predict the peak closely:
 - activations kept for the backward and the logits of the positions that predict continuation
   tokens: :func:`amygdala.finetune.memory.step_activations`, the one model of a step, which
   tests/test_memory.py checks against what autograd keeps;
-- one gradient per trainable parameter.
+- one gradient per trainable parameter;
+- what a job keeps from start to end: with ``anchor`` on, the reference distributions of every
+  anchored position (:func:`amygdala.finetune.memory.reference_bytes`: the job's continuation
+  positions and the neutral set's), and with ``holdout`` on, a copy of the trainable weights
+  (the best step's, as large as the gradients).
 """
 
 from __future__ import annotations
@@ -54,7 +58,21 @@ def estimate_bytes(samples: Sequence[Sample], config: JobConfig, dims: Dims) -> 
         rows, width = batch_shape(chunk, config.objective)
         keep = 1 + max(max(len(s.continuation_ids), len(s.rejected_ids or ())) for s in chunk)
         worst = max(worst, memory.step_activations(dims.shapes, rows, width, keep, dims.value_bytes))
-    return worst + dims.gradient_bytes
+    kept = dims.gradient_bytes if config.holdout > 0 else 0
+    if config.anchor > 0:
+        for b in range(0, len(config.neutral), config.micro_batch):  # a neutral forward: every position after the first
+            chunk = config.neutral[b : b + config.micro_batch]
+            width = max(map(len, chunk))
+            worst = max(worst, memory.step_activations(dims.shapes, len(chunk), width, width, dims.value_bytes))
+        mb = config.micro_batch
+        positions = sum(len(c) * max(len(s.continuation_ids) for s in c) for c in _chunks(samples, mb))
+        positions += sum(len(c) * (max(map(len, c)) - 1) for c in _chunks(config.neutral, mb))
+        kept += memory.reference_bytes(positions, dims.shapes.vocab)
+    return worst + dims.gradient_bytes + kept
+
+
+def _chunks(items: Sequence, size: int) -> list:
+    return [items[b : b + size] for b in range(0, len(items), size)]
 
 
 def available_bytes(device: str = "cpu") -> int:

@@ -143,6 +143,13 @@ def loss_logits(positions: int, vocab: int) -> int:
     return 3 * positions * vocab * 4
 
 
+def reference_bytes(positions: int, vocab: int) -> int:
+    """The anchor's fixed reference (:mod:`amygdala.finetune.objectives`): one float32 next-token
+    distribution per anchored position, kept for the whole job. For SmolLM2 (49,152 tokens) that
+    is 192 KiB a position: 16 samples of 32 continuation tokens hold 96 MiB."""
+    return positions * vocab * 4
+
+
 def checkpointed_activations(s: Shapes, tokens: int, dtype_bytes: int) -> int:
     """Tensors autograd keeps from the forward under activation checkpointing: each block's
     input and the final norm's input and output (tokens x hidden each), and the loss's logits

@@ -1,4 +1,4 @@
-"""Training objectives on token IDs: SFT, ORPO and DPO, with the loss on continuation tokens only.
+"""Training objectives on token IDs: SFT, ORPO, DPO and DPOP, with the loss on continuation tokens only.
 
 Each objective gives one loss per sample; a job averages them over its samples. All three
 need the same quantity, log p(continuation | context) summed over the continuation's tokens,
@@ -16,6 +16,19 @@ full [batch, length, vocab] logits of a long context would dwarf the model's act
   (:func:`reference_logprobs`), so no second copy of the model is ever needed. Each job thus
   starts from a loss of log 2 and anchors to the model it found (iterated DPO); a long job
   still cannot drift far from where it began.
+- **DPOP** (DPO-Positive, Pal et al., 2024): DPO plus ``dpop_lambda`` times max(0, log ref(y_w) -
+  log pi(y_w)) (summed log-probs). DPO only asks the margin to grow, and can get it by lowering
+  both likelihoods; the penalty forbids the preferred one from falling below where it started.
+
+**Anchor** (any objective, ``anchor`` > 0): ``anchor`` times the mean KL(ref || pi) of the
+next-token distributions at the positions that predict the job's own continuation tokens, plus
+the same on the request's held ``neutral`` sequences (every position). Why: the objectives pull
+only the continuation tokens' probabilities; the KL term is what keeps the rest of each
+distribution, and untouched text, where the job found it ("small steps near the current
+solution"). The reference distributions are the job's starting weights, computed once before the
+first update (:func:`reference_distributions`) and kept as float32 log-probs, positions x vocab
+(their memory is budgeted: :func:`amygdala.finetune.memory.reference_bytes`), so no second copy
+of the model is needed.
 """
 
 from __future__ import annotations
@@ -42,7 +55,16 @@ class LogProbs:
 
 
 def continuation_logprobs(model, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]) -> LogProbs:
-    """log p(continuation | context) of each pair, under ``model`` (grad flows when enabled).
+    """log p(continuation | context) of each pair, under ``model`` (grad flows when enabled)."""
+    logp, target, on = _distributions(model, contexts, continuations)
+    picked = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1).masked_fill(~on, 0.0)
+    return LogProbs(picked.sum(1), on.sum(1).float())
+
+
+def _distributions(model, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Next-token log-probs [batch, positions, vocab] at the positions that predict each
+    continuation's tokens, with those tokens and the mask of real positions.
 
     Sequences are left-padded so every continuation ends at the last position; positions are
     counted from each sequence's first real token, so padding changes nothing.
@@ -63,9 +85,7 @@ def continuation_logprobs(model, contexts: Sequence[Sequence[int]], continuation
     positions = (mask.cumsum(1) - 1).clamp_min(0)
     ids, mask, positions, target, on = (t.to(device) for t in (ids, mask, positions, target, on))
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep, use_cache=False).logits
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
-    logp = logp.masked_fill(~on, 0.0)
-    return LogProbs(logp.sum(1), on.sum(1).float())
+    return F.log_softmax(logits[:, :-1].float(), dim=-1), target, on
 
 
 def sft_loss(model, samples: Sequence[Sample]) -> torch.Tensor:
@@ -112,12 +132,55 @@ def dpo_loss(model, samples: Sequence[Sample], ref_chosen: torch.Tensor, ref_rej
     return -F.logsigmoid(beta * margin)
 
 
+def dpop_loss(model, samples: Sequence[Sample], ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, beta: float,
+              lam: float) -> torch.Tensor:
+    chosen, rejected = _pair(model, samples)
+    margin = (chosen.total - ref_chosen) - (rejected.total - ref_rejected)
+    return -F.logsigmoid(beta * margin) + lam * (ref_chosen - chosen.total).clamp_min(0.0)
+
+
+@dataclass
+class Reference:
+    """One micro-batch's fixed reference: the log-probs [rows, positions, vocab] of the
+    starting weights and the mask of the positions that count."""
+
+    logp: torch.Tensor
+    on: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.logp.numel() * self.logp.element_size()
+
+
+@torch.no_grad()
+def reference_distributions(model, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]) -> Reference:
+    """The anchor's reference for one micro-batch, under the current (the job's starting) weights."""
+    logp, _, on = _distributions(model, contexts, continuations)
+    return Reference(logp, on)
+
+
+def kl_to_reference(model, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
+                    reference: Reference) -> torch.Tensor:
+    """Per sequence: the mean over its positions of KL(ref || pi) of the next-token distributions."""
+    logp, _, on = _distributions(model, contexts, continuations)
+    ref = reference.logp
+    kl = (ref.exp() * (ref - logp)).sum(-1).masked_fill(~on, 0.0)
+    return kl.sum(1) / on.sum(1).clamp_min(1)
+
+
+def neutral_split(ids: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A neutral sequence as (context, continuation): the KL is taken at every position after the first."""
+    return tuple(ids[:1]), tuple(ids[1:])
+
+
 def sample_losses(model, samples: Sequence[Sample], config: JobConfig, reference: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-    """Per-sample losses of ``config.objective`` (``reference``: this micro-batch's DPO reference)."""
+    """Per-sample losses of ``config.objective`` (``reference``: this micro-batch's DPO/DPOP reference)."""
     if config.objective == "sft":
         return sft_loss(model, samples)
     if config.objective == "orpo":
         return orpo_loss(model, samples, config.orpo_lambda)
     if reference is None:
-        raise ValueError("dpo needs the reference log-probs of reference_logprobs()")
+        raise ValueError(f"{config.objective} needs the reference log-probs of reference_logprobs()")
+    if config.objective == "dpop":
+        return dpop_loss(model, samples, reference[0], reference[1], config.beta, config.dpop_lambda)
     return dpo_loss(model, samples, reference[0], reference[1], config.beta)

@@ -77,6 +77,9 @@ class Job:
     prefix_cache_reset: bool | None = None
     cancel: bool = False  # asked to stop: the job thread ends it after the step in flight
     estimate_bytes: int = 0
+    heldout_losses: list[float] = field(default_factory=list)  # with config.holdout: the early stop's evaluations
+    best_step: int | None = None
+    stopped_early: bool = False
 
     def describe(self) -> dict:
         out = {
@@ -89,6 +92,8 @@ class Job:
         if self.finished_at is not None:
             out.update(finished_at=self.finished_at, seconds=round(self.finished_at - (self.started_at or self.finished_at), 3),
                        prefix_cache_reset=self.prefix_cache_reset)
+        if self.config.holdout and self.finished_at is not None:
+            out.update(heldout_losses=list(self.heldout_losses), best_step=self.best_step, stopped_early=self.stopped_early)
         if self.error is not None:
             out["error"] = self.error
         return out
@@ -240,9 +245,10 @@ class TrainingService:
             crash_point("train.step")  # a kill -9 test's mid-job window (amygdala.crash)
 
         try:
-            self.trainer.run(job.samples, job.config, on_step=on_step, stop=lambda: job.cancel)
+            result = self.trainer.run(job.samples, job.config, on_step=on_step, stop=lambda: job.cancel)
+            job.heldout_losses, job.best_step, job.stopped_early = result.heldout_losses, result.best_step, result.stopped_early
             state, error = "done", None
-            if job.step < job.config.steps:
+            if job.step < job.config.steps and not result.stopped_early:
                 state, error = "cancelled", f"cancelled: steps 1..{job.step} of {job.config.steps} were applied"
         except TrainJobError as e:
             state, error = "failed", str(e)

@@ -11,6 +11,14 @@ gradient norm: a finite loss can still overflow in the backward, and one non-fin
 would write NaN into the weights everyone is served); a job that fails at step k has applied
 steps 1..k-1 in place and raises :class:`TrainJobError` saying so. A job asked to stop
 (``stop()`` true, checked between steps) ends after the step in flight.
+
+Early stop (``holdout`` > 0): the last share of the samples is held out (never trained on), and
+the objective's loss on them is evaluated before the first step and after every step. The job
+stops once that loss has risen ``patience`` evaluations in a row, and, stopped or not, it ends
+with the weights of its best evaluation put back in place (a copy of the trainable weights,
+taken at each new best: memory as large as the gradients, budgeted). Why restore rather than
+stop at the rise: the steps past the best are the memorising ones the held-out loss saw; the
+optimizer's moments keep those steps (they are statistics, not the weights).
 """
 
 from __future__ import annotations
@@ -28,8 +36,9 @@ from amygdala import AmygdalaError
 from amygdala import checkpoint
 from amygdala.finetune.apollo import OptimizerSettings, build_optimizer, state_nbytes
 from amygdala.finetune.budget import Dims
-from amygdala.finetune.inputs import JobConfig, Limits, Sample, parse_request
-from amygdala.finetune.objectives import reference_logprobs, sample_losses
+from amygdala.finetune.inputs import JobConfig, Limits, Sample, parse_request, split_holdout
+from amygdala.finetune.objectives import (kl_to_reference, neutral_split, reference_distributions, reference_logprobs,
+                                          sample_losses)
 from amygdala.finetune.trainable import Trainable
 from amygdala.finetune.state import STATE_FILE, encode_state, load_state
 
@@ -47,6 +56,38 @@ class JobResult:
     steps: int
     losses: list[float]
     seconds: float
+    heldout_losses: list[float] = field(default_factory=list)  # [0]: before the first step; then after each
+    best_step: int | None = None  # the step whose weights the job ended with (holdout on)
+    stopped_early: bool = False
+
+
+def _chunks(items: Sequence, size: int) -> list[list]:
+    return [list(items[b : b + size]) for b in range(0, len(items), size)]
+
+
+class _Anchor:
+    """The anchor's fixed references (objectives.py), and its loss terms, one micro-batch at a time."""
+
+    def __init__(self, model: nn.Module, chunks: list[list[Sample]], config: JobConfig):
+        self.weight = config.anchor
+        self.own = [([s.context_ids for s in c], [s.continuation_ids for s in c]) for c in chunks]
+        self.neutral = [tuple(zip(*map(neutral_split, c))) for c in _chunks(config.neutral, config.micro_batch)]
+        self.own_n, self.neutral_n = sum(len(c) for c in chunks), len(config.neutral)
+        self.refs = [reference_distributions(model, *pair) for pair in self.own + self.neutral]
+
+    def terms(self, model: nn.Module):
+        """Each micro-batch's share of ``weight`` x (mean KL on the job's samples + mean KL on the neutral set)."""
+        for i, (contexts, continuations) in enumerate(self.own + self.neutral):
+            n = self.own_n if i < len(self.own) else self.neutral_n
+            yield self.weight * kl_to_reference(model, contexts, continuations, self.refs[i]).sum() / n
+
+
+def _finite(loss: torch.Tensor, step: int) -> torch.Tensor:
+    if not torch.isfinite(loss):
+        raise TrainJobError(
+            f"step {step}: the loss is {loss.item()}; steps 1..{step - 1} were applied, this one was not "
+            "(lower config.learning_rate)", step - 1)
+    return loss
 
 
 def run_job(
@@ -57,20 +98,25 @@ def run_job(
     on_step: Callable[[int, float], None] | None = None,
     stop: Callable[[], bool] | None = None,
 ) -> JobResult:
-    """``config.steps`` updates of ``model`` in place, each on all ``samples``; per-step losses.
+    """Up to ``config.steps`` updates of ``model`` in place, each on all training samples; per-step losses.
 
-    The loss of a step is the mean over samples of the objective's per-sample loss, before
-    the update. Gradients are freed at the end so nothing but optimizer state outlives a job.
+    The loss of a step is the mean over training samples of the objective's per-sample loss
+    (plus the anchor's terms), before the update. Each micro-batch's terms are backpropagated
+    on their own, so only one graph is alive at a time. Gradients are freed at the end so
+    nothing but optimizer state outlives a job.
     """
     t0 = time.perf_counter()
     for group in optimizer.param_groups:
         group["lr"] = config.learning_rate
-    mb = config.micro_batch
-    chunks = [list(samples[b : b + mb]) for b in range(0, len(samples), mb)]
-    references = None
-    if config.objective == "dpo":
-        ref_c, ref_r = reference_logprobs(model, samples, mb)
-        references = [(ref_c[b : b + mb], ref_r[b : b + mb]) for b in range(0, len(samples), mb)]
+    train, held = split_holdout(list(samples), config.holdout)
+    chunks, held_chunks = _chunks(train, config.micro_batch), _chunks(held, config.micro_batch)
+    references: list | None = None
+    held_refs: list | None = None
+    if config.objective in ("dpo", "dpop"):
+        references = [reference_logprobs(model, c, len(c)) for c in chunks]
+        held_refs = [reference_logprobs(model, c, len(c)) for c in held_chunks]
+    anchor = _Anchor(model, chunks, config) if config.anchor > 0 else None
+    early = _EarlyStop(model, held_chunks, held_refs, config) if held else None
     losses: list[float] = []
     try:
         for step in range(1, config.steps + 1):
@@ -79,21 +125,60 @@ def run_job(
             optimizer.zero_grad(set_to_none=True)
             total = 0.0
             for i, chunk in enumerate(chunks):
-                loss = sample_losses(model, chunk, config, references[i] if references else None).sum() / len(samples)
-                if not torch.isfinite(loss):
-                    raise TrainJobError(
-                        f"step {step}: the loss is {loss.item()}; steps 1..{step - 1} were applied, this one was not "
-                        "(lower config.learning_rate)", step - 1)
+                loss = _finite(sample_losses(model, chunk, config, references[i] if references else None).sum() / len(train), step)
                 loss.backward()
                 total += loss.item()
+            for term in anchor.terms(model) if anchor is not None else ():
+                _finite(term, step).backward()
+                total += term.item()
             _check_gradients(optimizer, step)
             optimizer.step()
             losses.append(total)
             if on_step is not None:
                 on_step(step, total)
+            if early is not None and early.evaluate(step):
+                break
     finally:
         optimizer.zero_grad(set_to_none=True)
-    return JobResult(len(losses), losses, time.perf_counter() - t0)
+    if early is None:
+        return JobResult(len(losses), losses, time.perf_counter() - t0)
+    early.restore()
+    return JobResult(len(losses), losses, time.perf_counter() - t0, early.losses, early.best_step, early.stopped)
+
+
+class _EarlyStop:
+    """The held-out loss before the first step and after each, and the best evaluation's weights."""
+
+    def __init__(self, model: nn.Module, chunks: list[list[Sample]], references: list | None, config: JobConfig):
+        self.model, self.chunks, self.references, self.config = model, chunks, references, config
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.best = [p.detach().clone() for p in self.params]
+        self.losses = [self._loss()]
+        self.best_step, self.rises, self.stopped = 0, 0, False
+
+    @torch.no_grad()
+    def _loss(self) -> float:
+        n = sum(len(c) for c in self.chunks)
+        return sum(sample_losses(self.model, c, self.config, self.references[i] if self.references else None).sum().item()
+                   for i, c in enumerate(self.chunks)) / n
+
+    def evaluate(self, step: int) -> bool:
+        """Record the held-out loss after ``step``; true when the job should stop."""
+        loss = self._loss()
+        self.rises = self.rises + 1 if loss > self.losses[-1] else 0
+        if loss < min(self.losses):
+            self.best_step = step
+            with torch.no_grad():
+                for saved, p in zip(self.best, self.params):
+                    saved.copy_(p)
+        self.losses.append(loss)
+        self.stopped = self.rises >= self.config.patience
+        return self.stopped
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for saved, p in zip(self.best, self.params):
+                p.copy_(saved)
 
 
 def _check_gradients(optimizer: torch.optim.Optimizer, step: int) -> None:

@@ -66,6 +66,9 @@ class Server:
         self.timeout = timeout
         self._model: str | None = None
         self._manifest: dict | None = None
+        #: Job settings added to every ``/train`` config (the CLI's anchor, holdout, dpop flags):
+        #: teach, dream and distill build their own configs; these reach all three unchanged.
+        self.train_options: dict = {}
 
     # ------------------------------------------------------------------ plumbing
     def _request(self, method: str, path: str, body: dict | None = None, *, auth: bool = False,
@@ -185,6 +188,8 @@ class Server:
 
     # ------------------------------------------------------------------ training routes
     def train(self, body: dict) -> dict:
+        if self.train_options:
+            body = {**body, "config": {**(body.get("config") or {}), **self.train_options}}
         return self.call("POST", "/train", body, auth=True, timeout=60)
 
     def status(self) -> dict:

@@ -66,7 +66,7 @@ class Encoder:
     def sample(self, s: TeachSample, objective: str, where: str) -> dict:
         """A ``/train`` sample; SampleError naming ``where`` when it cannot be one."""
         out = {"context_ids": self.context_ids(s.context, where), "continuation_ids": self.continuation_ids(s.chosen)}
-        if objective in ("orpo", "dpo"):
+        if objective in ("orpo", "dpo", "dpop"):
             if s.rejected is None:
                 raise SampleError(f"{where}: field 'rejected': missing; objective {objective} needs a rejected "
                                   "continuation (use --objective sft, or pairs with rejected)")
