@@ -202,8 +202,9 @@ def test_filtered_responses_are_slices_of_the_full_one(server, files):
     assert "readout_select" in chunks[0]["choices"][0]
     assert sum("readout_select" in ch for c in chunks for ch in c["choices"]) == 1
     np.testing.assert_allclose(_streamed(chunks), want[:, [1]][:, :, [1, 3]], rtol=1e-6)
-    # In vllm_xargs, as a JSON string.
-    code, x = server.post("/completions", {**b, "vllm_xargs": {"readout": json.dumps(sel)}})
+    # In vllm_xargs, as a JSON string (without the top-level field, which would win).
+    plain = {k: v for k, v in b.items() if k != "readout"}
+    code, x = server.post("/completions", {**plain, "vllm_xargs": {"readout": json.dumps(sel)}})
     assert code == 200 and x["choices"][0]["readout"] == choice["readout"]
 
 

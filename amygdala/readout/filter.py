@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from amygdala.fields import FieldError, is_int, short
 from amygdala.readout.format import Readout, ReadoutError
+from amygdala.readout.text import TextScores, token_rows
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,24 @@ class ReadoutFilter:
         if self.summary:
             out["summary"] = True
         return out
+
+
+@dataclass(frozen=True)
+class _Kept:
+    """The names :func:`amygdala.readout.token_rows` reads off a readout, for the kept slice."""
+
+    concepts: list[str]
+    layers: list[int]
+
+
+def text_rows(scored: TextScores, readout: Readout, filt: ReadoutFilter | None, top: int = 3) -> list[dict]:
+    """``token_rows`` of a scored text (``amygdala read``/``generate``), of the filter's slice
+    when there is one: the top ``top`` of the kept concepts at each kept layer."""
+    if filt is None:
+        return token_rows(scored, readout, top)
+    part = replace(scored, scores=scored.scores[:, list(filt.layers)][:, :, list(filt.concepts)],
+                   tracks=None if scored.tracks is None else scored.tracks[:, list(filt.layers)])
+    return token_rows(part, _Kept(list(filt.names), list(filt.layer_ids)), top)  # type: ignore[arg-type]
 
 
 def _cluster_members(readout: Readout, clusters: Sequence[str], field: str) -> set[int]:
