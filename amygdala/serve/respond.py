@@ -16,6 +16,12 @@ manifest's ``tracks`` order; a list of them non-streaming), ``tracks_tokens`` be
 ``"readout": true``, z over neutral text with ``"zscore"`` (the tracks' statistics are always
 neutral: "how emotional is this token compared with plain prose"). Older files: no track fields.
 
+A filtered readout (``"readout": {"concepts": ..., "top_k": ...}``, amygdala.readout.filter)
+keeps only its slice of each row here, after the worker's full matmul: the choice (its first chunk,
+when streaming) carries ``readout_select``, what the values are; ``top_k`` turns each token's
+matrix into ``[name, value]`` pairs per layer; ``summary`` replaces the per-token rows with one
+``readout_summary`` (mean and max) in the chunk that ends the choice. No filter: as above, unchanged.
+
 To know how many tokens a streamed chunk carries, the route asks vLLM for ``token_ids`` in the
 chunks (``return_token_ids``) and strips them again here when the client did not ask for them.
 Streamed completions with ``echo`` can't do that (vLLM then drops the echoed text), so there a
