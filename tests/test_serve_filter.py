@@ -106,6 +106,10 @@ def test_clusters_need_a_readout_that_records_them():
     r = Readout(["a", "b"], [1], {1: np.eye(2, 8, dtype=np.float32)}, None, None)
     with pytest.raises(FieldError, match="records no clusters"):
         parse({"readout": {"clusters": ["x"]}}, None, r, SHAPE)
+    r.meta["clusters"] = ["x", None]  # a concept without a cluster is in none (and no 500)
+    assert parse({"readout": {"clusters": ["x"]}}, None, r, SHAPE).filter.names == ("a",)
+    with pytest.raises(FieldError, match="nearest: x"):
+        parse({"readout": {"clusters": ["None"]}}, None, r, SHAPE)
 
 
 # --------------------------------------------------------------------------- response rewriting (no vLLM)

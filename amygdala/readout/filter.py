@@ -131,7 +131,7 @@ def _cluster_members(readout: Readout, clusters: Sequence[str], field: str) -> s
     info = readout.concept_info("clusters")
     if info is None:
         raise FieldError(field, "this readout records no clusters per concept; select concepts by name")
-    known = sorted(set(info))
+    known = sorted({c for c in info if isinstance(c, str)})  # a file's null entries name no cluster
     members: set[int] = set()
     for cluster in clusters:
         if cluster not in known:
