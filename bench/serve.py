@@ -9,7 +9,12 @@ a plain vLLM server (no plugin) and one with the plugin and a readout loaded. Th
 - idle:     plugin server, ``"readout": false`` (the cost of the hooks alone);
 - readout:  plugin server, readout on (every streamed chunk carries its scores);
 - steer:    plugin server, readout off, one concept steered at the readout's layers;
-- both:     readout on and steering.
+- both:     readout on and steering;
+- filtered: readout on, filtered to ``--filter-concepts`` concepts (``"readout": {"concepts": [...]}``,
+            issue 26): the same matmul in the worker, fewer floats in every chunk.
+
+Besides tokens/s, the bytes of one streamed completion's body per generated token, per mode
+(``readout`` against ``filtered`` is what a client that watches a few concepts saves).
 
 Workload per measurement: ``--concurrency`` streamed completions sent at once, each forced to
 ``--tokens`` tokens (``ignore_eos``). Decode tokens/s = concurrency * (tokens - 1) / (T(tokens) -
@@ -20,8 +25,9 @@ server's processes (API server, engine core, worker): CPU milliseconds per decod
 On a shared machine other processes come and go, so each plugin mode is measured right after a
 plain measurement and compared with it: the figures are medians over ``--repeats`` turns of these
 paired ratios (with the spread), besides the median tokens/s of each mode.
-Without ``--readout``, a random readout of 171 concepts (the original's emotion count) at the
-layers 0.5 and 0.66 of the model's depth stands in: the cost does not depend on the vectors.
+Without ``--readout``, a random readout of ``--concepts`` concepts (default 171, the original's
+emotion count) at ``--layers`` (relative depths, default 0.5 and 0.66) stands in: the cost does
+not depend on the vectors. ``--modes`` picks which modes run (plain always does).
 """
 
 from __future__ import annotations
@@ -57,9 +63,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def random_readout(path: Path, num_layers: int, hidden: int, n: int = 171) -> Path:
+def random_readout(path: Path, num_layers: int, hidden: int, n: int = 171, depths: tuple[float, ...] = (0.5, 0.66)) -> Path:
     g = torch.Generator().manual_seed(0)
-    layers = sorted({round(r * (num_layers - 1)) for r in (0.5, 0.66)})
+    layers = sorted({round(r * (num_layers - 1)) for r in depths})
     vectors = {l: torch.nn.functional.normalize(torch.randn(n, hidden, generator=g), dim=1) for l in layers}
     stats = {l: torch.zeros(n) for l in layers}, {l: torch.ones(n) for l in layers}
     Readout([f"concept_{i}" for i in range(n)], layers, vectors, *stats).save(path)
@@ -103,6 +109,19 @@ async def one(client: httpx.AsyncClient, port: int, body: dict) -> int:
         async for line in r.aiter_lines():
             events += line.startswith("data: ")
     return events
+
+
+async def body_bytes(port: int, extra: dict, tokens: int) -> float:
+    """Bytes of one streamed completion's body per generated token."""
+    size = 0
+    body = {"model": "m", "prompt": " ".join(WORDS), "max_tokens": tokens, "temperature": 0,
+            "ignore_eos": True, "stream": True, **extra}
+    async with httpx.AsyncClient(timeout=600) as client:
+        async with client.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body) as r:
+            r.raise_for_status()
+            async for chunk in r.aiter_bytes():
+                size += len(chunk)
+    return size / tokens
 
 
 def tree_cpu(pid: int) -> float:
@@ -152,12 +171,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    ap.add_argument("--concepts", type=int, default=171, help="concepts of the random readout")
+    ap.add_argument("--layers", default="0.5,0.66", help="relative depths of the random readout's layers")
+    ap.add_argument("--filter-concepts", type=int, default=3, help="concepts the filtered mode asks for")
+    ap.add_argument("--modes", default="idle,readout,steer,both,filtered", help="modes besides plain")
     args = ap.parse_args()
 
     model = resolve_model(args.model)
     info = model_info(model)
     work = Path(tempfile.mkdtemp(prefix="amygdala-bench-serve-"))
-    readout_path = args.readout or random_readout(work / "readout", info.num_layers, info.hidden_size)
+    depths = tuple(float(x) for x in args.layers.split(","))
+    readout_path = args.readout or random_readout(work / "readout", info.num_layers, info.hidden_size, args.concepts, depths)
     readout = Readout.load(readout_path)
     vllm_args = ["--dtype", args.dtype, "--max-model-len", "512", "--max-num-seqs", str(args.concurrency)]
     print(f"model {info.name} ({info.num_layers} layers, hidden {info.hidden_size}); readout "
@@ -175,13 +199,17 @@ def main() -> None:
             "readout": (plugged, plug_port, {}),
             "steer": (plugged, plug_port, {"readout": False, **steer}),
             "both": (plugged, plug_port, steer),
+            "filtered": (plugged, plug_port, {"readout": {"concepts": readout.concepts[: args.filter_concepts]}}),
         }
+        wanted = {"plain", *args.modes.split(",")}
+        modes = {m: v for m, v in modes.items() if m in wanted}
         for _, port, extra in modes.values():  # warm up: first requests pay one-off costs
             asyncio.run(batch(port, extra, args.concurrency, 4))
         tps: dict[str, list[float]] = {m: [] for m in modes}
         cpu: dict[str, list[float]] = {m: [] for m in modes}
         tps_ratio: dict[str, list[float]] = {m: [] for m in modes if m != "plain"}
         cpu_ratio: dict[str, list[float]] = {m: [] for m in modes if m != "plain"}
+        size = {m: asyncio.run(body_bytes(port, extra, args.tokens)) for m, (_, port, extra) in modes.items()}
         for turn in range(args.repeats):
             line = []
             for name in tps_ratio:
@@ -209,10 +237,10 @@ def main() -> None:
         q = statistics.quantiles(v, n=4) if len(v) > 1 else [v[0], v[0], v[0]]
         return f"{statistics.median(v):.3f} [{q[0]:.2f}-{q[2]:.2f}]"
 
-    print(f"\n{'mode':8} {'tok/s':>7} {'CPU ms/tok':>10}   {'tok/s vs plain':>20}   {'CPU/tok vs plain':>20}")
+    print(f"\n{'mode':8} {'tok/s':>7} {'CPU ms/tok':>10}   {'tok/s vs plain':>20}   {'CPU/tok vs plain':>20}   {'bytes/tok':>9}")
     for m in modes:
         paired = (spread(tps_ratio[m]), spread(cpu_ratio[m])) if m != "plain" else ("1", "1")
-        print(f"{m:8} {med_t[m]:7.1f} {med_c[m]:10.2f}   {paired[0]:>20}   {paired[1]:>20}")
+        print(f"{m:8} {med_t[m]:7.1f} {med_c[m]:10.2f}   {paired[0]:>20}   {paired[1]:>20}   {size[m]:9.0f}")
     print("(ratios: median [quartiles] over turns of each mode against the plain run just before it)")
     print(f"server logs: {work}")
     if args.json:
@@ -220,7 +248,7 @@ def main() -> None:
         args.json.write_text(json.dumps({
             "model": name, "concurrency": args.concurrency, "tokens": args.tokens, "median_tok_s": med_t,
             "median_cpu_ms_per_token": med_c, "tok_s_ratio_vs_plain": tps_ratio, "cpu_ratio_vs_plain": cpu_ratio,
-            "tok_s": tps, "cpu_ms_per_token": cpu,
+            "tok_s": tps, "cpu_ms_per_token": cpu, "bytes_per_token": size,
         }, indent=1))
 
 

@@ -14,6 +14,29 @@ from amygdala.cli.common import _model_arg, _placement_args, _readout_arg
 log = logging.getLogger("amygdala")
 
 
+# --------------------------------------------------------------------------- filter
+def _filter_args(p) -> None:
+    p.add_argument("--concepts", default=None, metavar="A,B", help="show only these concepts")
+    p.add_argument("--clusters", default=None, metavar="X,Y", help="show only the concepts of these clusters (with --concepts: both)")
+    p.add_argument("--layers", default=None, metavar="L,M", help="show only these of the readout's layers")
+
+
+def _filter(args: argparse.Namespace, readout):
+    """The shown slice (amygdala.readout.filter), checked before the model loads; None: everything."""
+    from amygdala.cli.common import _int_list
+    from amygdala.readout.filter import ReadoutFilter
+
+    def names(text: str | None) -> list[str] | None:
+        return [x.strip() for x in text.split(",") if x.strip()] if text else None
+
+    concepts, clusters = names(args.concepts), names(args.clusters)
+    layers = _int_list("--layers", args.layers) if args.layers else None
+    if not (concepts or clusters or layers):
+        return None
+    return ReadoutFilter.build(readout, concepts=concepts, clusters=clusters, layers=layers,
+                               where={"concepts": "--concepts", "clusters": "--clusters", "layers": "--layers"})
+
+
 # --------------------------------------------------------------------------- read
 def _print_rows(rows: list[dict], unit: str) -> None:
     for r in rows:
@@ -33,9 +56,11 @@ def cmd_read(args: argparse.Namespace) -> int:
     from amygdala.pipeline import matching_model
     from amygdala.models.weights import require_same_weights
     from amygdala import AmygdalaError
-    from amygdala.readout import DEFAULT_SMOOTH, Readout, score_text, token_rows
+    from amygdala.readout import DEFAULT_SMOOTH, Readout, score_text
+    from amygdala.readout.filter import text_rows
 
     readout = Readout.load(args.readout)
+    filt = _filter(args, readout)
     smooth = DEFAULT_SMOOTH if args.smooth is None else args.smooth
     if smooth < 1:
         raise AmygdalaError(f"--smooth {smooth}: the window is a number of tokens, at least 1")
@@ -45,7 +70,7 @@ def cmd_read(args: argparse.Namespace) -> int:
     require_same_weights(readout.weights, info.path, allow=args.allow_other_weights, where=str(args.readout))
     model, tokenizer, _ = load_model(info.path, args.device, args.model_dtype)
     scored = score_text(model, tokenizer, readout, args.text, against=args.against, smooth=smooth)
-    rows = token_rows(scored, readout, args.top)
+    rows = text_rows(scored, readout, filt, args.top)
     if args.html is not None:
         from amygdala.view import conversation_of_text, offline_html
 
@@ -54,7 +79,8 @@ def cmd_read(args: argparse.Namespace) -> int:
         args.html.write_text(offline_html(conversation), encoding="utf-8")
         print(f"wrote {args.html} (open it in a browser; no server needed)", file=sys.stderr)
     if args.json:
-        json.dump({"layers": readout.layers, "zscore": readout.has_stats, "against": scored.against,
+        select = {} if filt is None else {"select": filt.describe()}
+        json.dump({"layers": list(filt.layer_ids) if filt else readout.layers, **select, "zscore": readout.has_stats, "against": scored.against,
                    "construction": readout.construction, "smooth": scored.smooth,
                    "tracks": scored.track_names or [], "tokens": rows}, sys.stdout, indent=1)
         print()
@@ -76,6 +102,7 @@ def _add_read(sub) -> None:
     p.add_argument("--allow-other-weights", action="store_true",
                    help="use the readout even when the model's weight files differ from the ones it was built from")
     p.add_argument("--top", type=int, default=3)
+    _filter_args(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--html", type=Path, default=None, metavar="FILE",
                    help="also write a self-contained page of the text's readout (the live page's snapshot, opens offline)")
@@ -96,12 +123,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from amygdala.pipeline import matching_model
     from amygdala.models.weights import require_same_weights
     from amygdala.readout import Readout, Steering, attach
+    from amygdala.readout.filter import text_rows
     from amygdala.readout.runtime import check_placement
-    from amygdala.readout.text import TextScores, token_rows
+    from amygdala.readout.text import TextScores
 
     steer = parse_assignments(args.steer, "--steer", example="calm=4")  # before anything loads
     check_placement(args.steer_positions, args.steer_from)
     readout = Readout.load(args.readout)
+    filt = _filter(args, readout)
     steering = Steering.from_concepts(readout, steer).placed(args.steer_positions, args.steer_from) if steer else None
     info = matching_model(readout, args.model)
     require_same_weights(readout.weights, info.path, allow=args.allow_other_weights, where=str(args.readout))
@@ -127,7 +156,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         first = ids.shape[1] - 1
         at = [first + i for i in range(len(new)) if first + i < scores.shape[1]]
         scored = TextScores([tokenizer.decode([int(t)]) for t in new[: len(at)].tolist()], at, scores[0, at], readout.has_stats)
-        rows = token_rows(scored, readout, args.top)
+        rows = text_rows(scored, readout, filt, args.top)
         _print_rows(rows, "z-scores" if readout.has_stats else "raw projections")
     return 0
 
@@ -145,6 +174,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--raw", action="store_true", help="no chat template around the prompt")
     p.add_argument("--show-readout", action="store_true", help="print each generated token's top concepts")
     p.add_argument("--top", type=int, default=3)
+    _filter_args(p)
     p.set_defaults(func=cmd_generate)
 
 

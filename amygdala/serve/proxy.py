@@ -165,6 +165,10 @@ class Exchange:
     prompt_rows: dict[int, list[Row | None]] = field(default_factory=dict)
     prompt_tokens: dict[int, list[str]] = field(default_factory=dict)
     prompt_sent: set[tuple[int, int]] = field(default_factory=set)
+    #: With a ``readout`` filter: the (prompt, choice) pairs whose stream has said what it
+    #: holds (``readout_select``), and with ``summary`` every row so far of each choice.
+    described: set[tuple[int, int]] = field(default_factory=set)
+    summary_rows: dict[tuple[int, int], list[Row | None]] = field(default_factory=lambda: defaultdict(list))
 
     def next_prompt(self) -> int:
         self.prompts += 1

@@ -16,6 +16,12 @@ manifest's ``tracks`` order; a list of them non-streaming), ``tracks_tokens`` be
 ``"readout": true``, z over neutral text with ``"zscore"`` (the tracks' statistics are always
 neutral: "how emotional is this token compared with plain prose"). Older files: no track fields.
 
+A filtered readout (``"readout": {"concepts": ..., "top_k": ...}``, amygdala.readout.filter)
+keeps only its slice of each row here, after the worker's full matmul: the choice (its first chunk,
+when streaming) carries ``readout_select``, what the values are; ``top_k`` turns each token's
+matrix into ``[name, value]`` pairs per layer; ``summary`` replaces the per-token rows with one
+``readout_summary`` (mean and max) in the chunk that ends the choice. No filter: as above, unchanged.
+
 To know how many tokens a streamed chunk carries, the route asks vLLM for ``token_ids`` in the
 chunks (``return_token_ids``) and strips them again here when the client did not ask for them.
 Streamed completions with ``echo`` can't do that (vLLM then drops the echoed text), so there a
@@ -31,6 +37,7 @@ from collections.abc import AsyncIterator
 import numpy as np
 
 from amygdala.readout import Readout
+from amygdala.readout.filter import ReadoutFilter
 from amygdala.serve.proxy import Exchange, Row
 
 try:  # vLLM depends on msgspec; its JSON is ~10x faster than json's for chunks of floats
@@ -61,22 +68,32 @@ class Formatter:
             self.track_mean = np.stack([readout.track_mean[l].numpy() for l in readout.layers])
             self.track_std = np.maximum(np.stack([readout.track_std[l].numpy() for l in readout.layers]), 1e-6)
 
-    def row(self, row: Row | None, mode: str) -> list | None:
+    def values(self, row: Row | None, mode: str) -> Row | None:
+        """The row's concept part ``[n_layers, n_concepts]``, z-scored with ``zscore``."""
         if row is None:
             return None
         row = row[:, : self.n_concepts]
-        if mode == "zscore":
-            row = (row - self.mean) / self.std
-        return row.tolist()
+        return (row - self.mean) / self.std if mode == "zscore" else row
 
-    def tracks(self, row: Row | None, mode: str) -> list | None:
-        """The row's tracks ``[n_layers][n_tracks]`` (z over neutral text with ``zscore``)."""
+    def row(self, row: Row | None, mode: str, filt: ReadoutFilter | None = None) -> list | None:
+        """A token's ``readout``: the whole matrix, or the filter's slice (its top k as
+        ``[name, value]`` pairs per layer with ``top_k``)."""
+        values = self.values(row, mode)
+        if values is None:
+            return None
+        if filt is None:
+            return values.tolist()
+        return filt.top(values) if filt.top_k is not None else filt.slice(values).tolist()
+
+    def tracks(self, row: Row | None, mode: str, filt: ReadoutFilter | None = None) -> list | None:
+        """The row's tracks ``[n_layers][n_tracks]`` (z over neutral text with ``zscore``; a
+        filter keeps its layers and every track)."""
         if row is None or not self.has_tracks:
             return None
         part = row[:, self.n_concepts :]
         if mode == "zscore":
             part = (part - self.track_mean) / self.track_std
-        return part.tolist()
+        return (part if filt is None else filt.layer_slice(part)).tolist()
 
 
 def _choice_key(index: int, n: int, chat: bool) -> tuple[int, int]:
@@ -90,13 +107,18 @@ def rewrite_body(body: bytes, exchange: Exchange, fmt: Formatter, chat: bool) ->
 
 
 def rewrite_json(payload: dict, exchange: Exchange, fmt: Formatter, chat: bool) -> dict:
-    mode = exchange.spec.readout
+    mode, filt = exchange.spec.readout, exchange.spec.filter
     for choice in payload.get("choices") or []:
         prompt, idx = _choice_key(choice.get("index", 0), exchange.n, chat)
         rows = exchange.claim(prompt, idx)
-        choice["readout"] = [fmt.row(r, mode) for r in rows]
+        if filt is not None:
+            choice["readout_select"] = filt.describe()
+        if filt is not None and filt.summary:
+            choice["readout_summary"] = filt.summarize([fmt.values(r, mode) for r in rows])
+        else:
+            choice["readout"] = [fmt.row(r, mode, filt) for r in rows]
         if fmt.has_tracks:
-            choice["tracks"] = [fmt.tracks(r, mode) for r in rows]
+            choice["tracks"] = [fmt.tracks(r, mode, filt) for r in rows]
         _add_prompt(choice, exchange, fmt, prompt, idx)
     return payload
 
@@ -107,14 +129,15 @@ def _add_prompt(choice: dict, exchange: Exchange, fmt: Formatter, prompt: int, i
         return
     exchange.prompt_sent.add((prompt, idx))
     choice["prompt_tokens"] = exchange.prompt_tokens[prompt]
-    rows = exchange.prompt_rows[prompt]
-    choice["prompt_readout"] = [fmt.row(r, exchange.spec.readout) for r in rows]
+    rows, mode, filt = exchange.prompt_rows[prompt], exchange.spec.readout, exchange.spec.filter
+    choice["prompt_readout"] = [fmt.row(r, mode, filt) for r in rows]
     if fmt.has_tracks:
-        choice["prompt_tracks"] = [fmt.tracks(r, exchange.spec.readout) for r in rows]
+        choice["prompt_tracks"] = [fmt.tracks(r, mode, filt) for r in rows]
 
 
 def _rewrite_chunk(payload: dict, exchange: Exchange, fmt: Formatter, chat: bool, forced_ids: bool) -> dict:
-    mode = exchange.spec.readout
+    mode, filt = exchange.spec.readout, exchange.spec.filter
+    summary = filt is not None and filt.summary
     for choice in payload.get("choices") or []:
         prompt, idx = _choice_key(choice.get("index", 0), exchange.n, chat)
         ids = choice.get("token_ids")
@@ -128,14 +151,22 @@ def _rewrite_chunk(payload: dict, exchange: Exchange, fmt: Formatter, chat: bool
             for key in ("token_ids", "prompt_token_ids"):
                 if key in choice:
                     choice[key] = None
-        if rows:
-            choice["readout"] = fmt.row(rows[-1], mode)
+        if filt is not None and (prompt, idx) not in exchange.described:  # once, in the choice's first chunk
+            exchange.described.add((prompt, idx))
+            choice["readout_select"] = filt.describe()
+        if rows and not summary:
+            choice["readout"] = fmt.row(rows[-1], mode, filt)
             if len(rows) > 1:
-                choice["readout_tokens"] = [fmt.row(r, mode) for r in rows]
-            if fmt.has_tracks:
-                choice["tracks"] = fmt.tracks(rows[-1], mode)
-                if len(rows) > 1:
-                    choice["tracks_tokens"] = [fmt.tracks(r, mode) for r in rows]
+                choice["readout_tokens"] = [fmt.row(r, mode, filt) for r in rows]
+        if rows and fmt.has_tracks:
+            choice["tracks"] = fmt.tracks(rows[-1], mode, filt)
+            if len(rows) > 1:
+                choice["tracks_tokens"] = [fmt.tracks(r, mode, filt) for r in rows]
+        if summary:  # every token's row waits for the chunk that ends the choice
+            kept = exchange.summary_rows[(prompt, idx)]
+            kept.extend(fmt.values(r, mode) for r in rows)
+            if choice.get("finish_reason") is not None:
+                choice["readout_summary"] = filt.summarize(kept)
     if forced_ids and "prompt_token_ids" in payload:
         payload["prompt_token_ids"] = None
     return payload

@@ -9,6 +9,9 @@ Request fields (top level, or the same keys inside ``vllm_xargs``, where ``steer
 as a JSON string because vLLM only allows scalars and flat lists there)::
 
     "readout": true | false | "raw" | "zscore"       (default: true when a readout is loaded)
+             | {"mode": "raw" | "zscore", "concepts": [...], "clusters": [...], "layers": [...],
+                "top_k": K, "summary": true}           (a filter: amygdala.readout.filter; in
+                                                        vllm_xargs the object as a JSON string)
     "readout_prompt": true | false                    (default: false; the prompt's tokens too)
     "steer": [{"concept": "calm", "strength": 4.0, "layers": [15, 20]},
               {"vector": [...hidden floats...], "strength": -2.0,
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 
 from amygdala.fields import FieldError, finite, is_int, short
 from amygdala.readout import Readout, ReadoutError
+from amygdala.readout.filter import ReadoutFilter
 from amygdala.readout.runtime import MAX_POSITION, POSITIONS
 from amygdala.serve.config import DEFAULT_STEER_ENV
 
@@ -80,6 +84,8 @@ class RequestSpec:
     steer: tuple[SteerItem, ...] = ()
     #: Read the prompt's tokens too, not only the generated ones.
     prompt: bool = False
+    #: What of the rows the response carries (None: every concept and layer, as before filters).
+    filter: ReadoutFilter | None = None
 
     @property
     def active(self) -> bool:
@@ -126,10 +132,11 @@ def parse(
     """
     merged = {k: v for k, v in (xargs or {}).items() if k in FIELDS}
     merged.update({k: v for k, v in fields.items() if k in FIELDS})
-    mode = _parse_readout(merged, readout)
+    fields_, filt = _parse_filter(merged, readout)
+    mode = _parse_readout(fields_, readout)
     given = merged.get("steer")
     steer = default_steer if given is None else _parse_steer(given, readout, shape)
-    return RequestSpec(mode, steer, _parse_prompt(merged.get("readout_prompt"), mode))
+    return RequestSpec(mode, steer, _parse_prompt(merged.get("readout_prompt"), mode), filt if mode else None)
 
 
 def default_steering(text: str | None, readout: Readout | None, shape: ModelShape) -> tuple[SteerItem, ...]:
@@ -155,6 +162,52 @@ def _parse_prompt(value, mode: str | None) -> bool:
     if mode is None:
         raise FieldError("readout_prompt", "reads the prompt's tokens with the readout, which this request turns off")
     return True
+
+
+_FILTER_KEYS = {"mode", "concepts", "clusters", "layers", "top_k", "summary"}
+
+
+def _parse_filter(fields: dict, readout: Readout | None) -> tuple[dict, ReadoutFilter | None]:
+    """A ``readout`` object split into its mode (put back as a plain ``readout`` value for
+    :func:`_parse_readout`) and its filter; anything else passes through unchanged. An object
+    without filter keys (only ``mode``) is no filter: the response is then the plain mode's."""
+    value = fields.get("readout")
+    if isinstance(value, str) and value.lstrip().startswith("{"):  # vllm_xargs: the object as JSON
+        try:
+            value = json.loads(value)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise FieldError("readout", f"not valid JSON ({getattr(e, 'msg', 'nested too deeply')})") from None
+    if not isinstance(value, dict):
+        return fields, None
+    unknown = sorted(str(k) for k in set(value) - _FILTER_KEYS)
+    if unknown:
+        raise FieldError("readout", f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_FILTER_KEYS))}")
+    plain = {**fields, "readout": value.get("mode", True)}
+    if _parse_readout(plain, readout) is None or readout is None:
+        return plain, None  # readout off: nothing to filter
+    names = {key: _names(f"readout.{key}", value.get(key)) for key in ("concepts", "clusters")}
+    layers = value.get("layers")
+    if layers is not None and not (isinstance(layers, list) and layers and all(is_int(l) for l in layers)):
+        raise FieldError("readout.layers", f"must be a non-empty list of the readout's layers {readout.layers}, got {short(layers)}")
+    summary = value.get("summary", False)
+    if not isinstance(summary, bool):
+        raise FieldError("readout.summary", f"expected true or false, got {short(summary)}")
+    if not (names["concepts"] or names["clusters"] or layers or "top_k" in value or summary):
+        return plain, None
+    if summary and "top_k" in value:
+        raise FieldError("readout.top_k", "picks per-token rows, which summary replaces; give one of them")
+    filt = ReadoutFilter.build(readout, concepts=names["concepts"], clusters=names["clusters"], layers=layers,
+                               top_k=value.get("top_k"), summary=summary,
+                               where={k: f"readout.{k}" for k in ("concepts", "clusters", "layers", "top_k")})
+    return plain, filt
+
+
+def _names(where: str, value) -> list[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise FieldError(where, f"must be a non-empty list of names, got {short(value)}")
+    return value
 
 
 def _parse_readout(fields: dict, readout: Readout | None) -> str | None:
