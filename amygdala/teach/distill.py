@@ -101,7 +101,7 @@ class DistillReport:
         lines.append(f"  VADER compound: unsteered {self.vader_before:+.3f}, steered {self.vader_steered:+.3f}, after "
                      + ("n/a" if math.isnan(self.vader_after) else f"{self.vader_after:+.3f}"))
         lines += [f"  {c}: {j.why}" for c, j in self.judges.items()]
-        lines.append(f"competence ({self.competence_before.texts} shipped ordinary texts, {self.competence_before.tokens} "
+        lines.append(f"competence ({self.competence_before.texts} ordinary texts, {self.competence_before.tokens} "
                      f"tokens): {self.competence_before.line()} -> "
                      + (self.competence_after.line() if self.competence_after else "(not trained)"))
         if self.ppl_before is not None:
