@@ -6,10 +6,12 @@ On a copy of the default model (SmolLM2-135M-Instruct; training writes into the 
 serves) with the demo readout (``amygdala demo``'s, built or reused from the cache): start
 ``amygdala serve`` with a training key, then ``amygdala.teach.distill`` with the concept
 steered at ``--fraction`` x the mean residual norm at the readout's layers (the scale the
-validity bench's steering uses; docs/validity.md), 16 training prompts and 8 held out. The
+validity bench's steering uses; docs/validity.md), on distill's shipped varied prompts (split
+per genre; ``--prompts-per-genre`` keeps the first N of each genre to fit a CPU run). The
 table: on the held-out prompts, the unsteered readout of the concept (before, after) against
-the steered one, the VADER compound score of the generated text (an outside judge: a
-sentiment lexicon, no model), and perplexity on 16 neutral texts of the bundled corpus. Then
+the steered one, the VADER compound score of the same continuations (an outside judge: a
+sentiment lexicon, no model), competence (next-token accuracy, log-likelihood per token) on the
+shipped ordinary texts, and perplexity on 16 neutral texts of the bundled corpus. Then
 rollback, and a check that the unsteered readout is back to its before value. ``--write``
 puts the table into docs/teaching.md.
 """
@@ -37,21 +39,10 @@ from amygdala.cli.main import main as amygdala  # noqa: E402
 from amygdala.models import resolve_model  # noqa: E402
 from amygdala.readout import Readout  # noqa: E402
 from amygdala.teach.client import Server  # noqa: E402
-from amygdala.teach.distill import DistillConfig, distill, neutral_texts, split  # noqa: E402
+from amygdala.teach.distill import DistillConfig, distill, neutral_texts  # noqa: E402
+from amygdala.teach.judge import shipped_prompts, shipped_split  # noqa: E402
 from amygdala.teach.tokens import Encoder  # noqa: E402
 
-PROMPTS = [
-    "Tell me about your morning.", "What did you do last weekend?", "Describe the street where you live.",
-    "How do you usually spend a rainy afternoon?", "What is on your desk right now?", "Tell me about a recent walk.",
-    "What did you have for lunch today?", "Describe your commute.", "How was the meeting this morning?",
-    "What are you working on this week?", "Tell me about the last book you read.", "Describe the weather today.",
-    "What did you do after work yesterday?", "Tell me about your kitchen.", "How do you plan your week?",
-    "Describe a typical Tuesday.",
-    # held out (the last 8)
-    "Tell me about your neighbourhood.", "What did you do this afternoon?", "Describe the view from your window.",
-    "How was your trip to the shop?", "What happened at work today?", "Tell me about your evening routine.",
-    "Describe the last train you took.", "What did you cook yesterday?",
-]
 
 
 def residual_norm(model_dir: Path, layers: list[int], texts: list[str]) -> float:
@@ -91,15 +82,23 @@ def start_server(model: Path, readout: Path, key: str, log: Path) -> tuple[subpr
     raise SystemExit("the server did not start in 900 s")
 
 
-def texts(client: Server, enc: Encoder, prompts, max_tokens: int, steer=None) -> list[str]:
-    return [enc.decode(client.generate(enc.context_ids(p), max_tokens, steer=steer, readout=False)[0].token_ids) for p in prompts]
+def prompts(per_genre: int | None, heldout: float) -> tuple[list[str], float]:
+    """Train then held-out prompts (the shipped set split per genre, each genre cut to its first ``per_genre``),
+    and the fraction that makes distill's split hold out exactly the held-out ones."""
+    if per_genre is None:
+        train, held = shipped_split(heldout)
+    else:
+        train, held = _cut(per_genre, heldout)
+    return train + held, (len(held) - 0.5) / (len(train) + len(held))
 
 
-def vader(xs: list[str]) -> float:
-    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
-    a = SentimentIntensityAnalyzer()
-    return sum(a.polarity_scores(x)["compound"] for x in xs) / len(xs)
+def _cut(per_genre: int, heldout: float) -> tuple[list[str], list[str]]:
+    by_genre: dict[str, list[str]] = {}
+    for genre, p in shipped_prompts():
+        by_genre.setdefault(genre, []).append(p)
+    k = max(1, round(heldout * per_genre))
+    cut = [ps[:per_genre] for ps in by_genre.values()]
+    return [p for ps in cut for p in ps[:-k]], [p for ps in cut for p in ps[-k:]]
 
 
 def main() -> int:
@@ -110,6 +109,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--objective", default="orpo")
     ap.add_argument("--max-tokens", type=int, default=40)
+    ap.add_argument("--prompts-per-genre", type=int, default=None, help="the first N shipped prompts of each genre")
+    ap.add_argument("--heldout", type=float, default=0.25)
     ap.add_argument("--write", action="store_true", help="write the table into docs/teaching.md")
     args = ap.parse_args()
 
@@ -130,45 +131,44 @@ def main() -> int:
     try:
         client = Server(f"http://127.0.0.1:{port}", key)
         enc = Encoder.load(model)
-        _, held = split(PROMPTS, 8 / len(PROMPTS))
-        plain_before = texts(client, enc, held, args.max_tokens)
-        steered = texts(client, enc, held, args.max_tokens, {args.concept: strength})
+        ps, heldout = prompts(args.prompts_per_genre, args.heldout)
         snap = client.snapshot()["snapshot"]
-        cfg = DistillConfig({args.concept: strength}, args.max_tokens, 8 / len(PROMPTS), args.objective,
-                            args.learning_rate, args.steps)
+        cfg = DistillConfig({args.concept: strength}, args.max_tokens, heldout, args.objective, args.learning_rate, args.steps)
         t0 = time.perf_counter()
-        report = distill(client, enc, PROMPTS, cfg, neutral=neutral)
+        report = distill(client, enc, ps, cfg, neutral=neutral)
         seconds = time.perf_counter() - t0
-        plain_after = texts(client, enc, held, args.max_tokens)
         print(report.table())
         c = args.concept
+        cb, ca = report.competence_before, report.competence_after
+        assert ca is not None
         rows = [
-            ("unsteered, before", report.before[c], vader(plain_before), report.ppl_before),
-            (f"steered {c}={strength:g}, before", report.steered[c], vader(steered), None),
-            ("unsteered, after", report.after[c], vader(plain_after), report.ppl_after),
+            ("unsteered, before", report.before[c], report.vader_before, f"{cb.accuracy:.2%} / {cb.mean_loglik:.3f}",
+             report.ppl_before),
+            (f"steered {c}={strength:g}, before", report.steered[c], report.vader_steered, "", None),
+            ("unsteered, after", report.after[c], report.vader_after, f"{ca.accuracy:.2%} / {ca.mean_loglik:.3f}",
+             report.ppl_after),
         ]
         client.rollback(snap)
-        back = distill(client, enc, PROMPTS, DistillConfig({c: strength}, args.max_tokens, 8 / len(PROMPTS), submit=False),
+        back = distill(client, enc, ps, DistillConfig({c: strength}, args.max_tokens, heldout, submit=False),
                        progress=False).before[c]
         job = report.jobs[0]
         table = "\n".join([
             f"`./dev bench teach` (default model, demo readout at layers {readout.layers}, {c} steered at "
             f"{args.fraction:g} x the residual norm = {strength:g}; {report.pairs} pairs from {report.train_prompts} "
-            f"prompts, {report.heldout_prompts} held out; {args.objective}, lr {args.learning_rate:g}, {args.steps} steps, "
-            f"APOLLO-Mini; greedy, {args.max_tokens} tokens; CPU, 2 shared cores):",
+            f"shipped prompts, {report.heldout_prompts} held out, all 7 genres in both; {args.objective}, lr {args.learning_rate:g}, "
+            f"{args.steps} steps, APOLLO-Mini; greedy, {args.max_tokens} tokens; CPU, 2 shared cores):",
             "",
-            f"| held-out prompts | readout of {c} (z) | VADER compound | neutral perplexity |",
-            "|---|---|---|---|",
-            *[f"| {name} | {r:+.3f} | {v:+.3f} | {'' if p is None else f'{p:.3f}'} |" for name, r, v, p in rows],
+            f"| held-out prompts | readout of {c} (z) | VADER compound | competence: accuracy / log-lik per token "
+            f"({cb.texts} texts, {cb.tokens} tokens) | neutral perplexity |",
+            "|---|---|---|---|---|",
+            *[f"| {name} | {r:+.3f} | {v:+.3f} | {comp} | {'' if p is None else f'{p:.3f}'} |" for name, r, v, comp, p in rows],
             "",
-            f"Gap closed: {report.gap_closed(c):.0%} of the steered-vs-unsteered readout gap. Training: loss "
-            f"{job.losses[0]:.4g} -> {job.losses[-1]:.4g} in {job.seconds:.0f} s; the whole distill run {seconds:.0f} s. "
-            f"After rollback the unsteered readout is {back:+.3f} ({'equal to' if back == report.before[c] else 'not equal to'} "
-            "the before value).",
+            f"Gap closed: {report.gap_closed(c):.0%} of the steered-vs-unsteered readout gap ({report.judges[c].why}). "
+            f"Training: loss {job.losses[0]:.4g} -> {job.losses[-1]:.4g} in {job.seconds:.0f} s; the whole distill run "
+            f"{seconds:.0f} s. After rollback the unsteered readout is {back:+.3f} "
+            f"({'equal to' if back == report.before[c] else 'not equal to'} the before value).",
         ])
         print("\n" + table)
-        print("\nexamples (first held-out prompt):\n  before:  " + plain_before[0] + "\n  steered: " + steered[0] +
-              "\n  after:   " + plain_after[0])
         if args.write:
             doc = ROOT / "docs" / "teaching.md"
             text = doc.read_text()

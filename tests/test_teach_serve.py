@@ -22,6 +22,7 @@ from amygdala.cli.main import main
 from amygdala.readout import Readout
 from amygdala.teach.client import Server, ServerError
 from amygdala.teach.distill import DistillConfig, distill
+from amygdala.teach.judge import competence, served_competence, served_scorer
 from amygdala.teach.dream import DreamConfig, dream
 from amygdala.teach.runs import read_prompts, run_jobs
 from amygdala.teach.samples import read_samples
@@ -93,6 +94,35 @@ def greedy(client: Server, prompt: list[int], n: int = 8):
 
 
 @vllm
+def test_served_competence_matches_torch_on_the_same_weights(client, files):
+    """The server path (vLLM's prompt log-probs and ranks) against the log-likelihood computed directly with torch."""
+    from transformers import AutoModelForCausalLM
+
+    root, model_dir, _ = files
+    encoder = Encoder.load(model_dir)
+    texts = (root / "neutral.txt").read_text().splitlines()
+    ids_of = {t: list(encoder.tokenizer(t)["input_ids"]) for t in texts}
+    prompt = ids_of[texts[0]][:6]
+    ids_of["greedy"] = prompt + client.generate(prompt, 10, readout=False)[0].token_ids  # 10 top-1 tokens by construction
+    got = competence(served_scorer(client), ids_of.__getitem__, list(ids_of))
+    assert served_competence(client, encoder, texts) == competence(served_scorer(client), ids_of.__getitem__, texts)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    total, hits, n = 0.0, 0, 0
+    for key in ids_of:
+        ids = torch.tensor([ids_of[key]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
+        target = ids[0, 1:]
+        total += float(logp[torch.arange(len(target)), target].sum())
+        hits += int((logp.argmax(-1) == target).sum())
+        n += len(target)
+    assert (got.texts, got.tokens) == (len(texts) + 1, n)
+    assert got.mean_loglik == pytest.approx(total / n, abs=1e-3)
+    assert abs(got.accuracy * n - hits) <= 1  # at most one near-tie ranked differently by the two float32 paths
+    assert got.accuracy * n >= 9  # the greedy tokens are the model's top-1 (one spare for a near-tie)
+
+
+@vllm
 def test_rollback_restores_the_served_weights_bit_for_bit(client, files):
     root, model, _ = files
     original = (model / "model.safetensors").read_bytes()
@@ -131,8 +161,11 @@ def test_distill_moves_the_unsteered_readout_on_heldout_prompts_by_half_the_gap(
     prompts = read_prompts(root / "train.txt")
     neutral = (root / "neutral.txt").read_text().splitlines()
     cfg = DistillConfig({"calm": 4.0}, max_tokens=12, heldout=8 / 24, objective="orpo", learning_rate=3e-3, steps=40)
-    report = distill(client, encoder, prompts, cfg, neutral=neutral, progress=False)
+    report = distill(client, encoder, prompts, cfg, neutral=neutral, competence_texts=neutral, progress=False)
     print(report.table())
+    assert report.competence_before.tokens == report.competence_after.tokens == 80  # 4 texts of 20 words after BOS
+    assert report.competence_before != report.competence_after  # measured again after training
+    assert report.judges["calm"].sign == 1 and "VADER" in report.table()
     assert (report.train_prompts, report.heldout_prompts) == (16, 8) and report.pairs >= 8
     gap = report.steered["calm"] - report.before["calm"]
     assert gap > 2.0  # the steering moves the readout (it adds 4 at layer 1 and 8 at layer 2, plus the words)
@@ -140,8 +173,9 @@ def test_distill_moves_the_unsteered_readout_on_heldout_prompts_by_half_the_gap(
     assert report.jobs[0].losses[-1] < report.jobs[0].losses[0]
     assert report.ppl_before > 1 and report.ppl_after > 1
     client.rollback(snap)
-    assert distill(client, encoder, prompts, DistillConfig({"calm": 4.0}, max_tokens=12, heldout=8 / 24, submit=False),
-                   progress=False).before == report.before  # rolled back: the unsteered model reads as before
+    again = distill(client, encoder, prompts, DistillConfig({"calm": 4.0}, max_tokens=12, heldout=8 / 24, submit=False),
+                    competence_texts=neutral, progress=False)
+    assert again.before == report.before and again.competence_before == report.competence_before  # rolled back: the unsteered model reads as before
 
 
 @vllm

@@ -267,7 +267,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         raise AmygdalaError("distill: give --steer CONCEPT=STRENGTH, e.g. --steer calm=6")
     if not 0 < args.heldout < 1:
         raise AmygdalaError(f"--heldout {args.heldout}: a fraction in (0, 1)")
-    prompts = read_prompts(args.prompts)
+    prompts = read_prompts(args.prompts) if args.prompts else None  # None: the shipped varied set
     neutral = neutral_texts(args.neutral, args.neutral_count)
     server, encoder = _connect(args)
     snapshot = take_snapshot(server) if not args.no_train else None
@@ -285,7 +285,9 @@ def _add_distill(sub) -> None:
     p = sub.add_parser("distill", help="train the unsteered model toward what a steering makes it say; report the gap closed")
     _server_args(p)
     p.add_argument("--steer", action="append", default=[], metavar="CONCEPT=STRENGTH", help="the steering to distil")
-    p.add_argument("--prompts", type=Path, required=True, help="one prompt per line; the last --heldout of them are held out")
+    p.add_argument("--prompts", type=Path, default=None,
+                   help="one prompt per line; the last --heldout of them are held out (default: the shipped "
+                        "varied set of 73 prompts in 7 genres, --heldout of each genre held out)")
     p.add_argument("--heldout", type=float, default=0.25, help="fraction of prompts held out (default 0.25)")
     p.add_argument("--neutral", type=Path, default=None,
                    help="neutral texts for perplexity, one per line (default: the bundled corpus's)")

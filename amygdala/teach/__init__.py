@@ -8,6 +8,7 @@ never an import of the server).
 - :mod:`amygdala.teach.tokens`: samples -> token IDs with the served model's tokenizer and template.
 - :mod:`amygdala.teach.score`: concept scores of generated and given text.
 - :mod:`amygdala.teach.runs`: prompts, snapshots, jobs followed with a progress bar.
+- :mod:`amygdala.teach.judge`: distill's judges from outside the readout (competence, VADER) and its shipped texts.
 - :mod:`amygdala.teach.teach`, :mod:`.dream`, :mod:`.distill`: the three jobs.
 
 Usage and design: docs/teaching.md.

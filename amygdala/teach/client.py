@@ -166,18 +166,26 @@ class Server:
                     g.finish_reason = c.get("finish_reason") or g.finish_reason
         return gens
 
-    def prompt_logprobs(self, prompt: Sequence[int]) -> list[float]:
-        """The log-probability of each token of the prompt after the first, given the ones before it."""
+    def prompt_token_scores(self, prompt: Sequence[int]) -> list[tuple[float, int]]:
+        """Per token of the prompt after the first: its log-probability given the ones before it and
+        its rank among the vocabulary (1: the model's own top prediction), from vLLM's ``prompt_logprobs``
+        (one forward pass over the prompt; the entry of each prompt token is always included)."""
         out = self.call("POST", "/v1/completions", {"model": self.model(), "prompt": list(prompt), "max_tokens": 1,
                                                     "temperature": 0, "prompt_logprobs": 0, "readout": False})
         entries = out["choices"][0].get("prompt_logprobs") or []
-        lps = []
+        scores = []
         for tok, entry in zip(prompt[1:], entries[1:]):
             hit = entry.get(str(tok)) if entry else None
             if hit is None:
                 raise ServerError(f"{self.root}: no log-prob for prompt token {tok}; a vLLM without prompt_logprobs?")
-            lps.append(hit["logprob"] if isinstance(hit, dict) else float(hit))
-        return lps
+            if not isinstance(hit, dict) or hit.get("rank") is None:
+                raise ServerError(f"{self.root}: prompt token {tok} came without a rank; a vLLM without ranked prompt_logprobs?")
+            scores.append((float(hit["logprob"]), int(hit["rank"])))
+        return scores
+
+    def prompt_logprobs(self, prompt: Sequence[int]) -> list[float]:
+        """The log-probability of each token of the prompt after the first, given the ones before it."""
+        return [lp for lp, _ in self.prompt_token_scores(prompt)]
 
     def perplexity(self, prompt: Sequence[int]) -> float:
         """exp of the mean negative log-likelihood of the prompt's tokens after the first."""

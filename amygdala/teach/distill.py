@@ -8,7 +8,15 @@ plain one). Then the question is whether the unsteered model now *is* in the ste
 - on held-out prompts (never trained on), the readout of each steered concept over the
   unsteered greedy continuation, before and after, against the steered level before: the
   fraction of the gap training closed;
+- judged from outside the readout (amygdala.teach.judge): the VADER compound of the same
+  held-out continuations for valence concepts (or the report says why no outside judge
+  applies), and **competence**, next-token accuracy and log-likelihood on the shipped
+  ordinary texts, which the readout cannot game. The report cannot state a gap closed
+  without the competence after training (``gap_closed`` raises);
 - perplexity on neutral texts before and after: how much else moved.
+
+Without prompts, the shipped varied set (seven genres) is split per genre into train and
+held-out prompts, so the held-out contexts cover every genre.
 
 Greedy decoding everywhere, so before and after differ only by the weights.
 """
@@ -21,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from amygdala.teach.client import Server
+from amygdala.teach.judge import Competence, OutsideJudge, outside_judge, served_competence, shipped_split, vader_compound
 from amygdala.teach.runs import JobOutcome, run_jobs
 from amygdala.teach.samples import Context, SampleError, TeachSample
 from amygdala.teach.score import concept_means
@@ -37,6 +46,19 @@ class DistillConfig:
     submit: bool = True
 
 
+class ReportError(SampleError):
+    """A figure the report may not state: a gap closed without the competence after training."""
+
+
+@dataclass
+class Level:
+    """On the held-out prompts: each concept's mean readout over the greedy continuations, their VADER compound."""
+
+    readout: dict[str, float]
+    vader: float
+    texts: list[str] = field(default_factory=list)
+
+
 @dataclass
 class DistillReport:
     train_prompts: int
@@ -45,13 +67,23 @@ class DistillReport:
     identical: int  # prompts whose steered and unsteered continuations were the same (not trained on)
     before: dict[str, float]  # concept -> unsteered readout on held-out prompts
     steered: dict[str, float]
+    competence_before: Competence  # required: no report without the outside competence check
+    judges: dict[str, OutsideJudge]
+    vader_before: float
+    vader_steered: float
     after: dict[str, float] = field(default_factory=dict)
+    competence_after: Competence | None = None
+    vader_after: float = math.nan
     ppl_before: float | None = None
     ppl_after: float | None = None
     jobs: list[JobOutcome] = field(default_factory=list)
     samples: list[TeachSample] = field(default_factory=list)
 
     def gap_closed(self, concept: str) -> float:
+        """The fraction of the readout gap closed; refused without the competence after training (the readout
+        is what training pushed toward, so its gap alone says nothing about what else was lost)."""
+        if self.competence_after is None:
+            raise ReportError("distill: no competence figure after training; the gap closed is not reported without it")
         gap = self.steered[concept] - self.before[concept]
         return (self.after.get(concept, math.nan) - self.before[concept]) / gap if gap else math.nan
 
@@ -65,6 +97,13 @@ class DistillReport:
             lines.append(f"{c:<14} {fmt(self.before[c]):>16} {fmt(self.steered[c]):>9} {fmt(self.after.get(c, math.nan)):>17} "
                          f"{self.gap_closed(c):>11.0%}" if self.after else
                          f"{c:<14} {fmt(self.before[c]):>16} {fmt(self.steered[c]):>9} {'(not trained)':>17}")
+        lines.append("outside the readout, on the same held-out continuations:")
+        lines.append(f"  VADER compound: unsteered {self.vader_before:+.3f}, steered {self.vader_steered:+.3f}, after "
+                     + ("n/a" if math.isnan(self.vader_after) else f"{self.vader_after:+.3f}"))
+        lines += [f"  {c}: {j.why}" for c, j in self.judges.items()]
+        lines.append(f"competence ({self.competence_before.texts} ordinary texts, {self.competence_before.tokens} "
+                     f"tokens): {self.competence_before.line()} -> "
+                     + (self.competence_after.line() if self.competence_after else "(not trained)"))
         if self.ppl_before is not None:
             lines.append(f"neutral perplexity: {self.ppl_before:.3f} -> "
                          f"{'n/a' if self.ppl_after is None else f'{self.ppl_after:.3f}'}")
@@ -74,12 +113,13 @@ class DistillReport:
 
 
 def readout_level(server: Server, encoder, prompts: Sequence[Context], concepts: Sequence[str], max_tokens: int,
-                  steer: dict[str, float] | None = None) -> dict[str, float]:
-    """Mean over prompts of each concept's readout over the greedy continuation's tokens."""
+                  steer: dict[str, float] | None = None) -> Level:
+    """Mean over prompts of each concept's readout over the greedy continuation's tokens, and the texts' VADER."""
     names = server.manifest()["concepts"]
-    per = [concept_means(server.generate(encoder.context_ids(p), max_tokens, steer=steer)[0].rows, names, concepts)
-           for p in prompts]
-    return {c: sum(m[c] for m in per) / len(per) for c in concepts}
+    gens = [server.generate(encoder.context_ids(p), max_tokens, steer=steer)[0] for p in prompts]
+    per = [concept_means(g.rows, names, concepts) for g in gens]
+    texts = [encoder.decode(g.token_ids) for g in gens]
+    return Level({c: sum(m[c] for m in per) / len(per) for c in concepts}, vader_compound(texts), texts)
 
 
 def neutral_perplexity(server: Server, encoder, texts: Sequence[str]) -> float:
@@ -110,16 +150,20 @@ def split(prompts: Sequence[Context], heldout: float) -> tuple[list[Context], li
     return list(prompts[:-k]), list(prompts[-k:])
 
 
-def distill(server: Server, encoder, prompts: Sequence[Context], cfg: DistillConfig, *,
-            neutral: Sequence[str] = (), progress: bool = True, log=print) -> DistillReport:
+def distill(server: Server, encoder, prompts: Sequence[Context] | None, cfg: DistillConfig, *,
+            neutral: Sequence[str] = (), competence_texts: Sequence[str] | None = None, progress: bool = True,
+            log=print) -> DistillReport:
+    """``prompts`` None: the shipped set, split per genre; ``competence_texts`` None: the shipped ordinary texts."""
     from tqdm import tqdm
 
     server.check_concepts(list(cfg.steer), "--steer")
-    train, held = split(prompts, cfg.heldout)
+    train, held = shipped_split(cfg.heldout) if prompts is None else split(prompts, cfg.heldout)
+    prompts = train + held
     concepts = list(cfg.steer)
     contexts = [encoder.context_ids(p, f"prompt {i + 1}") for i, p in enumerate(prompts)]  # bad prompts fail first
     before = readout_level(server, encoder, held, concepts, cfg.max_tokens)
     steered = readout_level(server, encoder, held, concepts, cfg.max_tokens, cfg.steer)
+    competence_before = served_competence(server, encoder, competence_texts)
     ppl_before = neutral_perplexity(server, encoder, neutral) if neutral else None
     samples, body, identical = [], [], 0
     for i, prompt in enumerate(tqdm(train, desc="generating pairs", unit="prompt", disable=not progress)):
@@ -135,7 +179,9 @@ def distill(server: Server, encoder, prompts: Sequence[Context], cfg: DistillCon
         if cfg.objective != "sft":
             sample["rejected_ids"] = rejected
         body.append(sample)
-    report = DistillReport(len(train), len(held), len(body), identical, before, steered, ppl_before=ppl_before, samples=samples)
+    report = DistillReport(len(train), len(held), len(body), identical, before.readout, steered.readout, competence_before,
+                           {c: outside_judge(c) for c in concepts}, before.vader, steered.vader, ppl_before=ppl_before,
+                           samples=samples)
     if not cfg.submit:
         return report
     if not body:
@@ -143,6 +189,8 @@ def distill(server: Server, encoder, prompts: Sequence[Context], cfg: DistillCon
                           "raise --steer's strength or give other prompts")
     report.jobs = run_jobs(server, body, {"objective": cfg.objective, "learning_rate": cfg.learning_rate, "steps": cfg.steps},
                            progress=progress)
-    report.after = readout_level(server, encoder, held, concepts, cfg.max_tokens)
+    after = readout_level(server, encoder, held, concepts, cfg.max_tokens)
+    report.after, report.vader_after = after.readout, after.vader
+    report.competence_after = served_competence(server, encoder, competence_texts)
     report.ppl_after = neutral_perplexity(server, encoder, neutral) if neutral else None
     return report
