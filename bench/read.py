@@ -1,13 +1,13 @@
 """Texts/s of `read --file` (scores and the table written) against the same model's plain batched forwards.
 
-    ./dev bench read [--readout /tmp/full207/out] [--texts 300] [--batch-size 16] [--write]
+    ./dev bench read [--readout /tmp/full207/out] [--texts 200] [--batch-size 16] [--write]
 
 On the default model, a few hundred bundled corpus texts in file order. The floor is the same
 model, the same texts in the same batches (padded the same way), a forward with no hooks and
 nothing written: what any reader of these texts must compute. ``read --file`` is timed through
 :func:`amygdala.readout.dataset.score_file` with the model preloaded: tokenizing, the forward
 with the readout's hooks, the z-scores, the per-text statistics and the fsynced jsonl table.
-Both run twice, interleaved, and the faster of each counts, so a busy machine's noise hits both.
+Both run --trials times (default 2), interleaved, and the faster of each counts, so a busy machine's noise hits both.
 Target: read --file at 0.9x the floor or better.
 """
 
@@ -51,8 +51,9 @@ def floor(model, tok, texts: list[str], batch_size: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--readout", type=Path, default=Path("/tmp/full207/out"))
-    ap.add_argument("--texts", type=int, default=300)
+    ap.add_argument("--texts", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--trials", type=int, default=2, help="interleaved runs of each; the fastest counts")
     ap.add_argument("--write", action="store_true", help="put the table into docs/read.md")
     args = ap.parse_args()
     readout = Readout.load(args.readout)
@@ -65,7 +66,7 @@ def main() -> None:
         src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
         floor(model, tok, texts[: args.batch_size], args.batch_size)  # warm-up: first-call allocations
         base, read = [], []
-        for trial in range(2):
+        for trial in range(args.trials):
             base.append(floor(model, tok, texts, args.batch_size))
             t0 = time.perf_counter()
             score_file(model, tok, readout, src, Path(tmp) / f"out{trial}.jsonl", batch_size=args.batch_size)
