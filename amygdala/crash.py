@@ -36,6 +36,7 @@ POINTS = {
     "sync.blocks_done": "every block is written and fsynced, the sidecar renames (optimizer state) not done",
     "sync.applied": "everything is applied, the committed journal not yet removed",
     "train.step": "the training worker finished an optimizer step of a job (N: which step): mid-job",
+    "read.batch_written": "read --file appended one batch of rows to its table (N: which batch): mid-file",
 }
 
 _hits: dict[str, int] = {}

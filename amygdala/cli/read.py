@@ -59,16 +59,30 @@ def cmd_read(args: argparse.Namespace) -> int:
     from amygdala.readout import DEFAULT_SMOOTH, Readout, score_text
     from amygdala.readout.filter import text_rows
 
+    if (args.text is None) == (args.file is None):
+        raise AmygdalaError("read: give either TEXT or --file FILE (exactly one of the two)")
+    if args.file is not None and (args.out is None or args.html is not None or args.json):
+        raise AmygdalaError("read --file: needs --out TABLE (.parquet, .csv, .jsonl); --html and --json are for one TEXT")
+    if args.file is None and (args.out is not None or args.tokens):
+        raise AmygdalaError("read: --out and --tokens go with --file")
     readout = Readout.load(args.readout)
     filt = _filter(args, readout)
     smooth = DEFAULT_SMOOTH if args.smooth is None else args.smooth
     if smooth < 1:
         raise AmygdalaError(f"--smooth {smooth}: the window is a number of tokens, at least 1")
+    if args.batch_size < 1:
+        raise AmygdalaError(f"--batch-size {args.batch_size}: at least 1")
+    if args.file is not None:
+        from amygdala.readout.dataset import check_paths
+
+        check_paths(args.file, args.out)  # a bad input or output fails before the model loads
     if args.against is not None:
         readout.stats_for(args.against)  # a readout without that set fails before the model loads
     info = matching_model(readout, args.model)
     require_same_weights(readout.weights, info.path, allow=args.allow_other_weights, where=str(args.readout))
     model, tokenizer, _ = load_model(info.path, args.device, args.model_dtype)
+    if args.file is not None:
+        return _read_file(args, model, tokenizer, readout, smooth)
     scored = score_text(model, tokenizer, readout, args.text, against=args.against, smooth=smooth)
     rows = text_rows(scored, readout, filt, args.top)
     if args.html is not None:
@@ -94,9 +108,34 @@ def cmd_read(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_file(args: argparse.Namespace, model, tokenizer, readout, smooth: int) -> int:
+    from tqdm import tqdm
+
+    from amygdala.readout.dataset import read_items, score_file
+
+    total = len(read_items(args.file))
+    bar = tqdm(total=total, unit="text", desc="read", disable=args.quiet or not sys.stderr.isatty())
+    try:
+        new, old = score_file(model, tokenizer, readout, args.file, args.out, against=args.against, smooth=smooth,
+                              top=args.top, tokens=args.tokens, batch_size=args.batch_size,
+                              on_batch=bar.update, on_resume=bar.update)
+    finally:
+        bar.close()
+    print(f"wrote {args.out}: {new} texts scored" + (f", {old} already there (resumed)" if old else ""), file=sys.stderr)
+    return 0
+
+
 def _add_read(sub) -> None:
-    p = sub.add_parser("read", help="per-token concept scores of a text")
-    p.add_argument("text")
+    p = sub.add_parser("read", help="per-token concept scores of a text, or a table of a file of texts")
+    p.add_argument("text", nargs="?", default=None, help="one text (or --file)")
+    p.add_argument("--file", type=Path, default=None, metavar="TEXTS",
+                   help="score every text of a .txt (one per line), .jsonl (a \"text\" field, optional \"id\") "
+                        "or .csv (a text column, optional id) file")
+    p.add_argument("--out", type=Path, default=None, metavar="TABLE",
+                   help="with --file: the table, .parquet (a folder of parts), .csv or .jsonl; rerunning resumes it")
+    p.add_argument("--tokens", action="store_true", help="with --file: one row per token instead of per text")
+    p.add_argument("--batch-size", type=int, default=16, help="with --file: texts per forward")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     _readout_arg(p)
     _model_arg(p)
     p.add_argument("--allow-other-weights", action="store_true",
