@@ -166,9 +166,10 @@ def per_token_main(args, corpus, model, tok, info) -> None:
         f"(first position left out); one forward {forward:.0f} s, every fold's refit and statistics {folds:.0f} s.", "",
         markdown(pt), "",
         "Smoothed: a causal moving average of the z-scores over the last N tokens before the argmax. "
-        f"Valence direction: {pt['valence_direction']['source']}. "
-        "Valence-colour AUC: the page's colour (valence-weighted mean of z with centred weights) averaged over the "
-        "story, positive- vs negative-valence stories.",
+        f"Valence track (the page's colour on a readout with tracks, as every build since issue 23 writes): "
+        f"{pt['valence_direction']['source']}. Valence-colour AUC of a variant: the colour a readout without tracks "
+        "gets (valence-weighted mean of z with centred weights). Both averaged over the story, positive- vs "
+        "negative-valence stories.",
     ])
     if args.write:
         replace_block(DOC, "per-token", body)

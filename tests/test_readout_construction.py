@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from amygdala.readout.construction import TokenMoments, remove_shared
+from amygdala.readout.construction import TokenMoments, remove_shared, valence_direction
 
 
 def test_remove_shared_centres_and_returns_the_unit_mean():
@@ -81,3 +81,39 @@ def test_token_moments_refuse_mismatches():
         m.subtract(TokenMoments(4).add(torch.randn(3, 4)))
     with pytest.raises(ValueError, match=r"\[n, 4\]"):
         m.mean_std(torch.randn(2, 3))
+
+
+def _auc(pos: torch.Tensor, neg: torch.Tensor) -> float:
+    """P(a positive scores above a negative), counted pair by pair (ties half)."""
+    diff = pos[:, None] - neg[None, :]
+    return float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean())
+
+
+def test_valence_direction_finds_the_separating_axis_where_a_mean_difference_follows_the_variance():
+    """Planted: the signs differ by 1 along a quiet axis (noise 0.1) and by 3 along a loud one
+    (noise 20). The mean difference points mostly along the loud axis and reads held-out rows
+    near chance; the regression finds the quiet axis. Held-out rows come from the same draws."""
+    g = torch.Generator().manual_seed(3)
+    h, n = 8, 300
+
+    def rows(sign: float) -> torch.Tensor:
+        x = 0.1 * torch.randn(n, h, generator=g, dtype=torch.float64)
+        x[:, 1] = 20.0 * torch.randn(n, generator=g, dtype=torch.float64)
+        x[:, 0] += 0.5 * sign
+        x[:, 1] += 1.5 * sign
+        return x + 5.0  # an offset every row shares, as a residual stream's mean
+
+    train = torch.cat([rows(1.0), rows(-1.0)])
+    test_up, test_down = rows(1.0), rows(-1.0)
+    up, down = list(range(n)), list(range(n, 2 * n))
+    d = valence_direction(train, up, down)
+    assert d.shape == (h,) and d.dtype == torch.float64 and torch.isclose(d.norm(), torch.tensor(1.0, dtype=torch.float64))
+    mean_diff = train[:n].mean(0) - train[n:].mean(0)
+    assert _auc(test_up @ d, test_down @ d) > 0.99
+    assert _auc(test_up @ mean_diff, test_down @ mean_diff) < 0.62  # the loud axis alone: Phi(3 / (20 sqrt 2)) = 0.54
+    assert d[0] > 0.9  # the quiet axis, pointing from negative to positive
+
+
+def test_valence_direction_needs_both_signs():
+    with pytest.raises(ValueError, match="both signs"):
+        valence_direction(torch.zeros(4, 3), [0, 1], [])

@@ -22,7 +22,7 @@ from amygdala.models import load_model, model_info, parse_layers, relative_depth
 from amygdala.models.layers import projection_sites
 from amygdala.models.weights import weight_record
 from amygdala.readout import Readout
-from amygdala.readout.construction import TokenMoments, remove_shared
+from amygdala.readout.construction import TokenMoments, remove_shared, valence_direction
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -297,9 +297,9 @@ def construct(
 
     Tracks: ``emotionality``, the unit mean of the concept vectors (what every concept shares:
     emotional story vs neutral text), and ``valence`` where the corpus has concepts of both signs:
-    the unit difference of the pooled rows of positive-valence concepts' texts and negative-valence
-    ones' (both emotional, so the shared direction cancels; the valence-weighted mean of concept
-    z-scores was near chance, READOUT_FIDELITY.md).
+    :func:`~amygdala.readout.construction.valence_direction` of the pooled rows of positive-valence
+    concepts' texts against negative-valence ones' (both emotional, so the shared direction does not
+    separate them; the valence-weighted mean of concept z-scores was near chance).
     """
     if construction not in CONSTRUCTIONS:
         raise ValueError(f"construction {construction!r}: expected one of {', '.join(CONSTRUCTIONS)}")
@@ -318,8 +318,7 @@ def construct(
         vectors[l] = centred if construction == "mean_removed" else v
         rows = [shared]
         if len(names) == 2:
-            d = acts.pooled[l][pos_rows].mean(0) - acts.pooled[l][neg_rows].mean(0)
-            rows.append(d / d.norm().clamp_min(1e-12))
+            rows.append(valence_direction(acts.pooled[l], pos_rows, neg_rows))
         tracks[l] = torch.stack(rows).float()
     return vectors, tracks, names
 

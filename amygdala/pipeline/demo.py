@@ -31,8 +31,9 @@ DEMO_CONCEPTS = ["terrified", "calm", "furious", "grief_stricken", "joyful", "bo
 #: Part of the demo cache's key: bumped when ``build`` starts writing something new into
 #: readout.json (2: per-concept valence, arousal and descriptions, which the live page uses), so
 #: a readout cached by an older amygdala is built again instead of reused without them; 3: the
-#: mean-removed construction, both statistics sets and the emotionality and valence tracks).
-DEMO_CACHE_FORMAT = 3
+#: mean-removed construction, both statistics sets and the emotionality and valence tracks; 4: the
+#: valence track fitted by logistic regression instead of a difference of means).
+DEMO_CACHE_FORMAT = 4
 
 
 def demo_readout(

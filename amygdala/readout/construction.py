@@ -1,7 +1,7 @@
 """How a readout's concept vectors and their statistics are made from what a build saw.
 
-Pure torch, no model: the pipeline (build), the validity eval (per-fold refits) and the tests all
-use the same two pieces.
+No model: the pipeline (build), the validity eval (per-fold refits) and the tests all use the same
+three pieces.
 
 - `remove_shared`: diffmean's negatives for a concept are "every other text", most of them neutral
   prose, so every concept vector carries one shared "emotional story vs neutral text" direction (on
@@ -14,6 +14,11 @@ use the same two pieces.
   of ANY direction over those tokens follow in closed form (mean = v.mu, var = v^T S v / n - (v.mu)^2)
   without keeping the tokens, and an eval fold can take held-out stories' tokens out by subtraction
   instead of running the model again.
+- `valence_direction`: the valence track, a logistic regression of positive- against negative-valence
+  concepts' pooled texts. The difference of the two means (what this track was first) reads held-out
+  stories' valence at AUC 0.70 on the default model: the largest variance among emotional texts is not
+  valence, and a mean difference follows it. The regression, on features standardised over the same
+  rows, weighs directions by how well they separate the two signs: AUC 0.86 (docs/validity.md).
 """
 
 from __future__ import annotations
@@ -23,6 +28,11 @@ import torch
 # Below this norm the shared direction is numerically zero (concept vectors that already cancel);
 # returning a normalised noise vector would make a meaningless emotionality track.
 _TINY_NORM = 1e-12
+
+#: The valence regression's inverse L2 strength, on standardised features. Chosen by held-out AUC of
+#: the story's valence over the default model's folds (0.84 at 1e-3, 0.851 at 3e-3, 0.856 at 1e-2,
+#: 0.855 at 3e-2, 0.831 at 1): a plateau, so the choice is not fitted to one fold's noise.
+VALENCE_C = 0.01
 
 
 def _unit_rows(x: torch.Tensor) -> torch.Tensor:
@@ -129,3 +139,24 @@ class TokenMoments:
         second = ((v @ self.outer) * v).sum(dim=1) / self.count
         var = (second - mean * mean).clamp_min(0.0)
         return mean, var.sqrt()
+
+
+def valence_direction(pooled: torch.Tensor, up: list[int], down: list[int], C: float = VALENCE_C) -> torch.Tensor:
+    """The unit valence direction at one layer: positive-valence texts' rows ``up`` against
+    negative-valence ones' ``down`` (row indices into ``pooled`` [n_texts, hidden]).
+
+    An L2 logistic regression on the rows standardised per feature (so its penalty does not
+    favour the few high-variance features of a residual stream), classes weighted equally (the
+    corpus has more negative concepts than positive ones); the coefficients are mapped back to the
+    raw activations and normalised, so the direction reads raw activations like every other.
+    """
+    if not up or not down:
+        raise ValueError("valence_direction: needs rows of both signs")
+    from sklearn.linear_model import LogisticRegression  # only a build and the eval fit one; loading a readout does not
+
+    x = pooled[list(up) + list(down)].to(torch.float64)
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-8)
+    labels = [1] * len(up) + [0] * len(down)
+    model = LogisticRegression(C=C, class_weight="balanced", max_iter=2000).fit(((x - mean) / std).numpy(), labels)
+    w = torch.from_numpy(model.coef_[0]) / std
+    return (w / w.norm().clamp_min(_TINY_NORM)).to(pooled.dtype)

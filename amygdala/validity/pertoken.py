@@ -29,7 +29,7 @@ from amygdala.corpus import Corpus
 from amygdala.corpus.loader import PAIRED, STORY
 from amygdala.methods import ConceptSets, compute_vectors
 from amygdala.validity.heldout import folds
-from amygdala.readout.construction import TokenMoments, remove_shared
+from amygdala.readout.construction import TokenMoments, remove_shared, valence_direction
 
 VARIANTS = ("as_built/neutral", "as_built/emotional", "mean_removed/neutral", "mean_removed/emotional")
 #: The readout today's page shows (vectors as built, neutral-text statistics).
@@ -161,15 +161,16 @@ def _zscore(x: torch.Tensor, v: torch.Tensor, mean: torch.Tensor, std: torch.Ten
 def fold_valence_direction(
     pooled: torch.Tensor, pos_rows: list[torch.Tensor], valence: list[float | None],
 ) -> torch.Tensor | None:
-    """A valence direction fitted inside the fold: the mean pooled row of positive-valence
-    concepts' training positives minus that of negative-valence ones, unit length; None when
-    the corpus rates no concepts of one sign."""
-    up = [r for r, v in zip(pos_rows, valence) if v is not None and v > 0 and len(r)]
-    down = [r for r, v in zip(pos_rows, valence) if v is not None and v < 0 and len(r)]
+    """The build's valence track fitted inside the fold (:func:`valence_direction` of the
+    positive-valence concepts' training positives against the negative-valence ones', a text of
+    both signs left out as the build leaves it out); None when the corpus rates no concepts of
+    one sign."""
+    up = {int(r) for rows, v in zip(pos_rows, valence) if v is not None and v > 0 for r in rows}
+    down = {int(r) for rows, v in zip(pos_rows, valence) if v is not None and v < 0 for r in rows}
+    up, down = up - down, down - up
     if not up or not down:
         return None
-    d = pooled[torch.cat(up)].mean(0) - pooled[torch.cat(down)].mean(0)
-    return d / d.norm().clamp_min(1e-12)
+    return valence_direction(pooled, sorted(up), sorted(down))
 
 
 def per_token(
@@ -240,8 +241,8 @@ def per_token(
                    "top3_share": 3 / len(concepts)},
         "variants": results,
         "valence_direction": {"auc": auc(direction.colour, direction.label),
-                              "source": "fitted inside each fold: mean row of positive- minus negative-valence "
-                                        "concepts' training stories, z on neutral text"},
+                              "source": "the build's valence track fitted inside each fold (logistic regression of positive- "
+                                        "against negative-valence concepts' training texts), z on neutral text"},
         "old": OLD,
     }
 
@@ -279,7 +280,7 @@ def rows(pt: dict) -> list[list[str]]:
                 _f(c["top3_share"]), "0.50", ""])
     out.append(["target", TARGETS["token_cluster_top1"], *["" for _ in smooth], TARGETS["story_cluster_top1"],
                 TARGETS["top3_share"], TARGETS["valence_auc"], ""])
-    out.append(["valence direction", "", *["" for _ in smooth], "", "", _f(pt["valence_direction"]["auc"], False), ""])
+    out.append(["valence track (the page's colour)", "", *["" for _ in smooth], "", "", _f(pt["valence_direction"]["auc"], False), ""])
     return out
 
 
@@ -288,7 +289,7 @@ def table(pt: dict) -> str:
     width = [max(len(x[i]) for x in r) for i in range(len(r[0]))]
     lines = [f"per-token view on {pt['stories']} held-out stories, {pt['tokens']} tokens ({pt['layers']})"]
     lines += ["  ".join(x[i].ljust(width[i]) for i in range(len(x))).rstrip() for x in r]
-    lines.append(f"valence direction: {pt['valence_direction']['source']}")
+    lines.append(f"valence track (the page's colour): {pt['valence_direction']['source']}")
     return "\n".join(lines)
 
 
