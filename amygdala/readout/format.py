@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from amygdala import __version__
+from amygdala.readout.card import CARD, eval_figures, model_card
 from amygdala.readout.files import DTYPES, FORMAT_VERSION, MANIFEST, REQUIRED, STATISTICS, TENSORS, ReadoutError, read, write
 
 __all__ = ["DTYPES", "FORMAT_VERSION", "MANIFEST", "REQUIRED", "STATISTICS", "TENSORS", "Readout", "ReadoutError"]
@@ -244,7 +245,8 @@ class Readout:
         the two files are renamed in, the json (which readers open first) last. Two renames are
         not one atomic step, so both files carry the same ``pair`` id (the json's field, the
         safetensors metadata): :meth:`load` that catches the swap between its two reads sees
-        the ids differ and reads again.
+        the ids differ and reads again. The model card (``README.md``, readout/card.py) is
+        rewritten with every save, carrying the same id, renamed in before the json.
 
         Args:
             out: the readout folder (created when missing).
@@ -268,7 +270,9 @@ class Readout:
                 tensors[f"layer_{l}.tracks"] = self.track_vectors[l].detach().float().cpu().contiguous()
                 tensors[f"layer_{l}.tracks_mean"] = self.track_mean[l].detach().float().cpu().contiguous()
                 tensors[f"layer_{l}.tracks_std"] = self.track_std[l].detach().float().cpu().contiguous()
-        return write(out, tensors, info)
+        # The card is of this save: its eval figures only when the folder's eval.json evaluated these concepts.
+        evaluation = eval_figures(out, self) if out.is_dir() else None
+        return write(out, tensors, info, lambda done: {CARD: model_card(self, evaluation, pair=done["pair"])})
 
     # ------------------------------------------------------------------ reading
     @classmethod
