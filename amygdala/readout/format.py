@@ -280,7 +280,8 @@ class Readout:
         """Load and validate a readout folder (or either of its two files).
 
         Args:
-            path: the folder, or its ``readout.json`` or ``readout.safetensors``.
+            path: the folder, or its ``readout.json`` or ``readout.safetensors``, or a Hugging
+                Face repo id (``org/name[@revision]``) in the local cache, never downloaded.
 
         Returns:
             The :class:`Readout`, every tensor checked for shape and finiteness.
@@ -288,4 +289,27 @@ class Readout:
         Raises:
             ReadoutError: a missing or damaged file or field, named with what to do.
         """
-        return cls(**read(path))
+        return cls(**read(_from_hub(path)))
+
+
+def _from_hub(path: str | Path) -> str | Path:
+    """``path`` itself, or the cached snapshot folder when it is a repo id that is not a path
+    (as models resolve one, models/hub.py: offline, so a missing readout is an error naming the
+    cache and how to fill it, never a download)."""
+    from amygdala.models.hub import hub_cache, looks_like_repo_id
+
+    if not looks_like_repo_id(str(path)):
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    repo_id, _, revision = str(path).partition("@")
+    cache = hub_cache()
+    try:
+        return snapshot_download(repo_id, revision=revision or None, cache_dir=cache, local_files_only=True)
+    except LocalEntryNotFoundError:
+        raise ReadoutError(
+            f"readout {path}: no such folder, and not in the local Hugging Face cache {cache} (nothing is downloaded); "
+            f"fill it on a machine with internet (huggingface-cli download {repo_id}, with HF_HUB_CACHE pointing at "
+            f"the cache) and copy the models--{repo_id.replace('/', '--')} folder into {cache}, or pass the readout folder"
+        ) from None
