@@ -213,6 +213,21 @@ class Readout:
                 f"0-{num_layers - 1}); use a readout built for this model"
             )
 
+    def _repr_html_(self) -> str:
+        """A compact summary table for Jupyter: what the readout is, at a glance (the model card,
+        readout/card.py, is the full account)."""
+        from html import escape
+
+        model: dict = self.meta["model"] if isinstance(self.meta.get("model"), dict) else {}
+        shown = ", ".join(self.concepts[:12]) + (f", ... ({len(self.concepts)} in all)" if len(self.concepts) > 12 else "")
+        rows = [("concepts", shown), ("layers", ", ".join(map(str, self.layers))),
+                ("method", str(self.meta.get("method") or "-")), ("pooling", self.pooling),
+                ("model", str(model.get("name") or "-")), ("hidden size", str(self.hidden_size)),
+                ("construction", self.construction), ("statistics", ", ".join(self.statistics) or "none")]
+        body = "".join(f"<tr><th style=\"text-align:left\">{escape(k)}</th><td style=\"text-align:left\">{escape(v)}</td></tr>"
+                       for k, v in rows)
+        return f"<table class=\"amygdala-readout\">{body}</table>"
+
     # ------------------------------------------------------------------ writing
     def to_json(self) -> dict:
         meta = dict(self.meta)
