@@ -16,13 +16,13 @@ from amygdala import AmygdalaError, __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from amygdala.cli import build, checkpoint, corpus, eval, quality, read, serve, teach, vectors
+    from amygdala.cli import build, checkpoint, corpus, diff, eval, quality, read, serve, teach, vectors
 
     parser = argparse.ArgumentParser(prog="amygdala", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"amygdala {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (build._add_build, quality.add_parsers, eval.add_parsers, read.add_parsers, vectors.add_parsers,
+    for add in (build._add_build, quality.add_parsers, eval.add_parsers, read.add_parsers, vectors.add_parsers, diff.add_parsers,
                 corpus.add_parsers, checkpoint.add_parsers, serve.add_parsers, teach.add_parsers, build._add_demo):
         add(sub)  # the order of `amygdala --help`
     return parser

@@ -274,6 +274,8 @@ def build(
             "method_params": p.params,
             "chat_template": config.chat_template,
             "corpus": {"path": str(corpus.root) if corpus.root else None, "sha256": corpus.sha256()},
+            # What the model card (readout/card.py) shows under "Rebuild".
+            "command": rebuild_command(corpus, config, p.layers, out),
             "clusters": corpus.cluster_of(),
             # Per concept, for readers that show the vectors (the page colours tokens by valence).
             "valence": corpus.valence(),
@@ -288,6 +290,42 @@ def build(
 
 
 CONSTRUCTIONS = ("mean_removed", "as_built")
+
+
+def rebuild_command(corpus: Corpus, config: BuildConfig, layers: list[int], out: str | Path | None) -> str:
+    """The ``amygdala build`` command line that builds this readout again: every option that
+    changes the vectors, paths absolute (the card travels with the folder, not the shell it was
+    made in), layers as the indices they resolved to, concepts in order. Device and batch
+    size are left to the rebuilder's machine (they change floating-point rounding only)."""
+    import shlex
+
+    argv = ["amygdala", "build"]
+    root = Path(corpus.root).resolve() if corpus.root else None
+    if root is not None and root.is_file():  # a --pairs FILE.jsonl corpus
+        argv += ["--pairs", str(root)]
+    else:
+        if root is not None:
+            argv += ["--corpus", str(root)]
+        # Where the direct descriptions came from: the corpus's own direct/ folder, or another (--direct-dir).
+        dirs = {t.path.parent.resolve() for t in corpus.texts
+                if t.kind == "direct" or (t.kind == "neutral" and t.path.name.startswith("_"))}
+        own = root / "direct" if root is not None else None
+        if own is not None and own.is_dir() and own.resolve() not in dirs:
+            argv.append("--no-direct")
+        argv += [a for d in sorted(dirs - {own.resolve() if own else None}) for a in ("--direct-dir", str(d))]
+    model = config.model or "default"
+    argv += ["--model", str(Path(model).resolve()) if Path(model).exists() else model]
+    if config.model_dtype:
+        argv += ["--model-dtype", config.model_dtype]
+    argv += ["--layers", ",".join(str(l) for l in layers), "--method", config.method]
+    for k, v in check_params(config.method, config.method_params).items():
+        argv += ["--method-param", f"{k}={v}"]
+    argv += ["--pooling", str(Pooling.parse(config.pooling)), "--construction", config.construction,
+             "--statistics", config.statistics, "--dtype", config.dtype, "--concepts", ",".join(corpus.concepts)]
+    if config.chat_template:
+        argv.append("--chat-template")
+    argv += ["--out", str(Path(out).resolve()) if out is not None else "OUT"]
+    return shlex.join(argv)
 
 
 def construct(

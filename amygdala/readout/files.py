@@ -15,6 +15,7 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
+from collections.abc import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -37,19 +38,27 @@ class ReadoutError(AmygdalaError):
     """A readout file that cannot be used; the message names the file and field."""
 
 
-def write(out: Path, tensors: dict[str, torch.Tensor], info: dict) -> Path:
+def write(out: Path, tensors: dict[str, torch.Tensor], info: dict,
+          beside: Callable[[dict], dict[str, str]] | None = None) -> Path:
     """Write one save's two files into folder ``out`` (see :meth:`Readout.save` for why a reader
-    never pairs two saves): both get a fresh ``pair`` id, ``info`` is updated with it."""
+    never pairs two saves): both get a fresh ``pair`` id, ``info`` is updated with it.
+    ``beside(info)``: text files of the same save (the model card), given ``info`` with its id;
+    renamed in before the json, so a reader who sees the new json sees them too."""
     pair = info["pair"] = uuid.uuid4().hex
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         save_file(tensors, tmp / TENSORS, metadata={"format_version": str(FORMAT_VERSION), "pair": pair})
+        extra = beside(info) if beside is not None else {}
+        for name, text in extra.items():
+            (tmp / name).write_text(text)
         (tmp / MANIFEST).write_text(json.dumps(info, indent=1) + "\n")
         if not out.exists():
             tmp.rename(out)
         else:
             os.replace(tmp / TENSORS, out / TENSORS)
+            for name in extra:
+                os.replace(tmp / name, out / name)
             os.replace(tmp / MANIFEST, out / MANIFEST)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

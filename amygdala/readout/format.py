@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from amygdala import __version__
+from amygdala.readout.card import CARD, eval_figures, model_card
 from amygdala.readout.files import DTYPES, FORMAT_VERSION, MANIFEST, REQUIRED, STATISTICS, TENSORS, ReadoutError, read, write
 
 __all__ = ["DTYPES", "FORMAT_VERSION", "MANIFEST", "REQUIRED", "STATISTICS", "TENSORS", "Readout", "ReadoutError"]
@@ -212,6 +213,21 @@ class Readout:
                 f"0-{num_layers - 1}); use a readout built for this model"
             )
 
+    def _repr_html_(self) -> str:
+        """A compact summary table for Jupyter: what the readout is, at a glance (the model card,
+        readout/card.py, is the full account)."""
+        from html import escape
+
+        model: dict = self.meta["model"] if isinstance(self.meta.get("model"), dict) else {}
+        shown = ", ".join(self.concepts[:12]) + (f", ... ({len(self.concepts)} in all)" if len(self.concepts) > 12 else "")
+        rows = [("concepts", shown), ("layers", ", ".join(map(str, self.layers))),
+                ("method", str(self.meta.get("method") or "-")), ("pooling", self.pooling),
+                ("model", str(model.get("name") or "-")), ("hidden size", str(self.hidden_size)),
+                ("construction", self.construction), ("statistics", ", ".join(self.statistics) or "none")]
+        body = "".join(f"<tr><th style=\"text-align:left\">{escape(k)}</th><td style=\"text-align:left\">{escape(v)}</td></tr>"
+                       for k, v in rows)
+        return f"<table class=\"amygdala-readout\">{body}</table>"
+
     # ------------------------------------------------------------------ writing
     def to_json(self) -> dict:
         meta = dict(self.meta)
@@ -244,7 +260,8 @@ class Readout:
         the two files are renamed in, the json (which readers open first) last. Two renames are
         not one atomic step, so both files carry the same ``pair`` id (the json's field, the
         safetensors metadata): :meth:`load` that catches the swap between its two reads sees
-        the ids differ and reads again.
+        the ids differ and reads again. The model card (``README.md``, readout/card.py) is
+        rewritten with every save, carrying the same id, renamed in before the json.
 
         Args:
             out: the readout folder (created when missing).
@@ -268,7 +285,9 @@ class Readout:
                 tensors[f"layer_{l}.tracks"] = self.track_vectors[l].detach().float().cpu().contiguous()
                 tensors[f"layer_{l}.tracks_mean"] = self.track_mean[l].detach().float().cpu().contiguous()
                 tensors[f"layer_{l}.tracks_std"] = self.track_std[l].detach().float().cpu().contiguous()
-        return write(out, tensors, info)
+        # The card is of this save: its eval figures only when the folder's eval.json evaluated these concepts.
+        evaluation = eval_figures(out, self) if out.is_dir() else None
+        return write(out, tensors, info, lambda done: {CARD: model_card(self, evaluation, pair=done["pair"])})
 
     # ------------------------------------------------------------------ reading
     @classmethod
@@ -276,7 +295,8 @@ class Readout:
         """Load and validate a readout folder (or either of its two files).
 
         Args:
-            path: the folder, or its ``readout.json`` or ``readout.safetensors``.
+            path: the folder, or its ``readout.json`` or ``readout.safetensors``, or a Hugging
+                Face repo id (``org/name[@revision]``) in the local cache, never downloaded.
 
         Returns:
             The :class:`Readout`, every tensor checked for shape and finiteness.
@@ -284,4 +304,27 @@ class Readout:
         Raises:
             ReadoutError: a missing or damaged file or field, named with what to do.
         """
-        return cls(**read(path))
+        return cls(**read(_from_hub(path)))
+
+
+def _from_hub(path: str | Path) -> str | Path:
+    """``path`` itself, or the cached snapshot folder when it is a repo id that is not a path
+    (as models resolve one, models/hub.py: offline, so a missing readout is an error naming the
+    cache and how to fill it, never a download)."""
+    from amygdala.models.hub import hub_cache, looks_like_repo_id
+
+    if not looks_like_repo_id(str(path)):
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    repo_id, _, revision = str(path).partition("@")
+    cache = hub_cache()
+    try:
+        return snapshot_download(repo_id, revision=revision or None, cache_dir=cache, local_files_only=True)
+    except LocalEntryNotFoundError:
+        raise ReadoutError(
+            f"readout {path}: no such folder, and not in the local Hugging Face cache {cache} (nothing is downloaded); "
+            f"fill it on a machine with internet (huggingface-cli download {repo_id}, with HF_HUB_CACHE pointing at "
+            f"the cache) and copy the models--{repo_id.replace('/', '--')} folder into {cache}, or pass the readout folder"
+        ) from None
