@@ -49,6 +49,25 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+# The transformers side of every vLLM parity check. A module that starts a server defines
+# `files` as (folder, model folder, readout folder, ...), the layout helpers.serve.make_files
+# writes; these two read it once per module. A module whose `files` differs defines its own.
+@pytest.fixture(scope="module")
+def hf(files):
+    """The served model folder as transformers loads it, in float32 (the parity tolerances assume it)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(files[1], dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def readout(files):
+    """The readout the module's server serves."""
+    from amygdala.readout import Readout
+
+    return Readout.load(files[2])
+
+
 #: Fixtures that bring in something the fast tier (./dev test --fast) leaves out, and the marker
 #: a test that uses one gets, so that a new browser or llama.cpp test is in the right tier without
 #: anyone remembering to mark it.

@@ -136,47 +136,67 @@ def _family_params():
         yield pytest.param(arch, marks=marks, id=arch)
 
 
+FAMILY_TEST = "test_readout_and_steering_hook_the_blocks_of_each_family"
+
+
+@pytest.fixture(scope="module")
+def family_servers(request, root):
+    """Every selected family's folder, readout and server, the servers started at once: a vLLM
+    server's start is mostly one process importing and initialising, so on 2 cores starting the
+    five together takes far less wall time than five starts one after another. Yields
+    {arch: (transformers model, readout, folder, server)}; the servers stop at the module's end."""
+    pytest.importorskip("vllm")
+    archs = [item.callspec.params["arch"] for item in request.session.items
+             if getattr(item, "originalname", None) == FAMILY_TEST and item.module is request.module]
+    made, servers = {}, {}
+    try:
+        for arch in archs:
+            folder = root / arch
+            hf, tok = make_family(arch)
+            if arch == HYBRID:
+                hf = hf.to(torch.bfloat16).float()  # the weights vLLM will serve, exactly
+            hf.save_pretrained(folder)
+            tok.save_pretrained(folder)
+            made[arch] = (hf, Readout.load(sh.make_readout(root / f"{arch}-readout")), folder)
+            servers[arch] = sh.start_server(folder, root / f"{arch}.log", readout=root / f"{arch}-readout", wait=False,
+                                            args=["--dtype", "bfloat16"] if arch == HYBRID else [])
+        for arch in archs:  # the wait covers all the starts at once, each on a shared machine
+            sh.wait_ready(servers[arch], 420 * len(archs))
+        yield {arch: (*made[arch], servers[arch]) for arch in archs}
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
 @pytest.mark.parametrize("arch", list(_family_params()))
-def test_readout_and_steering_hook_the_blocks_of_each_family(arch, root):
+def test_readout_and_steering_hook_the_blocks_of_each_family(arch, family_servers):
     """fp32 where vLLM's CPU build allows; the hybrid in bf16 (its CPU gated-delta-net kernel
     requires it), with the reference in fp32 on the same bf16 weights and a bf16 tolerance."""
-    pytest.importorskip("vllm")
-    folder = root / arch
+    hf, readout, folder, server = family_servers[arch]
     bf16 = arch == HYBRID
-    hf, tok = make_family(arch)
-    if bf16:
-        hf = hf.to(torch.bfloat16).float()  # the weights vLLM will serve, exactly
-    hf.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    readout = Readout.load(sh.make_readout(root / f"{arch}-readout"))
-    server = sh.start_server(folder, root / f"{arch}.log", readout=root / f"{arch}-readout", timeout=420,
-                             args=["--dtype", "bfloat16"] if bf16 else [])
-    try:
-        # Strong enough to move the readout far past the bf16 tolerance below (5% of the largest score).
-        steer = {"afraid": 30.0 if bf16 else 8.0}
-        for steering in (None, Steering.from_concepts(readout, steer, readout.layers)):
-            extra = {"steer": [{"concept": c, "strength": s} for c, s in steer.items()]} if steering else {}
-            code, r = server.post("/completions", {"model": str(folder), "prompt": sh.prompt_words(12), "max_tokens": 6,
-                                                   "temperature": 0, "return_token_ids": True, **extra})
-            assert code == 200, r
-            choice = r["choices"][0]
-            ids = list(choice["prompt_token_ids"]) + list(choice["token_ids"])
-            with attach(hf, readout, steering=steering) as session, torch.no_grad():
-                logits = hf(torch.tensor([ids])).logits[0]
-            p = len(choice["prompt_token_ids"])
-            want = session.scores()[0][p - 1 : p - 1 + len(choice["token_ids"])]
-            got = torch.tensor(choice["readout"])
-            atol = 0.05 * float(want.abs().max()) if bf16 else 2e-3
-            if bf16:  # bf16 activations: relative error ~2^-8 per rounding, a few roundings deep
-                torch.testing.assert_close(got, want, atol=atol, rtol=0.05)
-            else:
-                torch.testing.assert_close(got, want, atol=2e-3, rtol=1e-4)
-                # vLLM's greedy tokens are the (steered) transformers model's argmax: steering reached the same site.
-                assert logits[p - 1 : len(ids) - 1].argmax(-1).tolist() == choice["token_ids"]
-            if steering is None:
-                plain = want
-            else:  # the first token (same context) moved by far more than the tolerance, so the parity above
-                # could not hold with steering missing or elsewhere
-                assert float((want[0] - plain[0]).abs().max()) > 4 * atol
-    finally:
-        server.stop()
+    # Strong enough to move the readout far past the bf16 tolerance below (5% of the largest score).
+    steer = {"afraid": 30.0 if bf16 else 8.0}
+    for steering in (None, Steering.from_concepts(readout, steer, readout.layers)):
+        extra = {"steer": [{"concept": c, "strength": s} for c, s in steer.items()]} if steering else {}
+        code, r = server.post("/completions", {"model": str(folder), "prompt": sh.prompt_words(12), "max_tokens": 6,
+                                               "temperature": 0, "return_token_ids": True, **extra})
+        assert code == 200, r
+        choice = r["choices"][0]
+        ids = list(choice["prompt_token_ids"]) + list(choice["token_ids"])
+        with attach(hf, readout, steering=steering) as session, torch.no_grad():
+            logits = hf(torch.tensor([ids])).logits[0]
+        p = len(choice["prompt_token_ids"])
+        want = session.scores()[0][p - 1 : p - 1 + len(choice["token_ids"])]
+        got = torch.tensor(choice["readout"])
+        atol = 0.05 * float(want.abs().max()) if bf16 else 2e-3
+        if bf16:  # bf16 activations: relative error ~2^-8 per rounding, a few roundings deep
+            torch.testing.assert_close(got, want, atol=atol, rtol=0.05)
+        else:
+            torch.testing.assert_close(got, want, atol=2e-3, rtol=1e-4)
+            # vLLM's greedy tokens are the (steered) transformers model's argmax: steering reached the same site.
+            assert logits[p - 1 : len(ids) - 1].argmax(-1).tolist() == choice["token_ids"]
+        if steering is None:
+            plain = want
+        else:  # the first token (same context) moved by far more than the tolerance, so the parity above
+            # could not hold with steering missing or elsewhere
+            assert float((want[0] - plain[0]).abs().max()) > 4 * atol

@@ -33,10 +33,14 @@ HUGE_ARRAY = _gguf(_s(b"general.architecture") + struct.pack("<I", 8) + _s(b"con
 
 
 def _in_a_small_process(path: Path) -> subprocess.CompletedProcess:
-    """read_vectors(path) in a child capped at 1 GiB of address space, so a reader that allocates
-    per declared element fails (MemoryError) instead of eating the machine."""
-    code = ("import resource,sys; resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30));"
+    """read_vectors(path) in a child with 1 GiB of address space beyond what its imports took, so a
+    reader that allocates per declared element fails (MemoryError) instead of eating the machine.
+    The cap is set after the imports: torch's own mappings differ by build and machine (a fixed
+    1 GiB cap let the import itself fail on a fresh machine)."""
+    code = ("import os,resource,sys\n"
             "from amygdala.interop import read_vectors; from amygdala.interop.vectors import InteropError\n"
+            "used = int(open('/proc/self/statm').read().split()[0]) * os.sysconf('SC_PAGE_SIZE')\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (used + (1 << 30), used + (1 << 30)))\n"
             "try:\n read_vectors(sys.argv[1])\nexcept InteropError as e:\n print('refused:', e); sys.exit(3)")
     return subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})

@@ -21,7 +21,7 @@ import torch
 
 from helpers import serve as sh
 from helpers.parity import ATOL, RTOL, assert_parity, body, chat_body, reference, streamed_rows
-from amygdala.readout import Readout, Steering, attach
+from amygdala.readout import Steering, attach
 
 #: Tests that start vLLM; the others (request parsing, response rewriting) run anywhere.
 vllm = pytest.mark.vllm
@@ -55,18 +55,6 @@ def servers(files):
 @pytest.fixture(scope="module")
 def server(servers):
     return servers[0]
-
-
-@pytest.fixture(scope="module")
-def hf(files):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(files[1], dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def readout(files) -> Readout:
-    return Readout.load(files[2])
 
 
 # --------------------------------------------------------------------------- manifest, shapes

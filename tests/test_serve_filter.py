@@ -40,11 +40,6 @@ def files(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def readout(files) -> Readout:
-    return Readout.load(files[2])
-
-
-@pytest.fixture(scope="module")
 def server(files):
     pytest.importorskip("vllm")
     root, model, path = files

@@ -5,13 +5,13 @@ One server for the module (started once, about a minute on 2 cores), in this ord
 1. every route with numbers far past a float (10**400) and the issue's reproductions (a DPO
    ``beta`` of 1e37, a steering strength of 1e300): each a 4xx naming the field, weights intact;
 2. the soak: 16 concurrent clients streaming plain, readout, steered and z-scored completions
-   while training jobs run and ``/checkpoint`` is called, for ``AMYGDALA_SOAK_SECONDS`` (120);
+   while training jobs run and ``/checkpoint`` is called, for ``AMYGDALA_SOAK_SECONDS`` (60; longer runs find slower leaks);
    then no 5xx, every steered stream equal to the same request run alone before the soak, the
    API server's memory growth under ``RSS_GROWTH_MIB``, and the folder, loaded by transformers,
    giving the log-probs the server serves;
 3. Schemathesis over the server's OpenAPI schema (every route, with and without the key),
    three runs (amygdala's routes with the key; all routes with it; all without it), each
-   bounded by examples and ``AMYGDALA_FUZZ_SECONDS`` (40): no response >= 500 on the
+   bounded by examples and ``AMYGDALA_FUZZ_SECONDS`` (25): no response >= 500 on the
    routes amygdala adds or wraps, and on vLLM's own routes none but two known ones (``VLLM_KNOWN_5XX``);
 The kill -9 trials have their own server: tests/test_serve_kill.py.
 
@@ -40,8 +40,8 @@ from helpers.live import KEY, call, figures, idle, job, status, stream, tree
 
 pytestmark = pytest.mark.vllm
 HUGE = 10**400
-SOAK_S = float(os.environ.get("AMYGDALA_SOAK_SECONDS", "120"))
-FUZZ_S = int(os.environ.get("AMYGDALA_FUZZ_SECONDS", "40"))
+SOAK_S = float(os.environ.get("AMYGDALA_SOAK_SECONDS", "60"))
+FUZZ_S = int(os.environ.get("AMYGDALA_FUZZ_SECONDS", "25"))
 #: The API server's RSS may grow by this much over the soak (row buffers, caches warming up);
 #: a leak of a stream's rows (7 KB of JSON per token here) over thousands of streams passes it.
 RSS_GROWTH_MIB = 150

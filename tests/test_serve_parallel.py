@@ -185,13 +185,6 @@ def files(tmp_path_factory):
     return root, sh.make_tiny_model(root / "model"), sh.make_readout(root / "readout")
 
 
-@pytest.fixture(scope="module")
-def hf(files):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(files[1], dtype=torch.float32).eval()
-
-
 def start(files, name: str, extra: list[str], **env_extra: str) -> sh.Server:
     """``amygdala serve``'s own command line and environment, with the test's vLLM flags."""
     root, model, readout = files

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from helpers import serve as sh
-from amygdala.readout import Readout, Steering, attach
+from amygdala.readout import Steering, attach
 
 vllm = pytest.mark.vllm
 ATOL, RTOL = 2e-3, 1e-4  # as tests/test_serve.py: fp32 vLLM vs transformers
@@ -39,18 +39,6 @@ def server(files):
         yield s
     finally:
         s.stop()
-
-
-@pytest.fixture(scope="module")
-def hf(files):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(files[1], dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def readout(files) -> Readout:
-    return Readout.load(files[2])
 
 
 def post(server, files, prompt, **kw) -> dict:

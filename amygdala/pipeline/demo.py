@@ -1,7 +1,7 @@
 """The demo's readout: built once from the bundled corpus and the default model, then reused.
 
 Why a cache keyed by a hash: ``amygdala demo`` is the README's first command, and a build costs
-about a minute on 2 cores; a second run with the same corpus texts, model and settings reads the
+about 3 minutes on 2 cores (a forward over 552 texts); a second run with the same corpus texts, model and settings reads the
 same readout, so it is copied from the cache instead of built again. The key covers everything
 that changes the file (the corpus's texts, the model's name, layers, method, pooling and
 :data:`DEMO_CACHE_FORMAT`), so a changed input is never served a stale readout.
@@ -24,7 +24,7 @@ from amygdala.readout import Readout
 #: The sentence ``amygdala demo`` reads when no --text is given: several feelings in one line.
 DEMO_SENTENCE = "My hands were shaking as I opened the envelope, and then I laughed out loud: I got in."
 
-#: The demo's named subset: 12 concepts from 9 clusters, built in about a minute on 2 cores.
+#: The demo's named subset: 12 concepts from 9 clusters, built in about 3 minutes on 2 cores.
 DEMO_CONCEPTS = ["terrified", "calm", "furious", "grief_stricken", "joyful", "bored",
                  "grateful", "proud", "lonely", "curious", "amused", "disgusted"]
 
