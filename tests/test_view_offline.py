@@ -136,6 +136,52 @@ def test_read_html_writes_a_snapshot_that_matches_read(files, browser, tmp_path)
         pg.context.close()
 
 
+def test_text_scores_render_in_jupyter_as_the_read_html_page(files, browser, tmp_path):
+    """``TextScores._repr_html_``: the page ``read --html`` writes, in a sandboxed frame whose
+    page draws the text's tokens and panel in a real browser (as a notebook cell would show it)."""
+    import html as htmlmod
+    import re
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from amygdala.readout import DEFAULT_SMOOTH, TextScores, score_text
+    from amygdala.view import conversation_of_text, offline_html
+
+    _, model, readout_path = files
+    readout = Readout.load(readout_path)
+    hf = AutoModelForCausalLM.from_pretrained(model).eval()
+    text = "w5 w6 w7 w8 w9"
+    scored = score_text(hf, AutoTokenizer.from_pretrained(model), readout, text, smooth=DEFAULT_SMOOTH)
+    cell = scored._repr_html_()
+    assert cell.startswith('<iframe class="amygdala-snapshot" sandbox="allow-scripts allow-downloads"')
+    page = htmlmod.unescape(re.search(r'srcdoc="([^"]*)"', cell).group(1))
+    stamp = re.compile(r'"created":"[^"]*"')
+    assert stamp.sub("", page) == stamp.sub("", offline_html(conversation_of_text(readout, scored, text=text, model=readout.meta["model"]["name"])))
+    # Scores made by hand, without their readout or text: the plain repr, not a broken page.
+    assert TextScores(scored.tokens, scored.positions, scored.scores, True)._repr_html_() is None
+    host = tmp_path / "notebook.html"
+    host.write_text(f"<!doctype html><html><body><h1>cell</h1>{cell}</body></html>", encoding="utf-8")
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    try:
+        pg = context.new_page()
+        errors = []
+        pg.on("pageerror", lambda e: errors.append(str(e)))
+        pg.goto(host.as_uri())
+        frame = pg.frame_locator("iframe.amygdala-snapshot")
+        frame.locator(".msg.text .tok").first.wait_for()
+        assert frame.locator(".msg.text .tok").all_inner_texts() == scored.tokens
+        last = scored.scores[-1]
+        layer = readout.layers[0]
+        rows = frame.locator(f'.pc[data-layer="{layer}"]').all()
+        assert rows
+        for row in rows:
+            c = readout.concepts.index(row.get_attribute("data-concept"))
+            assert abs(float(row.locator(".val").inner_text()) - float(last[0, c])) < 0.006
+        assert pg.inner_text("h1") == "cell" and not errors, errors  # the page stayed inside its frame
+    finally:
+        context.close()
+
+
 def test_page_routes_and_the_off_switch(monkeypatch):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient

@@ -19,6 +19,9 @@ def _filter_args(p) -> None:
     p.add_argument("--concepts", default=None, metavar="A,B", help="show only these concepts")
     p.add_argument("--clusters", default=None, metavar="X,Y", help="show only the concepts of these clusters (with --concepts: both)")
     p.add_argument("--layers", default=None, metavar="L,M", help="show only these of the readout's layers")
+    p.add_argument("--summary", action="store_true",
+                   help="one summary instead of per-token rows: per layer the mean and max of each shown "
+                        "concept over the tokens (the server's readout \"summary\")")
 
 
 def _filter(args: argparse.Namespace, readout):
@@ -35,6 +38,28 @@ def _filter(args: argparse.Namespace, readout):
         return None
     return ReadoutFilter.build(readout, concepts=concepts, clusters=clusters, layers=layers,
                                where={"concepts": "--concepts", "clusters": "--clusters", "layers": "--layers"})
+
+
+def _print_summary(scored, readout, filt, top: int, as_json: bool) -> None:
+    """``--summary``: the mean and max over the tokens per shown layer and concept, the same
+    numbers a server's ``readout_summary`` holds; as text, per layer the ``top`` concepts by mean."""
+    from amygdala.readout.filter import ReadoutFilter
+
+    shown = filt or ReadoutFilter.everything(readout)
+    summary = shown.summary_of(scored)
+    if as_json:
+        json.dump({"concepts": list(shown.names), "layers": list(shown.layer_ids), "zscore": readout.has_stats,
+                   "against": scored.against, "smooth": scored.smooth, "summary": summary}, sys.stdout, indent=1)
+        print()
+        return
+    unit = f"z-scores over {scored.against} text" if readout.has_stats else "raw projections"
+    print(f"{summary['tokens']} tokens ({unit}; the attention sink left out)")
+    if summary["mean"] is None:
+        return
+    for j, layer in enumerate(shown.layer_ids):
+        means, peaks = summary["mean"][j], summary["max"][j]
+        order = sorted(range(len(shown.names)), key=lambda k: -means[k])[:top]
+        print(f"L{layer}: " + ", ".join(f"{shown.names[k]} mean {means[k]:+.2f} max {peaks[k]:+.2f}" for k in order))
 
 
 # --------------------------------------------------------------------------- read
@@ -61,8 +86,9 @@ def cmd_read(args: argparse.Namespace) -> int:
 
     if (args.text is None) == (args.file is None):
         raise AmygdalaError("read: give either TEXT or --file FILE (exactly one of the two)")
-    if args.file is not None and (args.out is None or args.html is not None or args.json):
-        raise AmygdalaError("read --file: needs --out TABLE (.parquet, .csv, .jsonl); --html and --json are for one TEXT")
+    if args.file is not None and (args.out is None or args.html is not None or args.json or args.summary):
+        raise AmygdalaError("read --file: needs --out TABLE (.parquet, .csv, .jsonl), which holds a summary "
+                            "per text; --html, --json and --summary are for one TEXT")
     if args.file is None and (args.out is not None or args.tokens):
         raise AmygdalaError("read: --out and --tokens go with --file")
     readout = Readout.load(args.readout)
@@ -82,7 +108,7 @@ def cmd_read(args: argparse.Namespace) -> int:
     require_same_weights(readout.weights, info.path, allow=args.allow_other_weights, where=str(args.readout))
     model, tokenizer, _ = load_model(info.path, args.device, args.model_dtype)
     if args.file is not None:
-        return _read_file(args, model, tokenizer, readout, smooth)
+        return _read_file(args, model, tokenizer, readout, smooth, filt)
     scored = score_text(model, tokenizer, readout, args.text, against=args.against, smooth=smooth)
     rows = text_rows(scored, readout, filt, args.top)
     if args.html is not None:
@@ -92,7 +118,9 @@ def cmd_read(args: argparse.Namespace) -> int:
         args.html.parent.mkdir(parents=True, exist_ok=True)
         args.html.write_text(offline_html(conversation), encoding="utf-8")
         print(f"wrote {args.html} (open it in a browser; no server needed)", file=sys.stderr)
-    if args.json:
+    if args.summary:
+        _print_summary(scored, readout, filt, args.top, args.json)
+    elif args.json:
         select = {} if filt is None else {"select": filt.describe()}
         json.dump({"layers": list(filt.layer_ids) if filt else readout.layers, **select, "zscore": readout.has_stats, "against": scored.against,
                    "construction": readout.construction, "smooth": scored.smooth,
@@ -108,7 +136,7 @@ def cmd_read(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_file(args: argparse.Namespace, model, tokenizer, readout, smooth: int) -> int:
+def _read_file(args: argparse.Namespace, model, tokenizer, readout, smooth: int, filt) -> int:
     from tqdm import tqdm
 
     from amygdala.readout.dataset import read_items, score_file
@@ -117,7 +145,7 @@ def _read_file(args: argparse.Namespace, model, tokenizer, readout, smooth: int)
     bar = tqdm(total=total, unit="text", desc="read", disable=args.quiet or not sys.stderr.isatty())
     try:
         new, old = score_file(model, tokenizer, readout, args.file, args.out, against=args.against, smooth=smooth,
-                              top=args.top, tokens=args.tokens, batch_size=args.batch_size,
+                              top=args.top, tokens=args.tokens, batch_size=args.batch_size, select=filt,
                               on_batch=bar.update, on_resume=bar.update)
     finally:
         bar.close()
@@ -189,14 +217,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )
     new = out[0, ids.shape[1]:]
     print(tokenizer.decode(new, skip_special_tokens=True))
-    if args.show_readout:
+    if args.show_readout or args.summary:
         scores = session.zscores() if readout.has_stats else session.scores()
         # The position that sampled generated token i is the one before it.
         first = ids.shape[1] - 1
         at = [first + i for i in range(len(new)) if first + i < scores.shape[1]]
-        scored = TextScores([tokenizer.decode([int(t)]) for t in new[: len(at)].tolist()], at, scores[0, at], readout.has_stats)
-        rows = text_rows(scored, readout, filt, args.top)
-        _print_rows(rows, "z-scores" if readout.has_stats else "raw projections")
+        scored = TextScores([tokenizer.decode([int(t)]) for t in new[: len(at)].tolist()], at, scores[0, at], readout.has_stats,
+                            against=readout.default_statistics if readout.has_stats else None)
+        if args.summary:
+            _print_summary(scored, readout, filt, args.top, as_json=False)
+        else:
+            _print_rows(text_rows(scored, readout, filt, args.top), "z-scores" if readout.has_stats else "raw projections")
     return 0
 
 
@@ -211,7 +242,8 @@ def _add_generate(sub) -> None:
     _placement_args(p)
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--raw", action="store_true", help="no chat template around the prompt")
-    p.add_argument("--show-readout", action="store_true", help="print each generated token's top concepts")
+    p.add_argument("--show-readout", action="store_true",
+                   help="print each generated token's top concepts (with --summary: their mean and max instead)")
     p.add_argument("--top", type=int, default=3)
     _filter_args(p)
     p.set_defaults(func=cmd_generate)

@@ -20,6 +20,7 @@ import torch
 
 from amygdala import AmygdalaError
 from amygdala.fields import finite, is_int
+from amygdala.readout.filter import ReadoutFilter
 from amygdala.readout.format import Readout
 from amygdala.readout.runtime import attach
 from amygdala.readout.tables import OUTPUTS, open_table
@@ -147,48 +148,75 @@ def _num(x: float) -> float | None:
     return None if math.isnan(x) else x
 
 
-def summary_row(scored: TextScores, readout: Readout, top: int) -> dict[str, Any]:
+def summary_row(scored: TextScores, concepts: list[str], top: int) -> dict[str, Any]:
     """n_tokens, per concept the mean and max (over the tokens, of the layer-averaged score),
     the ``emotionality`` track's mean where the file has it, and the ``top`` concepts by mean.
+    ``concepts`` names the columns of ``scored`` (the readout's, or a filter's kept ones).
     The attention sink (position 0) enters no statistic: its score is not comparable."""
     real = torch.tensor([p != 0 for p in scored.positions], dtype=torch.bool)
-    per_token = scored.scores.mean(1)[real] if len(scored.positions) else torch.zeros(0, len(readout.concepts))
-    mean = per_token.mean(0) if per_token.shape[0] else torch.full((len(readout.concepts),), math.nan)
-    peak = per_token.max(0).values if per_token.shape[0] else torch.full((len(readout.concepts),), math.nan)
+    per_token = scored.scores.mean(1)[real] if len(scored.positions) else torch.zeros(0, len(concepts))
+    mean = per_token.mean(0) if per_token.shape[0] else torch.full((len(concepts),), math.nan)
+    peak = per_token.max(0).values if per_token.shape[0] else torch.full((len(concepts),), math.nan)
     row: dict[str, Any] = {"n_tokens": len(scored.positions)}
-    for k, c in enumerate(readout.concepts):
+    for k, c in enumerate(concepts):
         row[f"{c}.mean"] = _num(float(mean[k]))
         row[f"{c}.max"] = _num(float(peak[k]))
     if scored.track_names and "emotionality" in scored.track_names and scored.tracks is not None:
         e = scored.tracks[:, :, scored.track_names.index("emotionality")].mean(1)[real]
         row["emotionality"] = _num(float(e.mean())) if e.numel() else None
-    order = [] if per_token.shape[0] == 0 else mean.topk(min(top, len(readout.concepts))).indices.tolist()
-    row["top"] = ",".join(readout.concepts[i] for i in order)
+    order = [] if per_token.shape[0] == 0 else mean.topk(min(top, len(concepts))).indices.tolist()
+    row["top"] = ",".join(concepts[i] for i in order)
     return row
 
 
-def token_table_rows(scored: TextScores, readout: Readout) -> list[dict[str, Any]]:
-    """Per token: position, token, the layer-averaged score of every concept, the tracks (the
-    layer average, as :func:`~amygdala.readout.text.token_rows` gives them)."""
+def token_table_rows(scored: TextScores, concepts: list[str]) -> list[dict[str, Any]]:
+    """Per token: position, token, the layer-averaged score of every concept (``concepts`` names
+    the columns of ``scored``), the tracks (the layer average, as
+    :func:`~amygdala.readout.text.token_rows` gives them)."""
     rows = []
     per_token = scored.scores.mean(1)
     for i, (pos, token) in enumerate(zip(scored.positions, scored.tokens)):
         row: dict[str, Any] = {"position": pos, "token": token, "attention_sink": pos == 0}
-        row.update({c: float(per_token[i, k]) for k, c in enumerate(readout.concepts)})
+        row.update({c: float(per_token[i, k]) for k, c in enumerate(concepts)})
         if scored.tracks is not None and scored.track_names:
             row.update({n: float(scored.tracks[i, :, k].mean()) for k, n in enumerate(scored.track_names)})
         rows.append(row)
     return rows
 
 
-def columns(readout: Readout, items: list[Item], tokens: bool) -> list[str]:
+def _shown(readout: Readout, select: ReadoutFilter | None) -> list[str]:
+    """The concepts a table has columns for: the filter's kept ones, else every concept."""
+    return list(readout.concepts) if select is None else list(select.names)
+
+
+#: Columns that hold no score: their names never carry the layers.
+_PLAIN = {"id", "text", "n_tokens", "position", "token", "attention_sink", "top"}
+
+
+def _layer_tag(readout: Readout, select: ReadoutFilter | None) -> str:
+    """``@9+15`` when ``select`` keeps some of the readout's layers, else empty: a score averaged
+    over other layers is another quantity, so its column is named apart (``calm.mean@15``) and a
+    table of another ``--layers`` is refused on resume instead of mixed."""
+    if select is None or list(select.layer_ids) == list(readout.layers):
+        return ""
+    return "@" + "+".join(map(str, select.layer_ids))
+
+
+def _tag_row(row: dict[str, Any], tag: str) -> dict[str, Any]:
+    return row if not tag else {(k if k in _PLAIN else k + tag): v for k, v in row.items()}
+
+
+def columns(readout: Readout, items: list[Item], tokens: bool, select: ReadoutFilter | None = None) -> list[str]:
     """The output's columns in order: the input's carried fields come after the row's own."""
+    shown = _shown(readout, select)
     if tokens:
-        own = ["id", "position", "token", "attention_sink", *readout.concepts, *readout.track_names]
+        own = ["id", "position", "token", "attention_sink", *shown, *readout.track_names]
     else:
-        own = ["id", "text", "n_tokens", *(f"{c}.{s}" for c in readout.concepts for s in ("mean", "max"))]
+        own = ["id", "text", "n_tokens", *(f"{c}.{s}" for c in shown for s in ("mean", "max"))]
         own += ["emotionality"] if "emotionality" in readout.track_names else []
         own += ["top"]
+    tag = _layer_tag(readout, select)
+    own = [c if c in _PLAIN else c + tag for c in own]
     extra: dict[str, None] = {}
     for it in items:
         for k in it.extra:
@@ -199,38 +227,44 @@ def columns(readout: Readout, items: list[Item], tokens: bool) -> list[str]:
 
 
 def score_rows(model, tokenizer, readout: Readout, items: list[Item], *, against: str | None = None,
-               smooth: int = 1, top: int = 3, tokens: bool = False,
-               batch_size: int = 16) -> Iterator[tuple[list[Item], list[dict[str, Any]]]]:
-    """Per batch of ``items``: the batch and its output rows (one per text, or one per token)."""
+               smooth: int = 1, top: int = 3, tokens: bool = False, batch_size: int = 16,
+               select: ReadoutFilter | None = None) -> Iterator[tuple[list[Item], list[dict[str, Any]]]]:
+    """Per batch of ``items``: the batch and its output rows (one per text, or one per token),
+    of ``select``'s concepts and layers when given (the same slice ``read --concepts`` shows)."""
     if readout.has_stats:
         readout.stats_for(against)  # an unknown or missing set fails before the first forward
+    shown, tag = _shown(readout, select), _layer_tag(readout, select)
     for b in range(0, len(items), batch_size):
         batch = items[b : b + batch_size]
         rows: list[dict[str, Any]] = []
         for it, scored in zip(batch, _batch_scores(model, tokenizer, readout, [it.text for it in batch], against, smooth)):
+            if select is not None:
+                scored = select.apply(scored)
             if tokens:
-                rows += [{"id": it.id, **r, **it.extra} for r in token_table_rows(scored, readout)]
+                rows += [{"id": it.id, **_tag_row(r, tag), **it.extra} for r in token_table_rows(scored, shown)]
             else:
-                rows.append({"id": it.id, "text": it.text, **summary_row(scored, readout, top), **it.extra})
+                rows.append({"id": it.id, "text": it.text, **_tag_row(summary_row(scored, shown, top), tag), **it.extra})
         yield batch, rows
 
 
 def score_file(model, tokenizer, readout: Readout, path: Path, out: Path, *, against: str | None = None,
                smooth: int = 1, top: int = 3, tokens: bool = False, batch_size: int = 16,
+               select: ReadoutFilter | None = None,
                on_batch: Callable[[int], None] | None = None,
                on_resume: Callable[[int], None] | None = None) -> tuple[int, int]:
     """Score every text of ``path`` into the table ``out`` (.parquet, .csv, .jsonl), resuming: the
     ids ``out`` already holds are skipped, the rest appended a batch at a time (each batch whole or
     not at all after a kill). Returns (texts scored now, texts already there). ``on_batch`` gets
-    each batch's number of texts and ``on_resume`` the number already there (the progress bar)."""
+    each batch's number of texts and ``on_resume`` the number already there (the progress bar).
+    ``select``: only its concepts and layers (a table of another selection is refused on resume)."""
     items = read_items(path)
-    table = open_table(out, columns(readout, items, tokens))
+    table = open_table(out, columns(readout, items, tokens, select))
     done = table.done_ids()
     todo = [it for it in items if str(it.id) not in done]
     if on_resume is not None and len(todo) < len(items):
         on_resume(len(items) - len(todo))
     for batch, rows in score_rows(model, tokenizer, readout, todo, against=against, smooth=smooth, top=top,
-                                  tokens=tokens, batch_size=batch_size):
+                                  tokens=tokens, batch_size=batch_size, select=select):
         table.append(rows)
         crash_point("read.batch_written")
         if on_batch is not None:

@@ -99,6 +99,19 @@ class ReadoutFilter:
         stack = np.stack(got)
         return {"tokens": len(got), "mean": stack.mean(0).tolist(), "max": stack.max(0).tolist()}
 
+    def apply(self, scored: TextScores) -> TextScores:
+        """A scored text reduced to the kept layers and concepts (the tracks: the kept layers). It
+        keeps no readout: the readout's manifest no longer describes its columns."""
+        return replace(scored, scores=scored.scores[:, list(self.layers)][:, :, list(self.concepts)],
+                       tracks=None if scored.tracks is None else scored.tracks[:, list(self.layers)], readout=None)
+
+    def summary_of(self, scored: TextScores) -> dict:
+        """:meth:`summarize` over a scored text's tokens, the attention sink (position 0, whose
+        score is not comparable) left out: what ``read --summary`` prints, shaped as the server's
+        ``readout_summary``."""
+        rows = [None if pos == 0 else scored.scores[i].numpy() for i, pos in enumerate(scored.positions)]
+        return self.summarize(rows)
+
     def describe(self) -> dict:
         """What a filtered response holds, so a client reads its values without the manifest."""
         out: dict = {"concepts": list(self.names), "layers": list(self.layer_ids)}
@@ -122,9 +135,7 @@ def text_rows(scored: TextScores, readout: Readout, filt: ReadoutFilter | None, 
     when there is one: the top ``top`` of the kept concepts at each kept layer."""
     if filt is None:
         return token_rows(scored, readout, top)
-    part = replace(scored, scores=scored.scores[:, list(filt.layers)][:, :, list(filt.concepts)],
-                   tracks=None if scored.tracks is None else scored.tracks[:, list(filt.layers)])
-    return token_rows(part, _Kept(list(filt.names), list(filt.layer_ids)), top)  # type: ignore[arg-type]
+    return token_rows(filt.apply(scored), _Kept(list(filt.names), list(filt.layer_ids)), top)  # type: ignore[arg-type]
 
 
 def _cluster_members(readout: Readout, clusters: Sequence[str], field: str) -> set[int]:

@@ -64,13 +64,13 @@ class _Lines:
             if not header_seen:
                 if row != self.cols:
                     raise AmygdalaError(f"{self.path}: its columns are another table's (another readout, "
-                                        "--tokens or not); delete it or choose another --out")
+                                        "selection or --tokens); delete it or choose another --out")
                 header_seen = True
             else:
                 if isinstance(row, dict):
                     if good == 0 and list(row) != self.cols:
                         raise AmygdalaError(f"{self.path}: its rows are another table's (another readout, "
-                                            "--tokens or not); delete it or choose another --out")
+                                            "selection or --tokens); delete it or choose another --out")
                     self.ids.add(str(row.get("id")))
                 else:
                     self.ids.add(row[0])
@@ -130,7 +130,7 @@ class _Parts:
             schema = self.pq.read_schema(p)
             self.types.update({f.name: f.type for f in schema if not str(f.type) == "null"})
             if schema.names != cols:
-                raise AmygdalaError(f"{p}: its columns are another table's (another readout, --tokens or not); "
+                raise AmygdalaError(f"{p}: its columns are another table's (another readout, selection or --tokens); "
                                     "delete the folder or choose another --out")
             self.ids.update(str(v) for v in pq.read_table(p, columns=["id"]).column("id").to_pylist())
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -31,6 +31,22 @@ class TextScores:
     track_names: list[str] | None = None
     tracks: torch.Tensor | None = None
     smooth: int = 1
+    #: The text and the readout that scored it, where known (:func:`score_text` sets both): what
+    #: the Jupyter view needs to draw the page (the manifest names the concepts and layers).
+    text: str | None = None
+    readout: Readout | None = field(default=None, repr=False, compare=False)
+
+    def _repr_html_(self) -> str | None:
+        """In Jupyter, the same page ``amygdala read --html`` writes (the live page's offline
+        snapshot: tokens coloured by valence, the per-layer panel, the statistics switch), in a
+        sandboxed frame. ``None`` (the plain repr) for scores without their readout and text."""
+        if self.readout is None or self.text is None:
+            return None
+        from amygdala.view import conversation_of_text, notebook_html
+
+        model = self.readout.meta.get("model")
+        name = str(model.get("name") or "") if isinstance(model, dict) else ""
+        return notebook_html(conversation_of_text(self.readout, self, text=self.text, model=name))
 
 
 def smooth_causal(x: torch.Tensor, n: int, skip: torch.Tensor | None = None) -> torch.Tensor:
@@ -84,6 +100,8 @@ def score_text(model, tokenizer, readout: Readout, text: str, against: str | Non
         track_names=list(readout.track_names) or None,
         tracks=tracks,
         smooth=smooth,
+        text=text,
+        readout=readout,
     )
 
 

@@ -14,6 +14,7 @@ from amygdala.view.offline import (
     asset,
     conversation_of_text,
     manifest_of,
+    notebook_html,
     offline_html,
 )
 
@@ -23,5 +24,6 @@ __all__ = [
     "asset",
     "conversation_of_text",
     "manifest_of",
+    "notebook_html",
     "offline_html",
 ]

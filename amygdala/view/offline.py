@@ -18,15 +18,20 @@ teacher-forced text: the token's own position, as ``amygdala read`` reports it).
 The offline page is the page itself (the same ``index.html``, ``style.css`` and ``app.js``) with
 both files inlined and the conversation embedded, so it opens from disk with no server and no
 network, read-only.
+
+Why this module imports nothing of amygdala's: a readout's own ``TextScores._repr_html_`` (Jupyter)
+renders through it, so :mod:`amygdala.readout` imports the view, not the other way round; the
+readout and the scores it is handed are read by their attributes (``manifest``, ``scores``,
+``tokens``, ``positions``, ``tracks``).
 """
 
 from __future__ import annotations
 
+import html
 import json
 import time
 from importlib.resources import files
-
-from amygdala.readout import Readout, TextScores
+from typing import Any
 
 CONVERSATION_FORMAT = "amygdala-conversation"
 CONVERSATION_VERSION = 1
@@ -44,7 +49,7 @@ def asset(name: str) -> bytes:
     return files("amygdala.view").joinpath("assets", name).read_bytes()
 
 
-def manifest_of(readout: Readout) -> dict:
+def manifest_of(readout: Any) -> dict:
     """The readout's manifest as a conversation carries it: values are already z-scored or raw,
     as ``readout`` says, so the default statistics are left out; every set's mean and std stay
     (``statistics_sets``) so the snapshot's statistics switch can turn z of one into z of another."""
@@ -54,7 +59,7 @@ def manifest_of(readout: Readout) -> dict:
     return body
 
 
-def conversation_of_text(readout: Readout, scored: TextScores, *, text: str, model: str = "") -> dict:
+def conversation_of_text(readout: Any, scored: Any, *, text: str, model: str = "") -> dict:
     """A teacher-forced readout of ``text`` as a one-message conversation."""
     rows = scored.scores.numpy().round(4)
     return {
@@ -79,7 +84,7 @@ def conversation_of_text(readout: Readout, scored: TextScores, *, text: str, mod
     }
 
 
-def _token(scored: TextScores, rows, i: int) -> dict:
+def _token(scored: Any, rows, i: int) -> dict:
     """One token of a teacher-forced text. Position 0 (the attention sink, z around -150 on the
     default model) carries no readout: the page then leaves it out of the panel, the colour and
     the sparklines. ``tracks``: emotionality and valence z (over neutral text, mean over layers)."""
@@ -113,3 +118,12 @@ def offline_html(conversation: dict) -> str:
     page = page.replace(_STYLE_LINK, f"<style>\n{style}\n</style>")
     page = page.replace(_DATA_SLOT, f'<script type="application/json" id="amygdala-snapshot">{data}</script>')
     return page.replace(_SCRIPT_TAG, f"<script>\n{script}\n</script>")
+
+
+def notebook_html(conversation: dict, height: int = 520) -> str:
+    """The offline page of ``conversation`` inside an ``<iframe srcdoc>``, for a Jupyter cell: the
+    page's own style and script stay inside the frame instead of restyling the notebook, and the
+    sandbox lets its script run (and its exports download) without reaching the notebook."""
+    page = html.escape(offline_html(conversation), quote=True)
+    return (f'<iframe class="amygdala-snapshot" sandbox="allow-scripts allow-downloads" '
+            f'style="width:100%;height:{int(height)}px;border:1px solid #ccc" srcdoc="{page}"></iframe>')
