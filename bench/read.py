@@ -1,6 +1,11 @@
 """Texts/s of `read --file` (scores and the table written) against the same model's plain batched forwards.
 
-    ./dev bench read [--readout /tmp/full207/out] [--texts 200] [--batch-size 16] [--write]
+    ./dev bench read [--readout DIR] [--concepts 207] [--texts 200] [--batch-size 16] [--write]
+
+The readout is ``--readout``, else the demo's (cached by ``amygdala demo``; built here when
+missing, about 3 minutes). ``--concepts N`` widens it to N concepts by repeating its rows (names
+suffixed): what the speed depends on is the readout's shape, concepts x layers, not its values,
+so the full corpus's 207 concepts are timed without a 12-minute build.
 
 On the default model, a few hundred bundled corpus texts in file order. The floor is the same
 model, the same texts in the same batches (padded the same way), a forward with no hooks and
@@ -14,6 +19,7 @@ Target: read --file at 0.9x the floor or better.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import time
@@ -48,15 +54,40 @@ def floor(model, tok, texts: list[str], batch_size: int) -> float:
     return time.perf_counter() - t0
 
 
+def widened(readout: Readout, n: int) -> Readout:
+    """``readout`` with ``n`` concepts: its rows (vectors and both statistics sets) repeated in
+    turn, names suffixed ``_2``, ``_3``... The tracks are kept; per-concept metadata is dropped."""
+    if n <= len(readout.concepts):
+        return readout
+    rows = [i % len(readout.concepts) for i in range(n)]
+    names = [c if k < len(readout.concepts) else f"{c}_{k // len(readout.concepts) + 1}"
+             for k, c in enumerate(readout.concepts[i] for i in rows)]
+
+    def rep(per_layer):
+        return None if per_layer is None else {l: t[rows] for l, t in per_layer.items()}
+
+    per_concept = {k for k, v in readout.meta.items() if isinstance(v, list) and len(v) == len(readout.concepts)}
+    return dataclasses.replace(readout, concepts=names, vectors=rep(readout.vectors), mean=rep(readout.mean),
+                               std=rep(readout.std), emotional_mean=rep(readout.emotional_mean),
+                               emotional_std=rep(readout.emotional_std),
+                               meta={k: v for k, v in readout.meta.items() if k not in per_concept})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--readout", type=Path, default=Path("/tmp/full207/out"))
+    ap.add_argument("--readout", type=Path, default=None, help="default: the demo's readout")
+    ap.add_argument("--concepts", type=int, default=207, help="widen the readout to this many concepts (its rows repeated)")
     ap.add_argument("--texts", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--trials", type=int, default=2, help="interleaved runs of each; the fastest counts")
     ap.add_argument("--write", action="store_true", help="put the table into docs/read.md")
     args = ap.parse_args()
-    readout = Readout.load(args.readout)
+    if args.readout is None:
+        from amygdala.pipeline.demo import demo_readout
+
+        args.readout = Path(tempfile.mkdtemp()) / "demo"
+        demo_readout(args.readout)
+    readout = widened(Readout.load(args.readout), args.concepts)
     info = matching_model(readout, "default")
     model, tok, _ = load_model(info.path, "cpu", None)
     texts = [t.text for t in load_corpus(bundled_corpus()).texts][: args.texts]

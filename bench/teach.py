@@ -1,6 +1,8 @@
 """Distil one positive-valence concept into the default model, on a real `amygdala serve`.
 
     ./dev bench teach [--concept joyful] [--fraction 0.05] [--learning-rate 5e-5] [--steps 20] [--write]
+    ./dev bench teach --sweep [--lrs 5e-6,2e-5,5e-5] [--anchors 0,1] [--objectives orpo] [--steps-grid 5]
+                      [--concept joyful] [--write]
 
 On a copy of the default model (SmolLM2-135M-Instruct; training writes into the folder it
 serves) with the demo readout (``amygdala demo``'s, built or reused from the cache): start
@@ -14,6 +16,16 @@ sentiment lexicon, no model), competence (next-token accuracy, log-likelihood pe
 shipped ordinary texts, and perplexity on 16 neutral texts of the bundled corpus. Then
 rollback, and a check that the unsteered readout is back to its before value. ``--write``
 puts the table into docs/teaching.md.
+
+``--sweep``: one server, one set of pairs and before figures (``amygdala.teach.distill.prepare``),
+then every learning rate x anchor weight x objective x step count trained from the same weights
+(each rolled back, checked equal to the before readout), one row each: the outside judge's gap
+closed (VADER: (after - before) / (steered - before)), the readout's, the change of neutral
+perplexity and of competence (next-token accuracy, relative). A row meets the issue's target when
+VADER closes >= 50% with perplexity up <= 10% and accuracy down <= 2%; the one marked **chosen**
+is the target-meeting row with the most VADER gap closed, else (none meets it) the row with the
+most VADER gap closed among those within both bounds, else none. The anchor's texts are 32
+neutral texts of the bundled corpus other than the 16 the perplexity is measured on.
 """
 
 from __future__ import annotations
@@ -39,7 +51,7 @@ from amygdala.cli.main import main as amygdala  # noqa: E402
 from amygdala.models import resolve_model  # noqa: E402
 from amygdala.readout import Readout  # noqa: E402
 from amygdala.teach.client import Server  # noqa: E402
-from amygdala.teach.distill import DistillConfig, distill, neutral_texts  # noqa: E402
+from amygdala.teach.distill import DistillConfig, distill, neutral_texts, prepare, train_prepared  # noqa: E402
 from amygdala.teach.judge import shipped_prompts, shipped_split  # noqa: E402
 from amygdala.teach.tokens import Encoder  # noqa: E402
 
@@ -101,6 +113,73 @@ def _cut(per_genre: int, heldout: float) -> tuple[list[str], list[str]]:
     return [p for ps in cut for p in ps[:-k]], [p for ps in cut for p in ps[-k:]]
 
 
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def sweep(args, client: Server, enc, ps: list[str], heldout: float, strength: float, neutral: list[str],
+          readout: Readout) -> str:
+    """Every configuration of the grid from one prepared set of pairs; the Pareto table as markdown."""
+    c = args.concept
+    anchor_texts = neutral_texts(None, 48)[16:]
+    anchor_ids = [list(enc.tokenizer(t)["input_ids"]) for t in anchor_texts]
+    base = DistillConfig({c: strength}, args.max_tokens, heldout)
+    t0 = time.perf_counter()
+    prep = prepare(client, enc, ps, base, neutral=neutral)
+    r0 = prep.report
+    print(f"prepared {r0.pairs} pairs in {time.perf_counter() - t0:.0f} s", flush=True)
+    rows = []
+    grid = [(o, st, lr, a) for o in args.objectives.split(",") for st in map(int, args.steps_grid.split(","))
+            for lr in _floats(args.lrs) for a in _floats(args.anchors)]
+    for n, (objective, steps, lr, anchor) in enumerate(grid, 1):
+        client.train_options = {"anchor": anchor, "neutral": anchor_ids} if anchor > 0 else {}
+        snap = client.snapshot()["snapshot"]
+        t1 = time.perf_counter()
+        rep = train_prepared(client, enc, prep, DistillConfig({c: strength}, args.max_tokens, heldout, objective, lr, steps),
+                             progress=False)
+        seconds = time.perf_counter() - t1
+        client.rollback(snap)
+        client.train_options = {}
+        ca = rep.competence_after
+        assert ca is not None and rep.ppl_before is not None and rep.ppl_after is not None
+        vgap = r0.vader_steered - r0.vader_before
+        row = {"objective": objective, "steps": steps, "lr": lr, "anchor": anchor,
+               "vader": (rep.vader_after - r0.vader_before) / vgap if vgap else float("nan"),
+               "readout": rep.gap_closed(c), "ppl": rep.ppl_after / rep.ppl_before - 1,
+               "acc": ca.accuracy / r0.competence_before.accuracy - 1,
+               "loglik": ca.mean_loglik - r0.competence_before.mean_loglik,
+               "loss": (rep.jobs[0].losses[0], rep.jobs[0].losses[-1]) if rep.jobs and rep.jobs[0].losses else None,
+               "seconds": seconds}
+        rows.append(row)
+        print(f"[{n}/{len(grid)}] {row}", flush=True)
+    back = prepare(client, enc, ps, DistillConfig({c: strength}, args.max_tokens, heldout, submit=False),
+                                  progress=False).report.before[c]
+    within = [r for r in rows if r["ppl"] <= 0.10 and r["acc"] >= -0.02]
+    meets = [r for r in within if r["vader"] >= 0.5]
+    chosen = max(meets or within, key=lambda r: r["vader"], default=None)
+    lines = [
+        f"`./dev bench teach --sweep` (default model, demo readout at layers {readout.layers}, {c} steered at "
+        f"{args.fraction:g} x the residual norm = {strength:g}; {r0.pairs} pairs from {r0.train_prompts} shipped prompts, "
+        f"{r0.heldout_prompts} held out; before: VADER {r0.vader_before:+.3f} unsteered, {r0.vader_steered:+.3f} steered; "
+        f"readout {r0.before[c]:+.3f} / {r0.steered[c]:+.3f}; competence {r0.competence_before.line()}; neutral perplexity "
+        f"{r0.ppl_before:.2f}; APOLLO-Mini, greedy, {args.max_tokens} tokens; CPU, 2 cores):",
+        "",
+        "| objective | steps | lr | anchor | VADER gap closed | readout gap closed | neutral perplexity | accuracy | log-lik (nats/token) | loss | train + measure |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        mark = " **chosen**" if r is chosen else (" (meets the target)" if r in meets else "")
+        loss = f"{r['loss'][0]:.3g} -> {r['loss'][1]:.3g}" if r["loss"] else "-"
+        lines.append(f"| {r['objective']}{mark} | {r['steps']} | {r['lr']:g} | {r['anchor']:g} | {r['vader']:.0%} | {r['readout']:.0%} "
+                     f"| {r['ppl']:+.1%} | {r['acc']:+.1%} | {r['loglik']:+.3f} | {loss} | {r['seconds']:.0f} s |")
+    lines += ["", ("No row meets the target (VADER gap >= 50%, perplexity <= +10%, accuracy >= -2%)"
+                   + ("; the chosen row is the most VADER gap closed within both bounds." if chosen else "; no row is within both bounds either.")
+                   if not meets else f"{len(meets)} row(s) meet the target (VADER gap >= 50%, perplexity <= +10%, accuracy >= -2%)."),
+              f"After the last rollback the unsteered readout is {back:+.3f} "
+              f"({'equal to' if back == r0.before[c] else 'not equal to'} the before value {r0.before[c]:+.3f})."]
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--concept", default="joyful")
@@ -112,6 +191,11 @@ def main() -> int:
     ap.add_argument("--prompts-per-genre", type=int, default=None, help="the first N shipped prompts of each genre")
     ap.add_argument("--heldout", type=float, default=0.25)
     ap.add_argument("--write", action="store_true", help="write the table into docs/teaching.md")
+    ap.add_argument("--sweep", action="store_true", help="the grid below from one set of pairs, the Pareto table")
+    ap.add_argument("--lrs", default="5e-6,2e-5,5e-5", help="--sweep: learning rates")
+    ap.add_argument("--anchors", default="0,1", help="--sweep: anchor (KL) weights, 0 = off")
+    ap.add_argument("--objectives", default="orpo", help="--sweep: objectives (sft, orpo, dpo, dpop)")
+    ap.add_argument("--steps-grid", default="5", help="--sweep: step counts")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="amygdala-bench-teach-"))
@@ -132,6 +216,12 @@ def main() -> int:
         client = Server(f"http://127.0.0.1:{port}", key)
         enc = Encoder.load(model)
         ps, heldout = prompts(args.prompts_per_genre, args.heldout)
+        if args.sweep:
+            table = sweep(args, client, enc, ps, heldout, strength, neutral, readout)
+            print("\n" + table)
+            if args.write:
+                _write(table, "<!-- teach:sweep -->")
+            return 0
         snap = client.snapshot()["snapshot"]
         cfg = DistillConfig({args.concept: strength}, args.max_tokens, heldout, args.objective, args.learning_rate, args.steps)
         t0 = time.perf_counter()
@@ -170,11 +260,7 @@ def main() -> int:
         ])
         print("\n" + table)
         if args.write:
-            doc = ROOT / "docs" / "teaching.md"
-            text = doc.read_text()
-            marker = "<!-- teach:figures -->"
-            doc.write_text(re.sub(re.escape(marker) + r".*", lambda _: marker + "\n" + table + "\n", text, flags=re.S))
-            print(f"wrote {doc}")
+            _write(table, "<!-- teach:figures -->")
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -183,6 +269,18 @@ def main() -> int:
             proc.kill()
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def _write(table: str, marker: str) -> None:
+    """Replace what follows ``marker`` in docs/teaching.md up to the next ``<!-- ... -->`` marker
+    or ``### `` heading (or the end) with ``table``."""
+    doc = ROOT / "docs" / "teaching.md"
+    text = doc.read_text()
+    if marker not in text:
+        raise SystemExit(f"{doc} has no {marker} line; add one where the table goes")
+    pattern = re.escape(marker) + r".*?(?=\n<!-- |\n### |\Z)"
+    doc.write_text(re.sub(pattern, lambda _: marker + "\n" + table + "\n", text, count=1, flags=re.S))
+    print(f"wrote {doc}")
 
 
 if __name__ == "__main__":

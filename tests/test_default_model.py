@@ -27,7 +27,12 @@ def default_model():
 def test_held_out_story_ranks_its_concept_above_median(default_model):
     corpus = load_corpus(CORPUS, include_direct=False).subset(STARTER)
     held_out = {c: corpus.positives(c)[-1] for c in STARTER}
-    kept = [t for t in corpus.texts if t not in held_out.values()]
+    # A third of the neutral and baseline texts (124 of 370): they were most of this build's forward (510
+    # texts, 176 s on 2 cores; 264 texts, 99 s), and every held-out rank below came out the same
+    # with all of them.
+    neutral = corpus.neutral_texts()
+    dropped = {id(t) for t in neutral} - {id(t) for t in neutral[::3]}
+    kept = [t for t in corpus.texts if t not in held_out.values() and id(t) not in dropped]
     train_corpus = dataclasses.replace(corpus, texts=kept)
     config = BuildConfig(layers="0.5,0.66", min_positives=2, progress=False)
     result = build(train_corpus, config, loaded=default_model)
@@ -39,7 +44,7 @@ def test_held_out_story_ranks_its_concept_above_median(default_model):
         scores = torch.stack([acts.pooled[l][i] @ readout.vectors[l].T for l in readout.layers])
         z = readout.zscore(scores).mean(0)
         ranks.append(int((z > z[readout.concept_index(c)]).sum()))
-    # Chance would put 6 of 12 above the median (sd 1.7); measured here: 8, mean rank 4.2 vs 5.5.
+    # Chance would put 6 of 12 above the median (sd 1.7); measured here: 12, mean rank 1.4 vs 5.5.
     median = (len(STARTER) - 1) / 2
     better = sum(r < median for r in ranks)
     assert better >= 8, f"held-out ranks {dict(zip(STARTER, ranks))}"

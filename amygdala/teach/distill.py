@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from amygdala.teach.client import Server
@@ -150,10 +150,24 @@ def split(prompts: Sequence[Context], heldout: float) -> tuple[list[Context], li
     return list(prompts[:-k]), list(prompts[-k:])
 
 
-def distill(server: Server, encoder, prompts: Sequence[Context] | None, cfg: DistillConfig, *,
-            neutral: Sequence[str] = (), competence_texts: Sequence[str] | None = None, progress: bool = True,
-            log=print) -> DistillReport:
-    """``prompts`` None: the shipped set, split per genre; ``competence_texts`` None: the shipped ordinary texts."""
+@dataclass
+class Prepared:
+    """What distill measures and generates before any training: the report's before figures, the
+    training pairs as ``/train`` samples, the held-out prompts. Several trainings (a sweep's, each
+    rolled back) start from one of these, so each is judged on the same pairs and prompts."""
+
+    report: DistillReport
+    body: list[dict]
+    held: list[Context]
+    neutral: Sequence[str]
+    competence_texts: Sequence[str] | None
+
+
+def prepare(server: Server, encoder, prompts: Sequence[Context] | None, cfg: DistillConfig, *,
+            neutral: Sequence[str] = (), competence_texts: Sequence[str] | None = None,
+            progress: bool = True) -> Prepared:
+    """The before figures and the training pairs (chosen: steered greedy continuation; rejected:
+    unsteered), nothing trained. ``prompts`` None: the shipped set, split per genre."""
     from tqdm import tqdm
 
     server.check_concepts(list(cfg.steer), "--steer")
@@ -175,22 +189,36 @@ def distill(server: Server, encoder, prompts: Sequence[Context] | None, cfg: Dis
             continue
         samples.append(TeachSample(prompt, encoder.decode(chosen) or "?", encoder.decode(rejected) or "?",
                                    source="distill:" + ",".join(f"{c}={s:g}" for c, s in cfg.steer.items())))
-        sample = {"context_ids": ids, "continuation_ids": chosen}
-        if cfg.objective != "sft":
-            sample["rejected_ids"] = rejected
-        body.append(sample)
+        body.append({"context_ids": ids, "continuation_ids": chosen, "rejected_ids": rejected})
     report = DistillReport(len(train), len(held), len(body), identical, before.readout, steered.readout, competence_before,
                            {c: outside_judge(c) for c in concepts}, before.vader, steered.vader, ppl_before=ppl_before,
                            samples=samples)
-    if not cfg.submit:
-        return report
-    if not body:
+    return Prepared(report, body, held, neutral, competence_texts)
+
+
+def train_prepared(server: Server, encoder, prep: Prepared, cfg: DistillConfig, *, progress: bool = True) -> DistillReport:
+    """Train on ``prep``'s pairs with ``cfg``'s objective, rate and steps (and the server's
+    ``train_options``), then measure after: a new report, ``prep``'s left as it was."""
+    if not prep.body:
         raise SampleError("distill: the steering changed no greedy continuation of the training prompts; "
                           "raise --steer's strength or give other prompts")
+    body = [{k: v for k, v in b.items() if k != "rejected_ids"} for b in prep.body] if cfg.objective == "sft" else prep.body
+    report = replace(prep.report, jobs=[])
     report.jobs = run_jobs(server, body, {"objective": cfg.objective, "learning_rate": cfg.learning_rate, "steps": cfg.steps},
                            progress=progress)
-    after = readout_level(server, encoder, held, concepts, cfg.max_tokens)
+    after = readout_level(server, encoder, prep.held, list(cfg.steer), cfg.max_tokens)
     report.after, report.vader_after = after.readout, after.vader
-    report.competence_after = served_competence(server, encoder, competence_texts)
-    report.ppl_after = neutral_perplexity(server, encoder, neutral) if neutral else None
+    report.competence_after = served_competence(server, encoder, prep.competence_texts)
+    report.ppl_after = neutral_perplexity(server, encoder, prep.neutral) if prep.neutral else None
     return report
+
+
+def distill(server: Server, encoder, prompts: Sequence[Context] | None, cfg: DistillConfig, *,
+            neutral: Sequence[str] = (), competence_texts: Sequence[str] | None = None, progress: bool = True,
+            log=print) -> DistillReport:
+    """:func:`prepare`, then (``cfg.submit``) :func:`train_prepared`. ``prompts`` None: the shipped
+    set, split per genre; ``competence_texts`` None: the shipped ordinary texts."""
+    prep = prepare(server, encoder, prompts, cfg, neutral=neutral, competence_texts=competence_texts, progress=progress)
+    if not cfg.submit:
+        return prep.report
+    return train_prepared(server, encoder, prep, cfg, progress=progress)
