@@ -51,7 +51,7 @@ from amygdala.cli.main import main as amygdala  # noqa: E402
 from amygdala.models import resolve_model  # noqa: E402
 from amygdala.readout import Readout  # noqa: E402
 from amygdala.teach.client import Server  # noqa: E402
-from amygdala.teach.distill import DistillConfig, distill, neutral_texts, prepare, train_prepared  # noqa: E402
+from amygdala.teach.distill import DistillConfig, distill, neutral_texts, prepare, readout_level, train_prepared  # noqa: E402
 from amygdala.teach.judge import shipped_prompts, shipped_split  # noqa: E402
 from amygdala.teach.tokens import Encoder  # noqa: E402
 
@@ -72,14 +72,14 @@ def residual_norm(model_dir: Path, layers: list[int], texts: list[str]) -> float
     return sum(norms) / len(norms)
 
 
-def start_server(model: Path, readout: Path, key: str, log: Path) -> tuple[subprocess.Popen, int]:
+def start_server(model: Path, readout: Path, key: str, log: Path, dtype: str) -> tuple[subprocess.Popen, int]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "AMYGDALA_API_KEY": key, "AMYGDALA_SYNC_DELAY": "3600", "VLLM_CPU_KVCACHE_SPACE": "2",
            "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "amygdala", "serve", "--model", str(model), "--readout", str(readout),
-                             "--port", str(port), "--", "--max-model-len", "2048", "--max-num-seqs", "8"],
+                             "--port", str(port), "--", "--max-model-len", "2048", "--max-num-seqs", "8", "--dtype", dtype],
                             env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=tempfile.gettempdir())
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
@@ -152,8 +152,7 @@ def sweep(args, client: Server, enc, ps: list[str], heldout: float, strength: fl
                "seconds": seconds}
         rows.append(row)
         print(f"[{n}/{len(grid)}] {row}", flush=True)
-    back = prepare(client, enc, ps, DistillConfig({c: strength}, args.max_tokens, heldout, submit=False),
-                                  progress=False).report.before[c]
+    back = readout_level(client, enc, prep.held, [c], args.max_tokens).readout[c]  # as prepare measured before
     within = [r for r in rows if r["ppl"] <= 0.10 and r["acc"] >= -0.02]
     meets = [r for r in within if r["vader"] >= 0.5]
     chosen = max(meets or within, key=lambda r: r["vader"], default=None)
@@ -191,6 +190,9 @@ def main() -> int:
     ap.add_argument("--prompts-per-genre", type=int, default=None, help="the first N shipped prompts of each genre")
     ap.add_argument("--heldout", type=float, default=0.25)
     ap.add_argument("--write", action="store_true", help="write the table into docs/teaching.md")
+    ap.add_argument("--dtype", default="float32",
+                    help="the served (and trained) weights' dtype; vLLM's CPU default, bfloat16, trained over 20x "
+                         "slower on a CPU without native bf16 (docs/finetuning.md)")
     ap.add_argument("--sweep", action="store_true", help="the grid below from one set of pairs, the Pareto table")
     ap.add_argument("--lrs", default="5e-6,2e-5,5e-5", help="--sweep: learning rates")
     ap.add_argument("--anchors", default="0,1", help="--sweep: anchor (KL) weights, 0 = off")
@@ -211,7 +213,7 @@ def main() -> int:
     print(f"residual norm at layers {readout.layers}: {norm:.1f}; steering {args.concept}={strength}", flush=True)
 
     key = secrets.token_hex(8)
-    proc, port = start_server(model, readout_dir, key, work / "server.log")
+    proc, port = start_server(model, readout_dir, key, work / "server.log", args.dtype)
     try:
         client = Server(f"http://127.0.0.1:{port}", key)
         enc = Encoder.load(model)
