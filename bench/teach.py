@@ -19,7 +19,7 @@ puts the table into docs/teaching.md.
 
 ``--sweep``: one server, one set of pairs and before figures (``amygdala.teach.distill.prepare``),
 then every learning rate x anchor weight x objective x step count trained from the same weights
-(each rolled back, checked equal to the before readout), one row each: the outside judge's gap
+(each rolled back; after the last, the unsteered readout is checked against the before one), one row each: the outside judge's gap
 closed (VADER: (after - before) / (steered - before)), the readout's, the change of neutral
 perplexity and of competence (next-token accuracy, relative). A row meets the issue's target when
 VADER closes >= 50% with perplexity up <= 10% and accuracy down <= 2%; the one marked **chosen**
