@@ -24,8 +24,9 @@ closed (VADER: (after - before) / (steered - before)), the readout's, the change
 perplexity and of competence (next-token accuracy, relative). A row meets the issue's target when
 VADER closes >= 50% with perplexity up <= 10% and accuracy down <= 2%; the one marked **chosen**
 is the target-meeting row with the most VADER gap closed, else (none meets it) the row with the
-most VADER gap closed among those within both bounds, else none. The anchor's texts are 32
-neutral texts of the bundled corpus other than the 16 the perplexity is measured on.
+most VADER gap closed among those within both bounds, else none. The anchor's texts are
+``--anchor-texts`` (32) neutral texts of the bundled corpus other than the 16 the perplexity is
+measured on.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def sweep(args, client: Server, enc, ps: list[str], heldout: float, strength: fl
           readout: Readout) -> str:
     """Every configuration of the grid from one prepared set of pairs; the Pareto table as markdown."""
     c = args.concept
-    anchor_texts = neutral_texts(None, 48)[16:]
+    anchor_texts = neutral_texts(None, 16 + args.anchor_texts)[16:]
     anchor_ids = [list(enc.tokenizer(t)["input_ids"]) for t in anchor_texts]
     base = DistillConfig({c: strength}, args.max_tokens, heldout)
     t0 = time.perf_counter()
@@ -161,7 +162,8 @@ def sweep(args, client: Server, enc, ps: list[str], heldout: float, strength: fl
         f"{args.fraction:g} x the residual norm = {strength:g}; {r0.pairs} pairs from {r0.train_prompts} shipped prompts, "
         f"{r0.heldout_prompts} held out; before: VADER {r0.vader_before:+.3f} unsteered, {r0.vader_steered:+.3f} steered; "
         f"readout {r0.before[c]:+.3f} / {r0.steered[c]:+.3f}; competence {r0.competence_before.line()}; neutral perplexity "
-        f"{r0.ppl_before:.2f}; APOLLO-Mini, greedy, {args.max_tokens} tokens; CPU, 2 cores):",
+        f"{r0.ppl_before:.2f}; anchor: the KL to the starting weights on the job's contexts and {len(anchor_ids)} other neutral texts; "
+        f"APOLLO-Mini, greedy, {args.max_tokens} tokens; CPU, 2 cores):",
         "",
         "| objective | steps | lr | anchor | VADER gap closed | readout gap closed | neutral perplexity | accuracy | log-lik (nats/token) | loss | train + measure |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -198,6 +200,8 @@ def main() -> int:
     ap.add_argument("--anchors", default="0,1", help="--sweep: anchor (KL) weights, 0 = off")
     ap.add_argument("--objectives", default="orpo", help="--sweep: objectives (sft, orpo, dpo, dpop)")
     ap.add_argument("--steps-grid", default="5", help="--sweep: step counts")
+    ap.add_argument("--anchor-texts", type=int, default=32,
+                    help="--sweep: neutral texts the anchor keeps in place (each is a forward and backward per step)")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="amygdala-bench-teach-"))

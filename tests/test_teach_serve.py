@@ -21,7 +21,7 @@ from helpers import tiny
 from amygdala.cli.main import main
 from amygdala.readout import Readout
 from amygdala.teach.client import Server, ServerError
-from amygdala.teach.distill import DistillConfig, distill
+from amygdala.teach.distill import DistillConfig, distill, prepare, train_prepared
 from amygdala.teach.judge import competence, served_competence, served_scorer
 from amygdala.teach.dream import DreamConfig, dream
 from amygdala.teach.runs import read_prompts, run_jobs
@@ -176,6 +176,33 @@ def test_distill_moves_the_unsteered_readout_on_heldout_prompts_by_half_the_gap(
     again = distill(client, encoder, prompts, DistillConfig({"calm": 4.0}, max_tokens=12, heldout=8 / 24, submit=False),
                     competence_texts=neutral, progress=False)
     assert again.before == report.before and again.competence_before == report.competence_before  # rolled back: the unsteered model reads as before
+
+
+@vllm
+def test_one_prepared_set_of_pairs_trains_twice_from_the_same_weights(client, files):
+    """What ``bench teach --sweep`` relies on: the pairs and before figures are taken once, each
+    training (rolled back after) gets its own report, and the prepared one is left as it was."""
+    root, model, _ = files
+    encoder = Encoder.load(model)
+    prompts = read_prompts(root / "train.txt")
+    neutral = (root / "neutral.txt").read_text().splitlines()
+    base = DistillConfig({"calm": 4.0}, max_tokens=12, heldout=8 / 24)
+    prep = prepare(client, encoder, prompts, base, neutral=neutral, competence_texts=neutral, progress=False)
+    assert prep.report.pairs == len(prep.body) >= 8 and len(prep.held) == 8
+    reports = []
+    for objective in ("sft", "orpo"):
+        snap = client.snapshot()["snapshot"]
+        cfg = DistillConfig({"calm": 4.0}, max_tokens=12, heldout=8 / 24, objective=objective, learning_rate=3e-3, steps=2)
+        reports.append(train_prepared(client, encoder, prep, cfg, progress=False))
+        client.rollback(snap)
+    for r in reports:
+        assert r.before == prep.report.before and r.competence_before == prep.report.competence_before
+        assert len(r.jobs) == 1 and len(r.jobs[0].losses) == 2 and r.competence_after is not None
+        assert r.competence_after != r.competence_before and r.ppl_after != r.ppl_before  # measured again, after training
+    assert reports[0].jobs[0].losses[0] != reports[1].jobs[0].losses[0]  # sft and orpo losses differ on the same pairs
+    assert prep.report.jobs == [] and prep.report.after == {} and prep.report.competence_after is None  # untouched
+    again = prepare(client, encoder, prompts, base, neutral=neutral, competence_texts=neutral, progress=False)
+    assert again.report.before == prep.report.before and again.body == prep.body  # rolled back: the same pairs again
 
 
 @vllm
