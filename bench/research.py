@@ -33,14 +33,13 @@ The experiments:
   genres; the held-out VADER gap closed (held-out prompts of every genre) and competence (the
   notes: diversity of examples keeps training coherent).
 
-``--write`` puts each table into docs/research.md after its ``<!-- research:NAME -->`` line.
+``--write`` puts each table into docs/research.md's ``bench:research-NAME`` block.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import re
 import shutil
 import sys
 import tempfile
@@ -61,6 +60,8 @@ from amygdala.readout import Readout, Steering, attach  # noqa: E402
 from amygdala.teach.distill import neutral_texts  # noqa: E402
 from amygdala.teach.judge import competence, local_scorer, shipped_competence, shipped_prompts, shipped_split, vader_compound  # noqa: E402
 from amygdala.teach.tokens import Encoder  # noqa: E402
+from teach import residual_norm  # noqa: E402  (bench/ is on the path when the bench runs)
+from validity import publish  # noqa: E402
 
 EXPERIMENTS = ("lr-gap", "preferred", "onpolicy", "forgetting", "diversity")
 DOC = ROOT / "docs" / "research.md"
@@ -127,12 +128,7 @@ def prepare(args, names: list[str]) -> Data:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     enc = Encoder.load(path)
     neutral = neutral_texts(None, 16 + args.kl_texts + args.pairs)
-    with torch.inference_mode():
-        hs = []
-        for t in neutral[:8]:
-            out = model(**enc.tokenizer(t, return_tensors="pt"), output_hidden_states=True)
-            hs += [float(out.hidden_states[l + 1][0, 1:].norm(dim=-1).mean()) for l in readout.layers]
-    strength = round(0.05 * sum(hs) / len(hs), 2)
+    strength = round(0.05 * residual_norm(model, enc.tokenizer, readout.layers, neutral[:8]), 2)  # as bench teach steers
     train, held = shipped_split(0.25)
     contexts = [enc.context_ids(p) for p in spread(train, args.pairs)]
     held_ctx = [enc.context_ids(p) for p in spread(held, args.heldout)]
@@ -290,15 +286,6 @@ def run(data: Data, args, runs: dict, key: str, lr: float, samples: list[Sample]
     return runs[key, lr]
 
 
-def write(name: str, table: str) -> None:
-    text = DOC.read_text()
-    marker = f"<!-- research:{name} -->"
-    if marker not in text:
-        raise SystemExit(f"{DOC} has no {marker} line; add one where the table goes")
-    pattern = re.escape(marker) + r".*?(?=\n<!-- |\n#|\Z)"
-    DOC.write_text(re.sub(pattern, lambda _: marker + "\n" + table + "\n", text, count=1, flags=re.S))
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("names", nargs="*", metavar="NAME", help=f"experiments ({', '.join(EXPERIMENTS)}; default: all)")
@@ -326,10 +313,7 @@ def main() -> int:
     runs: dict = {}
     fns = {"lr-gap": lr_gap, "preferred": preferred, "onpolicy": onpolicy, "forgetting": forgetting, "diversity": diversity}
     for name in names:
-        table = fns[name](data, args, runs)
-        print("\n" + table + "\n", flush=True)
-        if args.write:
-            write(name, table)
+        publish(DOC, f"research-{name}", fns[name](data, args, runs), args.write)
     print(f"{len(runs)} runs in {time.perf_counter() - t0:.0f} s")
     return 0
 

@@ -24,7 +24,7 @@ closed (VADER: (after - before) / (steered - before)), the readout's, the change
 perplexity and of competence (next-token accuracy, relative). A row meets the issue's target when
 VADER closes >= 50% with perplexity up <= 10% and accuracy down <= 2%; the one marked **chosen**
 is the target-meeting row with the most VADER gap closed, else (none meets it) the row with the
-most VADER gap closed among those within both bounds, else none. The anchor's texts are
+most VADER gap closed among those within both bounds that moved VADER the right way, else none. The anchor's texts are
 ``--anchor-texts`` (32) neutral texts of the bundled corpus other than the 16 the perplexity is
 measured on.
 """
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -55,16 +54,23 @@ from amygdala.teach.client import Server  # noqa: E402
 from amygdala.teach.distill import DistillConfig, distill, neutral_texts, prepare, readout_level, train_prepared  # noqa: E402
 from amygdala.teach.judge import shipped_prompts, shipped_split  # noqa: E402
 from amygdala.teach.tokens import Encoder  # noqa: E402
+from validity import publish  # noqa: E402  (bench/ is on the path when the bench runs)
+
+DOC = ROOT / "docs" / "teaching.md"
 
 
-
-def residual_norm(model_dir: Path, layers: list[int], texts: list[str]) -> float:
-    """Mean norm of the block output at ``layers`` over the texts' tokens (the steering scale)."""
+def load_float32(model_dir: Path):
+    """The model (float32, eval) and its tokenizer, with transformers."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(model_dir)
+
+
+def residual_norm(model, tok, layers: list[int], texts: list[str]) -> float:
+    """Mean norm of the block output at ``layers`` over the texts' tokens after the first (the steering scale)."""
+    import torch
+
     norms = []
     with torch.inference_mode():
         for t in texts:
@@ -156,7 +162,8 @@ def sweep(args, client: Server, enc, ps: list[str], heldout: float, strength: fl
     back = readout_level(client, enc, prep.held, [c], args.max_tokens).readout[c]  # as prepare measured before
     within = [r for r in rows if r["ppl"] <= 0.10 and r["acc"] >= -0.02]
     meets = [r for r in within if r["vader"] >= 0.5]
-    chosen = max(meets or within, key=lambda r: r["vader"], default=None)
+    # A row that moved the outside judge away from the steered level is no candidate at any cost.
+    chosen = max(meets or [r for r in within if r["vader"] > 0], key=lambda r: r["vader"], default=None)
     lines = [
         f"`./dev bench teach --sweep` (default model, demo readout at layers {readout.layers}, {c} steered at "
         f"{args.fraction:g} x the residual norm = {strength:g}; {r0.pairs} pairs from {r0.train_prompts} shipped prompts, "
@@ -174,7 +181,8 @@ def sweep(args, client: Server, enc, ps: list[str], heldout: float, strength: fl
         lines.append(f"| {r['objective']}{mark} | {r['steps']} | {r['lr']:g} | {r['anchor']:g} | {r['vader']:.0%} | {r['readout']:.0%} "
                      f"| {r['ppl']:+.1%} | {r['acc']:+.1%} | {r['loglik']:+.3f} | {loss} | {r['seconds']:.0f} s |")
     lines += ["", ("No row meets the target (VADER gap >= 50%, perplexity <= +10%, accuracy >= -2%)"
-                   + ("; the chosen row is the most VADER gap closed within both bounds." if chosen else "; no row is within both bounds either.")
+                   + ("; the chosen row is the most VADER gap closed within both bounds." if chosen else
+                      "; no row within both bounds moved VADER toward the steered level, so none is chosen.")
                    if not meets else f"{len(meets)} row(s) meet the target (VADER gap >= 50%, perplexity <= +10%, accuracy >= -2%)."),
               f"After the last rollback the unsteered readout is {back:+.3f} "
               f"({'equal to' if back == r0.before[c] else 'not equal to'} the before value {r0.before[c]:+.3f})."]
@@ -212,7 +220,7 @@ def main() -> int:
         return 1
     readout = Readout.load(readout_dir)
     neutral = neutral_texts(None, 16)
-    norm = residual_norm(model, readout.layers, neutral[:8])
+    norm = residual_norm(*load_float32(model), readout.layers, neutral[:8])
     strength = round(args.fraction * norm, 2)
     print(f"residual norm at layers {readout.layers}: {norm:.1f}; steering {args.concept}={strength}", flush=True)
 
@@ -223,10 +231,7 @@ def main() -> int:
         enc = Encoder.load(model)
         ps, heldout = prompts(args.prompts_per_genre, args.heldout)
         if args.sweep:
-            table = sweep(args, client, enc, ps, heldout, strength, neutral, readout)
-            print("\n" + table)
-            if args.write:
-                _write(table, "<!-- teach:sweep -->")
+            publish(DOC, "teach-sweep", sweep(args, client, enc, ps, heldout, strength, neutral, readout), args.write)
             return 0
         snap = client.snapshot()["snapshot"]
         cfg = DistillConfig({args.concept: strength}, args.max_tokens, heldout, args.objective, args.learning_rate, args.steps)
@@ -264,9 +269,7 @@ def main() -> int:
             f"{seconds:.0f} s. After rollback the unsteered readout is {back:+.3f} "
             f"({'equal to' if back == report.before[c] else 'not equal to'} the before value).",
         ])
-        print("\n" + table)
-        if args.write:
-            _write(table, "<!-- teach:figures -->")
+        publish(DOC, "teach-figures", table, args.write)
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -275,18 +278,6 @@ def main() -> int:
             proc.kill()
         shutil.rmtree(work, ignore_errors=True)
     return 0
-
-
-def _write(table: str, marker: str) -> None:
-    """Replace what follows ``marker`` in docs/teaching.md up to the next ``<!-- ... -->`` marker
-    or ``### `` heading (or the end) with ``table``."""
-    doc = ROOT / "docs" / "teaching.md"
-    text = doc.read_text()
-    if marker not in text:
-        raise SystemExit(f"{doc} has no {marker} line; add one where the table goes")
-    pattern = re.escape(marker) + r".*?(?=\n<!-- |\n### |\Z)"
-    doc.write_text(re.sub(pattern, lambda _: marker + "\n" + table + "\n", text, count=1, flags=re.S))
-    print(f"wrote {doc}")
 
 
 if __name__ == "__main__":
