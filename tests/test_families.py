@@ -143,7 +143,8 @@ FAMILY_TEST = "test_readout_and_steering_hook_the_blocks_of_each_family"
 def family_servers(request, root):
     """Every selected family's folder, readout and server, the servers started at once: a vLLM
     server's start is mostly one process importing and initialising, so on 2 cores starting the
-    five together takes far less wall time than five starts one after another. Yields
+    five together takes far less wall time than five starts one after another, and each in the
+    one-worker layout (``sh.ONE_PROCESS_ARGS``: the hook sites are the same). Yields
     {arch: (transformers model, readout, folder, server)}; the servers stop at the module's end."""
     pytest.importorskip("vllm")
     archs = [item.callspec.params["arch"] for item in request.session.items
@@ -159,7 +160,7 @@ def family_servers(request, root):
             tok.save_pretrained(folder)
             made[arch] = (hf, Readout.load(sh.make_readout(root / f"{arch}-readout")), folder)
             servers[arch] = sh.start_server(folder, root / f"{arch}.log", readout=root / f"{arch}-readout", wait=False,
-                                            args=["--dtype", "bfloat16"] if arch == HYBRID else [])
+                                            args=["--dtype", "bfloat16"] if arch == HYBRID else [], one_process=True)
         for arch in archs:  # the wait covers all the starts at once, each on a shared machine
             sh.wait_ready(servers[arch], 420 * len(archs))
         yield {arch: (*made[arch], servers[arch]) for arch in archs}

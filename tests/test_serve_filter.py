@@ -43,7 +43,7 @@ def files(tmp_path_factory):
 def server(files):
     pytest.importorskip("vllm")
     root, model, path = files
-    s = sh.start_server(model, root / "main.log", readout=path)
+    s = sh.start_server(model, root / "main.log", readout=path, one_process=True)
     try:
         yield s
     finally:

@@ -33,7 +33,7 @@ def server(files):
     pytest.importorskip("vllm")
     root, model, readout, _ = files
     env = sh.server_env(readout, AMYGDALA_DEFAULT_STEER=json.dumps(DEFAULT))
-    s = sh.start_server(model, root / "server.log", env=env, args=["--enable-prefix-caching"], wait=False)
+    s = sh.start_server(model, root / "server.log", env=env, args=["--enable-prefix-caching"], wait=False, one_process=True)
     try:
         sh.wait_ready(s, 300)
         yield s

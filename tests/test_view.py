@@ -88,9 +88,10 @@ def servers(files):
     log = root / "view.log"
     cmd = [sys.executable, "-m", "amygdala", "view", "--model", str(model), "--readout", str(readout),
            "--port", str(port), "--timeout", "300", "--", "--dtype", "float32", "--max-model-len", "1024",
-           "--max-num-seqs", "16"]
-    view = subprocess.Popen(cmd, env=sh.server_env(None), stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    bare = sh.start_server(model, root / "bare.log", env=sh.server_env(None, VLLM_PLUGINS="amygdala"), wait=False)
+           "--max-num-seqs", "16", *sh.ONE_PROCESS_ARGS]
+    view = subprocess.Popen(cmd, env=sh.server_env(None, **sh.ONE_PROCESS_ENV), stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    bare = sh.start_server(model, root / "bare.log", env=sh.server_env(None, VLLM_PLUGINS="amygdala"), wait=False,
+                          one_process=True)
     try:
         deadline = time.monotonic() + 320
         url = None
