@@ -86,13 +86,13 @@ def read_table(path: Path) -> list[dict]:
     return pq.read_table(path).to_pylist()
 
 
-def test_summary_rows_equal_score_text_of_each_text_alone(tmp_path, files, hf):
+def test_summary_rows_equal_score_text_of_each_text_alone(tmp_path, files, hf, capsys):
     model, tok = hf
     readout = Readout.load(files[1])
     sample = texts(11)
     src = write_jsonl(tmp_path / "in.jsonl", [{"id": f"t{i}", "text": t, "lang": "en"} for i, t in enumerate(sample)])
     out = tmp_path / "out.jsonl"
-    proc = cli(files, "--file", str(src), "--out", str(out), "--batch-size", "4", "--top", "2")
+    proc = cli_here(capsys, files, "--file", str(src), "--out", str(out), "--batch-size", "4", "--top", "2")
     assert proc.returncode == 0, proc.stderr
     rows = read_table(out)
     assert [r["id"] for r in rows] == [f"t{i}" for i in range(11)] and all(r["lang"] == "en" for r in rows)
@@ -110,7 +110,7 @@ def test_summary_rows_equal_score_text_of_each_text_alone(tmp_path, files, hf):
         assert row["top"] == ",".join(best)
 
 
-def test_against_picks_the_statistics_like_read(tmp_path, files, hf):
+def test_against_picks_the_statistics_like_read(tmp_path, files, hf, capsys):
     model, tok = hf
     readout = Readout.load(files[1])
     src = tmp_path / "in.txt"
@@ -118,7 +118,7 @@ def test_against_picks_the_statistics_like_read(tmp_path, files, hf):
     rows = {}
     for against in ("neutral", "emotional"):
         out = tmp_path / f"{against}.jsonl"
-        assert cli(files, "--file", str(src), "--out", str(out), "--against", against, "--smooth", "1").returncode == 0
+        assert cli_here(capsys, files, "--file", str(src), "--out", str(out), "--against", against, "--smooth", "1").returncode == 0
         rows[against] = read_table(out)[0]
         s = score_text(model, tok, readout, "w1 w2 w3 w4", against=against)
         c = readout.concepts[0]
@@ -126,14 +126,14 @@ def test_against_picks_the_statistics_like_read(tmp_path, files, hf):
     assert rows["neutral"] != rows["emotional"]
 
 
-def test_tokens_rows_equal_token_rows(tmp_path, files, hf):
+def test_tokens_rows_equal_token_rows(tmp_path, files, hf, capsys):
     model, tok = hf
     readout = Readout.load(files[1])
     sample = texts(5)
     src = tmp_path / "in.txt"
     src.write_text("\n".join(sample) + "\n", encoding="utf-8")
     out = tmp_path / "tokens.csv"
-    proc = cli(files, "--file", str(src), "--out", str(out), "--tokens", "--batch-size", "2")
+    proc = cli_here(capsys, files, "--file", str(src), "--out", str(out), "--tokens", "--batch-size", "2")
     assert proc.returncode == 0, proc.stderr
     rows = read_table(out)
     want = []
@@ -151,7 +151,7 @@ def test_tokens_rows_equal_token_rows(tmp_path, files, hf):
 
 
 @pytest.mark.parametrize("fmt", ["txt", "jsonl", "csv"])
-def test_each_input_format_gives_the_same_table(tmp_path, files, fmt):
+def test_each_input_format_gives_the_same_table(tmp_path, files, fmt, capsys):
     sample = texts(6) + ['a "quoted", text w1']
     src = tmp_path / f"in.{fmt}"
     if fmt == "txt":
@@ -164,18 +164,18 @@ def test_each_input_format_gives_the_same_table(tmp_path, files, fmt):
             w.writerow(["text", "source"])
             w.writerows([t, "s"] for t in sample)
     out = tmp_path / "out.jsonl"
-    assert cli(files, "--file", str(src), "--out", str(out)).returncode == 0
+    assert cli_here(capsys, files, "--file", str(src), "--out", str(out)).returncode == 0
     rows = read_table(out)
     assert [r["text"] for r in rows] == sample and [r["id"] for r in rows] == list(range(len(sample)))
     assert all(r["source"] == "s" for r in rows) if fmt == "csv" else "source" not in rows[0]
 
 
-def test_parquet_folder_reads_as_one_table_equal_to_jsonl(tmp_path, files):
+def test_parquet_folder_reads_as_one_table_equal_to_jsonl(tmp_path, files, capsys):
     import pyarrow.parquet as pq
 
     src = write_jsonl(tmp_path / "in.jsonl", [{"id": i, "text": t} for i, t in enumerate(texts(9))])
-    assert cli(files, "--file", str(src), "--out", str(tmp_path / "o.parquet"), "--batch-size", "4").returncode == 0
-    assert cli(files, "--file", str(src), "--out", str(tmp_path / "o.jsonl"), "--batch-size", "4").returncode == 0
+    assert cli_here(capsys, files, "--file", str(src), "--out", str(tmp_path / "o.parquet"), "--batch-size", "4").returncode == 0
+    assert cli_here(capsys, files, "--file", str(src), "--out", str(tmp_path / "o.jsonl"), "--batch-size", "4").returncode == 0
     assert len(list((tmp_path / "o.parquet").glob("part-*.parquet"))) == 3  # one part per batch
     got, want = pq.read_table(tmp_path / "o.parquet").to_pylist(), read_table(tmp_path / "o.jsonl")
     assert [r["id"] for r in got] == [str(r["id"]) for r in want]  # parquet's id column is text
@@ -242,19 +242,19 @@ def test_bad_inputs_are_one_line_errors(tmp_path, files, capsys):
     assert not (tmp_path / "o.csv").exists()  # nothing written by a refused run
 
 
-def test_an_out_of_another_table_is_refused_not_mixed(tmp_path, files):
+def test_an_out_of_another_table_is_refused_not_mixed(tmp_path, files, capsys):
     src = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in texts(3)])
     out = tmp_path / "o.jsonl"
-    assert cli(files, "--file", str(src), "--out", str(out)).returncode == 0
+    assert cli_here(capsys, files, "--file", str(src), "--out", str(out)).returncode == 0
     before = out.read_bytes()
-    assert "another table" in one_line_error(cli(files, "--file", str(src), "--out", str(out), "--tokens"))
+    assert "another table" in one_line_error(cli_here(capsys, files, "--file", str(src), "--out", str(out), "--tokens"))
     assert out.read_bytes() == before
 
 
-def test_empty_text_has_null_statistics(tmp_path, files):
+def test_empty_text_has_null_statistics(tmp_path, files, capsys):
     src = write_jsonl(tmp_path / "in.jsonl", [{"text": ""}, {"text": "w1 w2"}])
     out = tmp_path / "o.jsonl"
-    assert cli(files, "--file", str(src), "--out", str(out)).returncode == 0
+    assert cli_here(capsys, files, "--file", str(src), "--out", str(out)).returncode == 0
     empty, full = read_table(out)
     assert empty["n_tokens"] == 0 and empty["top"] == "" and all(v is None for k, v in empty.items() if k.endswith(".mean"))
     assert all(isinstance(v, float) and math.isfinite(v) for k, v in full.items() if k.endswith(".mean"))
