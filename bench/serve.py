@@ -28,6 +28,12 @@ paired ratios (with the spread), besides the median tokens/s of each mode.
 Without ``--readout``, a random readout of ``--concepts`` concepts (default 171, the original's
 emotion count) at ``--layers`` (relative depths, default 0.5 and 0.66) stands in: the cost does
 not depend on the vectors. ``--modes`` picks which modes run (plain always does).
+
+``--profile SECONDS`` then samples the plugin server's processes (API server, engine, worker)
+with py-spy (not a dependency of the project: ``pip install py-spy``) for that long per mode,
+batches running, and prints the share of samples whose stack holds an amygdala frame (besides
+the forward wrapper that encloses vLLM's whole forward), split by file: what the plugin's own
+code costs, measured instead of inferred from the ratios.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -43,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -162,6 +170,42 @@ def decode_cost(pid: int, port: int, extra: dict, concurrency: int, tokens: int)
     return decoded / max(t_full - t_one, 1e-9), 1000 * ((c1 - c0) - (c2 - c1)) / decoded
 
 
+def own_share(raw: Path) -> tuple[int, Counter[str]]:
+    """(samples, samples per amygdala file) of a py-spy ``--format raw`` file: one stack a line,
+    frames ``;``-separated, the sample count last. A sample counts once, for the outermost
+    amygdala frame that is not the forward wrapper (which holds vLLM's forward inside it)."""
+    total, ours = 0, Counter[str]()
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        total += int(n)
+        own = [f for f in stack.split(";") if "amygdala/" in f and "_model_forward" not in f
+               and "api_server.entry" not in f]  # the root frame names the process's command line
+        if own:
+            ours[own[0].split("amygdala/", 1)[1].split(":", 1)[0]] += int(n)
+    return total, ours
+
+
+def profile(pid: int, port: int, modes: dict, seconds: int, concurrency: int, tokens: int, work: Path) -> None:
+    spy = shutil.which("py-spy")
+    if spy is None:
+        sys.exit("--profile needs py-spy on PATH (pip install py-spy)")
+    print(f"\nprofile: py-spy, {seconds} s per mode, 40 samples/s, every process of the plugin server")
+    for name, (_, mode_port, extra) in modes.items():
+        if mode_port != port:
+            continue  # the plain server has no amygdala code to find
+        raw = work / f"profile-{name}.txt"
+        spy_proc = subprocess.Popen([spy, "record", "--pid", str(pid), "--subprocesses", "--nonblocking", "-r", "40",
+                                     "-d", str(seconds), "--format", "raw", "-o", str(raw)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        while spy_proc.poll() is None:
+            asyncio.run(batch(port, extra, concurrency, tokens))
+        if spy_proc.returncode != 0 or not raw.exists():
+            sys.exit(f"py-spy failed ({spy_proc.returncode}): {spy_proc.stderr.read().decode()[-300:]}")
+        total, ours = own_share(raw)
+        split = ", ".join(f"{f} {n / total:.2%}" for f, n in ours.most_common())
+        print(f"{name:8} amygdala {sum(ours.values()) / total:.2%} of {total} samples ({split or 'none'})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default")
@@ -175,6 +219,8 @@ def main() -> None:
     ap.add_argument("--layers", default="0.5,0.66", help="relative depths of the random readout's layers")
     ap.add_argument("--filter-concepts", type=int, default=3, help="concepts the filtered mode asks for")
     ap.add_argument("--modes", default="idle,readout,steer,both,filtered", help="modes besides plain")
+    ap.add_argument("--profile", type=int, default=0, metavar="SECONDS",
+                    help="then sample the plugin server with py-spy this long per mode (0: off)")
     args = ap.parse_args()
 
     model = resolve_model(args.model)
@@ -222,6 +268,8 @@ def main() -> None:
                 cpu_ratio[name].append(cpu[name][-1] / cpu["plain"][-1])
                 line.append(f"{name} {tps[name][-1]:.0f}/{tps['plain'][-1]:.0f} tok/s")
             print(f"turn {turn + 1}: " + ", ".join(line), flush=True)
+        if args.profile:
+            profile(plugged.pid, plug_port, modes, args.profile, args.concurrency, args.tokens, work)
     finally:
         for proc in (plain, plugged):
             proc.send_signal(signal.SIGINT)
