@@ -202,6 +202,7 @@ def profile(pid: int, port: int, modes: dict, seconds: int, concurrency: int, to
         if spy_proc.returncode != 0 or not raw.exists():
             sys.exit(f"py-spy failed ({spy_proc.returncode}): {spy_proc.stderr.read().decode()[-300:]}")
         total, ours = own_share(raw)
+        total = max(total, 1)  # py-spy saw no running thread at all: every share 0
         split = ", ".join(f"{f} {n / total:.2%}" for f, n in ours.most_common())
         print(f"{name:8} amygdala {sum(ours.values()) / total:.2%} of {total} samples ({split or 'none'})")
 
